@@ -1,0 +1,41 @@
+# mcdist developer commands. `make run` and `make test` are all a newcomer needs.
+# VENV may point elsewhere: `make test VENV=/tmp/venv`.
+
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.mcdist-setup-stamp
+RUN_CONFIG ?= examples/mqar_tiny.json
+PYTEST_ARGS ?=
+
+.PHONY: setup run test test-slow bench clean-runs
+
+setup: $(STAMP)
+
+# Re-runs only when pyproject.toml changes (or the venv is new). On a machine without nvidia-smi the CPU build
+# torch==2.13.0 is installed (pinned: an unpinned torch would pull a multi-GB CUDA build); with a GPU, an
+# existing torch is left alone and a missing one is installed unpinned.
+$(STAMP): pyproject.toml
+	@test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+		$(PYTHON) -c 'import torch' 2>/dev/null || $(PYTHON) -m pip install torch; \
+	else \
+		$(PYTHON) -m pip install --quiet torch==2.13.0; \
+	fi
+	$(PYTHON) -m pip install --quiet -e '.[dev,ray,triton]'
+	@touch $(STAMP)
+
+run: setup
+	$(PYTHON) -m mcdist.cli compare --config $(RUN_CONFIG) --aggregations grm,none
+
+test: setup
+	TRITON_INTERPRET=1 $(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: setup
+	TRITON_INTERPRET=1 $(PYTHON) -m pytest -m slow $(PYTEST_ARGS)
+
+bench: setup
+	$(PYTHON) -m mcdist.bench
+
+clean-runs:
+	rm -rf runs

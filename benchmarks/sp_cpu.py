@@ -1,0 +1,376 @@
+"""CPU benchmark of sequence parallelism on gloo processes (prints a table and writes JSON; not a test).
+
+    python benchmarks/sp_cpu.py [--quick] [--out benchmarks/results/sp_cpu.json] [--repeats 1]
+                                [--length 1048576] [--ranks 4] [--cases grm-independent,ssc-checkpoint]
+                                [--skip-scaling] [--skip-main]
+
+One training step (forward + backward of ``parallel_loss``, then ``reduce_gradients``) of a tiny
+MCLanguageModel (d_model 64, 2 layers, 2 heads of dim 32, segment_len C = 1024, chunk_len 64, linear memory,
+float32, B = 1, zigzag layout) on P processes started by ``mcdist.parallel.spawn.spawn`` (gloo, one thread per
+rank), every rank holding L/P tokens. Each measurement is a fresh set of processes, so the peak RSS of a rank
+belongs to that measurement alone.
+
+1. ``main``: L = 1,048,576 tokens over P = 4 ranks for aggregation grm and ssc (top_k 4) × state_init
+   independent and checkpoint. Per case: wall time of the step (the slowest rank, between two barriers; median
+   over ``--repeats`` steps after ``--warmup`` untimed ones), the forward alone, peak RSS per rank
+   (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, which includes the ~0.3 GiB of an imported torch; the
+   increase over the RSS before the model was built is reported too), the bytes each rank received per layer
+   by purpose (``SPGroup.stats``, reset before every timed step) against the analytical figure of SPEC §7.5,
+   and the time each rank spent inside the ring exchange and the all-gathers (see below).
+2. ``scaling``: grm independent at equal per-rank length L/P for P = 1 and 2; weak-scaling efficiency
+   T₁(L/P) / T₂(L). The read is quadratic in L, so even perfect sequence parallelism has T₂(L) > T₁(L/P): a
+   rank's share of the read at L is about 2× the whole read at L/2 (``read_work_ratio``). Also one process on
+   the whole L (``strong-p1``, skip with ``--skip-strong``): strong-scaling efficiency T₁(L) / (2·T₂(L)).
+
+``--quick``: L = 16,384 on P = 2 for the four main cases and L/P = 8,192 for the scaling pair (under a minute).
+
+Communication time: the benchmark wraps ``RingExchange.__init__``/``wait`` and the all-gathers in timers
+(instrumentation in this process only; the library is unchanged). ``comm_wait_s`` is the time a rank spent
+blocked there: the non-overlapped (exposed) communication plus any wait for a slower peer. With more ranks than
+cores (4 ranks on 2 cores here) the peers time-share the cores and the waits are mostly imbalance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+C = 1024
+D_MODEL, N_LAYERS, N_HEADS, HEAD_DIM, CHUNK_LEN, TOP_K, VOCAB = 64, 2, 2, 32, 64, 4, 256
+LAYOUT = "zigzag"
+BATCH = 1
+DTYPE_BYTES = 4  # float32 states
+
+
+def model_config(aggregation: str, state_init: str):
+    from mcdist.config import ModelConfig
+
+    return ModelConfig(vocab_size=VOCAB, d_model=D_MODEL, n_layers=N_LAYERS, n_heads=N_HEADS, memory="linear",
+                       aggregation=aggregation, state_init=state_init, segment_len=C, chunk_len=CHUNK_LEN,
+                       top_k=TOP_K, impl="chunked")
+
+
+# -- analytical communication (SPEC §7.5) ---------------------------------------------------------------------
+
+
+def analytical_bytes(seq_len: int, sp: int, rank: int, state_init: str) -> dict:
+    """Per layer, per rank: the bytes SPEC §7.5 budgets and the exact counts of the ring as implemented.
+
+    ``needed_read``: the cached states of other ranks' segments that precede this rank's last token (the
+    segments some local token may read), × B·H·d²·bytes: SPEC's "(earlier segments) × H × d² × bytes".
+    ``prefix``: B·H·d²·bytes (one incoming state per rank) under checkpoint, else 0.
+    ``ring_exact``: what the ring moves, (P−1) blocks of n_local states and contexts: (P−1)·n_local·B·H·(d²+d)·bytes.
+    """
+    from mcdist.parallel.layout import rank_pieces
+
+    mine = rank_pieces(seq_len, sp, rank, LAYOUT)
+    last_segment = max(start + length - 1 for start, length in mine) // C
+    own = {s for start, length in mine for s in range(start // C, (start + length) // C)}
+    earlier = sum(1 for s in range(last_segment) if s not in own)
+    n_local = seq_len // sp // C
+    state = BATCH * N_HEADS * HEAD_DIM * HEAD_DIM * DTYPE_BYTES
+    block = n_local * BATCH * N_HEADS * (HEAD_DIM * HEAD_DIM + HEAD_DIM) * DTYPE_BYTES
+    return {
+        "earlier_segments": earlier,
+        "needed_read": earlier * state,
+        "prefix": state if state_init == "checkpoint" else 0,
+        "ring_exact": (sp - 1) * block,
+        "ring_backward_exact": (2 * (sp - 1) + 1) * block if sp > 1 else 0,
+    }
+
+
+# -- the per-rank worker ---------------------------------------------------------------------------------------
+
+
+def _max_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _current_rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _Timers:
+    """Seconds spent blocked in communication, by purpose (benchmark instrumentation only)."""
+
+    def __init__(self):
+        self.seconds = {}
+
+    def add(self, kind, seconds):
+        self.seconds[kind] = self.seconds.get(kind, 0.0) + seconds
+
+    def reset(self):
+        self.seconds.clear()
+
+
+def _instrument(timers: _Timers) -> None:
+    """Wrap the ring exchange and the all-gathers of mcdist.parallel in timers (this process only)."""
+    from mcdist.parallel import comm, sp_layer
+
+    ring_init, ring_wait = comm.RingExchange.__init__, comm.RingExchange.wait
+
+    def init(self, tensors, sp, kind):
+        start = time.perf_counter()
+        ring_init(self, tensors, sp, kind)
+        self._bench_kind = kind
+        timers.add(kind, time.perf_counter() - start)
+
+    def wait(self):
+        start = time.perf_counter()
+        out = ring_wait(self)
+        timers.add(self._bench_kind, time.perf_counter() - start)
+        return out
+
+    comm.RingExchange.__init__, comm.RingExchange.wait = init, wait
+    gather = comm.all_gather_tensor
+
+    def timed_gather(tensor, sp, kind):
+        start = time.perf_counter()
+        out = gather(tensor, sp, kind)
+        timers.add(kind, time.perf_counter() - start)
+        return out
+
+    comm.all_gather_tensor = timed_gather  # used by _AllGather
+    sp_layer.all_gather_tensor = timed_gather  # used by _PieceScan and the ssc contexts
+
+
+def step_worker(rank: int, world: int, case: dict, out_path: str) -> None:
+    """One case on this rank: warm-up + timed training steps; rank 0 writes every rank's numbers to out_path."""
+    import torch.distributed as dist
+
+    from mcdist.config import ParallelConfig
+    from mcdist.model import MCLanguageModel
+    from mcdist.parallel.layout import shard_sequence
+    from mcdist.parallel.mesh import build_mesh
+    from mcdist.parallel.model import parallel_loss, parallelize, reduce_gradients
+
+    timers = _Timers()
+    _instrument(timers)
+    rss_before = _current_rss_bytes()
+    torch.manual_seed(0)
+    model = MCLanguageModel(model_config(case["aggregation"], case["state_init"]))
+    mesh = build_mesh(ParallelConfig(dp=1, sp=world, layout=LAYOUT, backend="gloo"))
+    sp = parallelize(model, mesh, LAYOUT)
+    generator = torch.Generator().manual_seed(1)
+    L = case["seq_len"]
+    ids = torch.randint(0, VOCAB, (BATCH, L), generator=generator)
+    labels = torch.roll(ids, -1, 1)
+    local_ids = shard_sequence(ids, world, mesh.sp_rank, LAYOUT).contiguous()
+    local_labels = shard_sequence(labels, world, mesh.sp_rank, LAYOUT).contiguous()
+    del ids, labels
+
+    steps = []
+    for index in range(case["warmup"] + case["repeats"]):
+        model.zero_grad(set_to_none=True)
+        sp.stats.reset()
+        timers.reset()
+        dist.barrier()
+        start = time.perf_counter()
+        share, _ = parallel_loss(model, local_ids, local_labels)
+        forward = time.perf_counter() - start
+        share.backward()
+        reduce_gradients(model)
+        local = time.perf_counter() - start
+        dist.barrier()
+        total = time.perf_counter() - start
+        if index >= case["warmup"]:
+            steps.append(dict(step_s=total, forward_s=forward, local_s=local, comm_wait_s=dict(timers.seconds),
+                              received=dict(sp.stats.received), sent=dict(sp.stats.sent),
+                              loss_share=float(share.detach())))
+        del share
+    mine = dict(rank=rank, max_rss=_max_rss_bytes(), rss_before_model=rss_before, steps=steps)
+    everyone = [None] * world
+    dist.all_gather_object(everyone, mine)
+    if rank == 0:
+        with open(out_path, "w") as handle:
+            json.dump(everyone, handle)
+
+
+# -- driver ----------------------------------------------------------------------------------------------------
+
+
+def run_case(name: str, aggregation: str, state_init: str, seq_len: int, sp: int, repeats: int, warmup: int,
+             timeout_s: float, tmp_dir: str) -> dict:
+    from mcdist.parallel.layout import check_sequence_length
+    from mcdist.parallel.spawn import spawn
+
+    check_sequence_length(seq_len, sp, C, LAYOUT)
+    case = dict(aggregation=aggregation, state_init=state_init, seq_len=seq_len, repeats=repeats, warmup=warmup)
+    path = os.path.join(tmp_dir, f"{name}.json")
+    start = time.perf_counter()
+    # collective timeout: a ring step of the 1M-token case can take minutes on 2 shared cores
+    spawn(step_worker, sp, case, path, timeout_s=timeout_s, backend="gloo", collective_timeout_s=timeout_s,
+          threads_per_rank=1)
+    elapsed = time.perf_counter() - start
+    with open(path) as handle:
+        ranks = json.load(handle)
+    return summarise(name, case, sp, ranks, elapsed)
+
+
+def summarise(name: str, case: dict, sp: int, ranks: list, elapsed: float) -> dict:
+    repeats = len(ranks[0]["steps"])
+    step_times = [max(r["steps"][i]["step_s"] for r in ranks) for i in range(repeats)]
+    forward_times = [max(r["steps"][i]["forward_s"] for r in ranks) for i in range(repeats)]
+    per_rank = []
+    for r in ranks:
+        last = r["steps"][-1]
+        expected = analytical_bytes(case["seq_len"], sp, r["rank"], case["state_init"])
+        received = {k: v / N_LAYERS for k, v in last["received"].items()}  # per layer
+        read = received.get("ring", 0.0)
+        per_rank.append(dict(
+            rank=r["rank"], max_rss_gib=r["max_rss"] / 2**30,
+            rss_increase_gib=(r["max_rss"] - r["rss_before_model"]) / 2**30,
+            received_per_layer=received, analytical=expected,
+            read_ratio=read / expected["needed_read"] if expected["needed_read"] else None,
+            prefix_ratio=(received.get("prefix", 0.0) / expected["prefix"]) if expected["prefix"] else None,
+            ring_equals_exact=(read == expected["ring_exact"]
+                               and received.get("ring_backward", 0.0) == expected["ring_backward_exact"]),
+            comm_wait_s={k: statistics.median(s["comm_wait_s"].get(k, 0.0) for s in r["steps"])
+                         for k in r["steps"][-1]["comm_wait_s"]},
+            step_local_s=statistics.median(s["local_s"] for s in r["steps"]),
+        ))
+    return dict(name=name, aggregation=case["aggregation"], state_init=case["state_init"], seq_len=case["seq_len"],
+                sp=sp, tokens_per_rank=case["seq_len"] // sp, repeats=repeats, warmup=case["warmup"],
+                step_s=statistics.median(step_times), step_s_all=step_times,
+                forward_s=statistics.median(forward_times), spawn_total_s=elapsed,
+                loss=sum(r["steps"][-1]["loss_share"] for r in ranks), per_rank=per_rank)
+
+
+def _mib(x):
+    return f"{x / 2**20:.2f}"
+
+
+def print_main(rows: list) -> None:
+    print("\nmain: one training step, zigzag, B = 1, float32, linear memory, C = 1024 "
+          "(time = slowest rank, median; bytes received per rank per layer)")
+    header = (f"{'case':<18}{'L':>9}{'P':>3}{'reps':>5}{'step s':>8}{'fwd s':>8}{'rank':>5}{'max RSS GiB':>12}"
+              f"{'ring MiB':>10}{'budget MiB':>11}{'ratio':>7}{'ring bwd MiB':>13}{'prefix KiB':>11}"
+              f"{'ctx KiB':>9}{'wait s':>8}")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        for r in row["per_rank"]:
+            got = r["received_per_layer"]
+            wait = sum(r["comm_wait_s"].values())
+            ratio = f"{r['read_ratio']:.2f}" if r["read_ratio"] is not None else "-"
+            if r["rank"] == 0:
+                lead = (f"{row['name']:<18}{row['seq_len']:>9}{row['sp']:>3}{row['repeats']:>5}"
+                        f"{row['step_s']:>8.1f}{row['forward_s']:>8.1f}")
+            else:
+                lead = " " * 51
+            print(f"{lead}{r['rank']:>5}{r['max_rss_gib']:>12.2f}{_mib(got.get('ring', 0)):>10}"
+                  f"{_mib(r['analytical']['needed_read']):>11}{ratio:>7}{_mib(got.get('ring_backward', 0)):>13}"
+                  f"{got.get('prefix', 0) / 1024:>11.1f}{got.get('contexts', 0) / 1024:>9.1f}{wait:>8.1f}")
+
+
+def print_scaling(scaling: dict) -> None:
+    print("\nscaling: grm independent (time = slowest rank, median)")
+    for row in scaling["rows"]:
+        print(f"  {row['name']:<12} P = {row['sp']}: L = {row['seq_len']:>8}, L/P = {row['tokens_per_rank']:>7}: "
+              f"step {row['step_s']:.2f} s (forward {row['forward_s']:.2f} s), "
+              f"max RSS {max(r['max_rss_gib'] for r in row['per_rank']):.2f} GiB")
+    print(f"  weak-scaling efficiency T1(L/2) / T2(L) = {scaling['efficiency']:.3f} "
+          f"(the read is quadratic: a rank's read work at L over 2 ranks is {scaling['read_work_ratio']:.2f}x "
+          f"the read work at L/2 on one)")
+    if scaling.get("strong_efficiency") is not None:
+        print(f"  strong-scaling efficiency T1(L) / (2 T2(L)) = {scaling['strong_efficiency']:.3f}")
+
+
+def machine_info() -> dict:
+    info = dict(platform=platform.platform(), python=sys.version.split()[0], torch=torch.__version__,
+                cpu_count=os.cpu_count(), threads_per_rank=1, backend="gloo")
+    try:
+        with open("/proc/meminfo") as handle:
+            info["mem_total_gib"] = int(handle.readline().split()[1]) / 2**20
+        with open("/proc/cpuinfo") as handle:
+            names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
+        info["cpu"] = names[0] if names else "unknown"
+    except OSError:
+        pass
+    return info
+
+
+def read_work(seq_len: int) -> float:
+    """Visible (token, cached state) pairs of the grm read over the whole sequence: Σ_t segment(t)."""
+    n = seq_len // C
+    return C * n * (n - 1) / 2
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="L = 16K on P = 2 (under a minute)")
+    parser.add_argument("--out", default="benchmarks/results/sp_cpu.json")
+    parser.add_argument("--length", type=int, default=None, help="L of the main cases (default 1M, quick 16K)")
+    parser.add_argument("--ranks", type=int, default=None, help="P of the main cases (default 4, quick 2)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps per case (default 1, quick 2)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 0, quick 1)")
+    parser.add_argument("--cases", default="grm-independent,grm-checkpoint,ssc-independent,ssc-checkpoint")
+    parser.add_argument("--scaling-tokens-per-rank", type=int, default=None, help="default 131072, quick 8192")
+    parser.add_argument("--scaling-repeats", type=int, default=None, help="default 3, quick 2")
+    parser.add_argument("--skip-main", action="store_true")
+    parser.add_argument("--skip-scaling", action="store_true")
+    parser.add_argument("--skip-strong", action="store_true", help="no single-process run at the full scaling L")
+    parser.add_argument("--timeout", type=float, default=7200.0, help="seconds per case before every rank is killed")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    length = args.length or (16384 if quick else 1 << 20)
+    ranks = args.ranks or (2 if quick else 4)
+    repeats = args.repeats or (2 if quick else 1)
+    warmup = args.warmup if args.warmup is not None else (1 if quick else 0)
+    per_rank = args.scaling_tokens_per_rank or (8192 if quick else 131072)
+    scaling_repeats = args.scaling_repeats or (2 if quick else 3)
+
+    import tempfile
+
+    results = dict(machine=machine_info(), quick=quick, load_before=os.getloadavg(),
+                   model=dict(d_model=D_MODEL, n_layers=N_LAYERS, n_heads=N_HEADS, head_dim=HEAD_DIM, segment_len=C,
+                              chunk_len=CHUNK_LEN, memory="linear", top_k=TOP_K, vocab_size=VOCAB, layout=LAYOUT,
+                              batch=BATCH, dtype="float32", impl="chunked"),
+                   main=[], scaling=None)
+    print(f"machine: {results['machine'].get('cpu', '?')}, {os.cpu_count()} cores, "
+          f"{results['machine'].get('mem_total_gib', 0):.1f} GiB; gloo, 1 thread per rank; load {os.getloadavg()}")
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        if not args.skip_main:
+            for case in args.cases.split(","):
+                aggregation, state_init = case.split("-")
+                start = time.perf_counter()
+                row = run_case(case, aggregation, state_init, length, ranks, repeats, warmup, args.timeout, tmp_dir)
+                results["main"].append(row)
+                print(f"  {case}: L = {length}, P = {ranks}: step {row['step_s']:.2f} s "
+                      f"({time.perf_counter() - start:.0f} s with start-up)", flush=True)
+            print_main(results["main"])
+        if not args.skip_scaling:
+            rows = []
+            plan = [("weak-p1", 1, per_rank), ("weak-p2", 2, 2 * per_rank)]
+            if not args.skip_strong:
+                plan.append(("strong-p1", 1, 2 * per_rank))
+            for name, sp, seq_len in plan:
+                rows.append(run_case(name, "grm", "independent", seq_len, sp, scaling_repeats, 1, args.timeout,
+                                     tmp_dir))
+                print(f"  {name}: L = {seq_len}, P = {sp}: step {rows[-1]['step_s']:.2f} s", flush=True)
+            t1, t2 = rows[0]["step_s"], rows[1]["step_s"]
+            results["scaling"] = dict(
+                rows=rows, efficiency=t1 / t2,
+                read_work_ratio=(read_work(2 * per_rank) / 2) / read_work(per_rank) if read_work(per_rank) else None,
+                strong_efficiency=rows[2]["step_s"] / (2 * t2) if len(rows) > 2 else None)
+            print_scaling(results["scaling"])
+    results["load_after"] = os.getloadavg()
+    if args.out:
+        from mcdist.config import write_text_atomic
+
+        write_text_atomic(args.out, json.dumps(results, indent=2) + "\n")
+        print(f"\nwrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,361 @@
+"""Typed, self-validating configuration.
+
+Every config is a dataclass that checks itself in ``__post_init__`` and round-trips through JSON. Unknown keys
+are errors that name the key and list the known ones; bad values name the field, the value and what was
+expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+MEMORY_KINDS = ("linear", "gated", "dla", "titans")
+LINEAR_MEMORY_KINDS = ("linear", "gated")
+DEEP_MEMORY_KINDS = ("dla", "titans")
+AGGREGATIONS = ("none", "residual", "grm", "soup", "ssc")
+STATE_INITS = ("checkpoint", "independent")
+POOLS = ("mean", "sum")
+QK_NORMS = ("l2", "none")
+SEGMENTATIONS = ("constant", "logarithmic")
+LAYOUTS = ("contiguous", "zigzag")
+IMPLS = ("auto", "chunked", "reference", "triton")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid."""
+
+
+def _check_choice(section: str, name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{section}.{name} = {value!r} is invalid; expected one of {list(choices)}")
+
+
+def _check_positive_int(section: str, name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{section}.{name} = {value!r} is invalid; expected a positive integer")
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_positive_float(section: str, name: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{section}.{name} = {value!r} is invalid; expected a positive finite number")
+
+
+class _Config:
+    """Mixin: dict/JSON round trip with strict keys."""
+
+    SECTION = "config"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]):
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{cls.SECTION}: expected a mapping of fields, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{cls.SECTION}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+        return cls(**dict(data))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{cls.SECTION}: not valid JSON ({error})") from error
+        return cls.from_dict(data)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write as JSON atomically (temporary file, then rename)."""
+        write_text_atomic(path, self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike):
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"config file {path!r} does not exist")
+        with open(path, encoding="utf-8") as handle:
+            return cls.from_json(handle.read())
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and an atomic rename."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass
+class ModelConfig(_Config):
+    """The language model and its Memory Caching mixer (SPEC §2–§6).
+
+    ``chunk_len`` is the chunk of the chunkwise-parallel linear memory; ``minibatch_len`` the mini-batch of the
+    deep memory's inner gradient descent. Both must divide ``segment_len``.
+    """
+
+    SECTION = "model"
+
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 2
+    head_dim: int = 0  # 0 = d_model // n_heads
+    mlp_ratio: float = 2.0
+    tie_embeddings: bool = False
+    norm_eps: float = 1e-6
+
+    memory: str = "linear"
+    aggregation: str = "grm"
+    state_init: str = "checkpoint"
+    segmentation: str = "constant"
+    segment_len: int = 64
+    chunk_len: int = 16
+    top_k: int = 4
+    pool: str = "mean"
+    gate_scale: float = 0.0  # 0 = 1/sqrt(head_dim)
+    share_uq: bool = False
+    qk_norm: str = "l2"
+    output_gate: bool = True
+    output_norm: bool = True
+
+    # deep memory (dla, titans)
+    expansion: int = 2
+    minibatch_len: int = 8
+    inner_lr: float = 0.1
+
+    impl: str = "auto"
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        s = self.SECTION
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "segment_len", "chunk_len", "top_k",
+                     "expansion", "minibatch_len"):
+            _check_positive_int(s, name, getattr(self, name))
+        if not isinstance(self.head_dim, int) or self.head_dim < 0:
+            raise ConfigError(f"{s}.head_dim = {self.head_dim!r} is invalid; expected 0 (auto) or a positive integer")
+        if self.head_dim == 0 and self.d_model % self.n_heads != 0:
+            raise ConfigError(
+                f"{s}.d_model = {self.d_model} is not divisible by {s}.n_heads = {self.n_heads}; "
+                f"set {s}.head_dim explicitly or pick sizes that divide")
+        _check_choice(s, "memory", self.memory, MEMORY_KINDS)
+        _check_choice(s, "aggregation", self.aggregation, AGGREGATIONS)
+        _check_choice(s, "state_init", self.state_init, STATE_INITS)
+        _check_choice(s, "segmentation", self.segmentation, SEGMENTATIONS)
+        _check_choice(s, "pool", self.pool, POOLS)
+        _check_choice(s, "qk_norm", self.qk_norm, QK_NORMS)
+        _check_choice(s, "impl", self.impl, IMPLS)
+        for name in ("mlp_ratio", "inner_lr", "norm_eps", "init_std"):
+            _check_positive_float(s, name, getattr(self, name))
+        if not isinstance(self.gate_scale, (int, float)) or self.gate_scale < 0 or not math.isfinite(self.gate_scale):
+            raise ConfigError(f"{s}.gate_scale = {self.gate_scale!r} is invalid; expected 0 (= 1/sqrt(head_dim)) "
+                              "or a positive number")
+        if self.segment_len % self.chunk_len != 0:
+            raise ConfigError(f"{s}.chunk_len = {self.chunk_len} does not divide {s}.segment_len = "
+                              f"{self.segment_len}; expected a divisor")
+        if self.segment_len % self.minibatch_len != 0:
+            raise ConfigError(f"{s}.minibatch_len = {self.minibatch_len} does not divide {s}.segment_len = "
+                              f"{self.segment_len}; expected a divisor")
+        if self.segmentation == "logarithmic" and self.impl not in ("reference", "auto"):
+            raise ConfigError(f"{s}.segmentation = 'logarithmic' is implemented by the reference path only; "
+                              f"{s}.impl = {self.impl!r} expected 'reference' or 'auto'")
+        for name in ("tie_embeddings", "share_uq", "output_gate", "output_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{s}.{name} = {getattr(self, name)!r} is invalid; expected true or false")
+
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def scale(self) -> float:
+        """The gate temperature τ (SPEC §5)."""
+        return self.gate_scale or 1.0 / math.sqrt(self.dim_head)
+
+    @property
+    def is_deep(self) -> bool:
+        return self.memory in DEEP_MEMORY_KINDS
+
+    @classmethod
+    def paper_plain(cls, **overrides) -> "ModelConfig":
+        """The configuration that is exactly the paper's equations (SPEC §6): no additions."""
+        base = dict(qk_norm="none", gate_scale=1.0, output_gate=False, output_norm=False)
+        base.update(overrides)
+        return cls(**base)
+
+
+@dataclass
+class ParallelConfig(_Config):
+    """Device mesh and sequence-parallel layout (SPEC §7)."""
+
+    SECTION = "parallel"
+
+    dp: int = 1
+    sp: int = 1
+    layout: str = "zigzag"
+    backend: str = "auto"  # auto = nccl on CUDA, gloo on CPU
+    timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        s = self.SECTION
+        _check_positive_int(s, "dp", self.dp)
+        _check_positive_int(s, "sp", self.sp)
+        _check_choice(s, "layout", self.layout, LAYOUTS)
+        _check_choice(s, "backend", self.backend, ("auto", "nccl", "gloo"))
+        _check_positive_float(s, "timeout_s", self.timeout_s)
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.sp
+
+
+@dataclass
+class TrainConfig(_Config):
+    """Optimisation and the run's bookkeeping."""
+
+    SECTION = "train"
+
+    task: str = "mqar"
+    seq_len: int = 256
+    batch_size: int = 16
+    steps: int = 200
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    seed: int = 0
+    eval_every: int = 50
+    eval_batches: int = 4
+    log_every: int = 10
+    out_dir: str = "runs/default"
+    num_kv_pairs: int = 8
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        s = self.SECTION
+        _check_choice(s, "task", self.task, ("mqar",))
+        for name in ("seq_len", "batch_size", "steps", "eval_every", "eval_batches", "log_every", "num_kv_pairs"):
+            _check_positive_int(s, name, getattr(self, name))
+        if not isinstance(self.warmup_steps, int) or isinstance(self.warmup_steps, bool) or self.warmup_steps < 0:
+            raise ConfigError(f"{s}.warmup_steps = {self.warmup_steps!r} is invalid; expected an integer >= 0")
+        _check_positive_float(s, "lr", self.lr)
+        if not _is_finite_number(self.weight_decay) or self.weight_decay < 0:
+            raise ConfigError(f"{s}.weight_decay = {self.weight_decay!r} is invalid; expected a number >= 0")
+        if not _is_finite_number(self.grad_clip) or self.grad_clip < 0:
+            raise ConfigError(f"{s}.grad_clip = {self.grad_clip!r} is invalid; expected a number >= 0 (0 = off)")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ConfigError(f"{s}.seed = {self.seed!r} is invalid; expected an integer >= 0")
+        if not isinstance(self.out_dir, str) or not self.out_dir:
+            raise ConfigError(f"{s}.out_dir = {self.out_dir!r} is invalid; expected a non-empty path")
+        _check_choice(s, "dtype", self.dtype, ("float32", "float64", "bfloat16"))
+
+
+@dataclass
+class RunConfig(_Config):
+    """A whole run: the sections together, as one JSON/TOML file."""
+
+    SECTION = "run"
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "train": TrainConfig}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RunConfig":
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"run config: expected a mapping of sections, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(cls.SECTIONS))
+        if unknown:
+            raise ConfigError(f"run config: unknown section(s) {unknown}; known sections are {sorted(cls.SECTIONS)}")
+        return cls(**{name: cls.SECTIONS[name].from_dict(data.get(name, {})) for name in cls.SECTIONS})
+
+    def to_dict(self) -> dict:
+        return {name: getattr(self, name).to_dict() for name in self.SECTIONS}
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "RunConfig":
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"config file {path!r} does not exist")
+        if path.endswith(".toml"):
+            import tomllib
+
+            with open(path, "rb") as handle:
+                try:
+                    return cls.from_dict(tomllib.load(handle))
+                except tomllib.TOMLDecodeError as error:
+                    raise ConfigError(f"{path}: not valid TOML ({error})") from error
+        with open(path, encoding="utf-8") as handle:
+            return cls.from_json(handle.read())
+
+    def to_toml(self) -> str:
+        """The config as TOML (one table per section), readable by :meth:`load` from a ``.toml`` file."""
+        lines = []
+        for name in self.SECTIONS:
+            lines.append(f"[{name}]")
+            for key, value in getattr(self, name).to_dict().items():
+                if isinstance(value, bool):
+                    text = "true" if value else "false"
+                elif isinstance(value, (int, float)):
+                    text = repr(value)
+                else:
+                    text = json.dumps(str(value))  # a JSON string is a valid TOML basic string
+                lines.append(f"{key} = {text}")
+            lines.append("")
+        return "\n".join(lines)
+
+    def with_overrides(self, overrides: list[str]) -> "RunConfig":
+        """Apply ``section.key=value`` strings (values parsed as JSON, else taken as strings)."""
+        data = self.to_dict()
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is invalid; expected section.key=value")
+            key, raw = item.split("=", 1)
+            parts = key.strip().split(".")
+            if len(parts) != 2:
+                raise ConfigError(f"override key {key!r} is invalid; expected section.key (e.g. model.segment_len)")
+            section, name = parts
+            if section not in data:
+                raise ConfigError(f"override {item!r}: unknown section {section!r}; known: {sorted(data)}")
+            if name not in data[section]:
+                raise ConfigError(f"override {item!r}: unknown key {name!r} in {section}; known: "
+                                  f"{sorted(data[section])}")
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+            if isinstance(data[section][name], str) and not isinstance(value, str):
+                value = raw  # a string field keeps the text as typed (train.out_dir=123 is the folder "123")
+            if isinstance(data[section][name], float) and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            data[section][name] = value
+        return RunConfig.from_dict(data)

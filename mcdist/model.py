@@ -1,0 +1,109 @@
+"""The language model: embedding → blocks [RMSNorm → MC mixer → RMSNorm → SwiGLU MLP] → RMSNorm → LM head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mcdist.config import ModelConfig
+from mcdist.layer import MemoryCachingLayer, at_least_float32
+
+IGNORE_INDEX = -100
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, width: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = at_least_float32(x)
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.gate_up = nn.Linear(width, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.mixer_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mixer = MemoryCachingLayer(config)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = SwiGLU(config.d_model, int(config.mlp_ratio * config.d_model))
+
+    def forward(self, x: torch.Tensor, *, impl: Optional[str] = None) -> torch.Tensor:
+        x = x + self.mixer(self.mixer_norm(x), impl=impl)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, T, vocab]
+    loss: Optional[torch.Tensor] = None  # mean cross-entropy over labels != -100
+
+
+class MCLanguageModel(nn.Module):
+    """A causal language model whose token mixers are Memory Caching layers.
+
+    Args:
+        config: ModelConfig.
+    Shapes: forward(input_ids [B, T], labels [B, T] or None) -> ModelOutput(logits [B, T, vocab], loss).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.final_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.reset_parameters()
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        nn.init.normal_(self.embed.weight, std=std)
+        nn.init.normal_(self.lm_head.weight, std=std)
+        for block in self.blocks:
+            nn.init.normal_(block.mlp.gate_up.weight, std=std)
+            nn.init.normal_(block.mlp.down.weight, std=std / (2 * self.config.n_layers) ** 0.5)
+
+    def hidden_states(self, input_ids: torch.Tensor, *, impl: Optional[str] = None) -> torch.Tensor:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T]; got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be integer token ids; got dtype {input_ids.dtype}")
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            x = block(x, impl=impl)
+        return self.final_norm(x)
+
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
+                impl: Optional[str] = None) -> ModelOutput:
+        logits = self.lm_head(self.hidden_states(input_ids, impl=impl))
+        loss = None
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}; got "
+                                 f"{tuple(labels.shape)}")
+            loss = F.cross_entropy(at_least_float32(logits).reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                   ignore_index=IGNORE_INDEX)
+        return ModelOutput(logits, loss)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,79 @@
+"""Apply sequence and data parallelism to a model built by mcdist.model (the model code stays unaware)."""
+
+from __future__ import annotations
+
+import types
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from mcdist.model import IGNORE_INDEX
+from mcdist.layer import at_least_float32
+from mcdist.parallel.comm import SPGroup
+from mcdist.parallel.mesh import Mesh
+from mcdist.parallel.sp_layer import sp_layer_forward
+
+
+def sp_group_of(mesh: Mesh) -> SPGroup:
+    return SPGroup(mesh.sp_group, mesh.sp_rank, mesh.sp, mesh.sp_ranks)
+
+
+def parallelize_layer(layer, sp: SPGroup, layout: str) -> None:
+    """Make ``layer`` (a MemoryCachingLayer) run sequence-parallel on its rank's slice of the sequence."""
+
+    def forward(self, x, *, impl: Optional[str] = None):
+        return sp_layer_forward(self, x, sp, layout, impl)
+
+    layer.forward = types.MethodType(forward, layer)
+
+
+def parallelize(model, mesh: Mesh, layout: str) -> SPGroup:
+    """Shard every MC layer of ``model`` over the mesh's sp group (in place). Returns the SPGroup, whose
+    ``stats`` count the bytes each layer's communication moved."""
+    sp = sp_group_of(mesh)
+    if mesh.sp > 1:
+        for block in model.blocks:
+            parallelize_layer(block.mixer, sp, layout)
+    return sp
+
+
+def global_token_count(labels: torch.Tensor) -> torch.Tensor:
+    """Labelled tokens over every rank of the world (dp × sp)."""
+    count = (labels != IGNORE_INDEX).sum().to(torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(count)
+    return count
+
+
+def parallel_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, *, impl: Optional[str] = None):
+    """This rank's share of the loss: Σ local cross-entropy / labelled tokens of the whole world.
+
+    Summed over all ranks it is exactly the mean cross-entropy one process computes on the whole batch, so
+    parameter gradients are reduced by a plain sum (``reduce_gradients``). Returns (share, logits).
+    """
+    logits = model(input_ids, impl=impl).logits
+    total = F.cross_entropy(at_least_float32(logits).reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / global_token_count(labels).to(total.dtype), logits
+
+
+def reduce_gradients(model) -> None:
+    """Sum parameter gradients over every rank (sp shards and dp replicas), in one flat buffer."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    params = [p for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+        offset += p.numel()
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    value = value.detach().clone()
+    if dist.is_initialized():
+        dist.all_reduce(value)
+    return value

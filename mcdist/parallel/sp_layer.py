@@ -1,0 +1,386 @@
+"""The Memory Caching layer under sequence parallelism (SPEC §7).
+
+Each rank holds some pieces of the sequence (``layout``), runs the layer's own steps on them
+(``project`` → memory pass → read → ``output``), and communicates only where the mathematics needs another
+rank's data:
+
+- memory pass: ``independent`` needs nothing; ``checkpoint`` over linear memory gathers one (A, B) pair per piece
+  (M_out = A·M_in + B) and scans them; ``checkpoint`` over deep memory gathers k, v, θ and recomputes the
+  running state over the prefix (as slow as a serial hand-off; docs/distributed.md).
+- read: a ring carries each rank's cached states and contexts to every other rank (``ring_read``); partials
+  merge by log-sum-exp. ``residual`` over linear memory is an exclusive prefix sum of per-piece state sums.
+  ``ssc`` all-gathers the contexts first and selects each token's top-k globally.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from mcdist import ops
+from mcdist.aggregate import (merge_all, merge_partials, online_scores, residual_read_chunked, segment_contexts,
+                              select_top_k)
+from mcdist.layer import MemoryResult, Projections
+from mcdist.memory.deep import apply_minibatch_weights, deep_memory_chunked, deep_online_read
+from mcdist.parallel.comm import RingExchange, SPGroup, all_gather_tensor, all_gather_with_grad
+from mcdist.parallel.layout import check_sequence_length, rank_pieces
+
+
+@dataclass
+class Shard:
+    """Where this rank's tokens lie in the whole sequence."""
+
+    sp: SPGroup
+    layout: str
+    seq_len: int
+    segment_len: int
+
+    def pieces(self, rank: Optional[int] = None) -> List[Tuple[int, int]]:
+        return rank_pieces(self.seq_len, self.sp.size, self.sp.rank if rank is None else rank, self.layout)
+
+    def local_pieces(self):
+        """(local offset, global start, length) of each local piece."""
+        offset, out = 0, []
+        for start, length in self.pieces():
+            out.append((offset, start, length))
+            offset += length
+        return out
+
+    def global_order(self):
+        """(rank, local piece index) of every piece of the sequence, in sequence order."""
+        entries = [(start, rank, j) for rank in range(self.sp.size) for j, (start, _) in enumerate(self.pieces(rank))]
+        return [(rank, j) for _, rank, j in sorted(entries)]
+
+
+def _slice(p: Projections, offset: int, length: int) -> Projections:
+    return Projections(*(None if x is None else x[:, offset:offset + length] for x in p))
+
+
+def _cat_states(parts):
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts, 1)
+    return tuple(torch.cat([part[i] for part in parts], 1) for i in range(len(parts[0])))
+
+
+# -- memory pass ---------------------------------------------------------------------------------------------
+
+
+def sp_memory_pass(layer, p: Projections, shard: Shard, impl: str) -> MemoryResult:
+    cfg = layer.config
+    if cfg.is_deep and cfg.state_init == "checkpoint":
+        return _deep_checkpoint_pass(layer, p, shard)
+    results = [layer.memory_pass(_slice(p, offset, length), impl=impl)
+               for offset, _, length in shard.local_pieces()]
+    if cfg.state_init == "checkpoint":
+        results = _linear_prefix_scan(p, results, shard)
+    minibatch = None
+    if cfg.is_deep:
+        minibatch = _cat_states([r.minibatch_weights for r in results])
+    return MemoryResult(torch.cat([r.online_out for r in results], 1),
+                        _cat_states([r.cached_states for r in results]), None, minibatch)
+
+
+def _linear_prefix_scan(p: Projections, results, shard: Shard):
+    """Correct piece-local results (computed from a zero state) with each piece's true incoming state."""
+    C = shard.segment_len
+    B, _, H, D = p.q.shape
+    log_a, finals = [], []
+    for (offset, _, length), result in zip(shard.local_pieces(), results):
+        if p.log_decay is None:
+            log_a.append(p.q.new_zeros(B, H, dtype=result.final_state.dtype))
+        else:
+            log_a.append(p.log_decay[:, offset:offset + length].sum(1).to(result.final_state.dtype))
+        finals.append(result.final_state)
+    incoming = piece_scan(torch.stack(log_a), torch.stack(finals), shard)  # [pieces, B, H, D, D]
+    corrected = []
+    for j, ((offset, _, length), result) in enumerate(zip(shard.local_pieces(), results)):
+        m_in = incoming[j]  # [B, H, D, D]
+        if p.log_decay is None:
+            cum = m_in.new_zeros(B, length, H)
+        else:
+            cum = torch.cumsum(p.log_decay[:, offset:offset + length].to(m_in.dtype), 1)  # [B, T_piece, H]
+        q = p.q[:, offset:offset + length].to(m_in.dtype)
+        online = result.online_out + (torch.exp(cum)[..., None] * torch.einsum("bhij,bthj->bthi", m_in, q)).to(
+            result.online_out.dtype)
+        segment_end = torch.exp(cum[:, C - 1::C])  # [B, n_segments, H]
+        cached = result.cached_states + segment_end[..., None, None] * m_in[:, None]
+        corrected.append(MemoryResult(online, cached, None))
+    return corrected
+
+
+class _PieceScan(torch.autograd.Function):
+    """State before every local piece of the recurrence M_next = exp(log_a)·M + b over all pieces of the
+    sequence in order, from M = 0. Forward gathers every piece's (log_a, b); backward gathers the gradients of
+    every piece's incoming state and runs the scan backwards. One autograd node, used on every rank, so every
+    rank joins the backward collective."""
+
+    @staticmethod
+    def forward(ctx, shard: Shard, log_a, b):
+        all_log_a = all_gather_tensor(log_a, shard.sp, "prefix")  # [P, pieces, B, H]
+        all_b = all_gather_tensor(b, shard.sp, "prefix")  # [P, pieces, B, H, D, D]
+        order = shard.global_order()
+        incoming, state = {}, torch.zeros_like(b[0])
+        for rank, j in order:
+            incoming[(rank, j)] = state
+            state = torch.exp(all_log_a[rank, j])[..., None, None] * state + all_b[rank, j]
+        ctx.shard, ctx.order, ctx.incoming = shard, order, incoming
+        ctx.save_for_backward(all_log_a)
+        return torch.stack([incoming[(shard.sp.rank, j)] for j in range(b.shape[0])])
+
+    @staticmethod
+    def backward(ctx, grad):
+        shard = ctx.shard
+        (all_log_a,) = ctx.saved_tensors
+        all_grad = all_gather_tensor(grad, shard.sp, "prefix_backward")
+        grad_log_a = torch.zeros_like(all_log_a[shard.sp.rank])
+        grad_b = torch.zeros_like(grad)
+        after = torch.zeros_like(grad[0])  # gradient of the state after the piece
+        for rank, j in reversed(ctx.order):
+            decay = torch.exp(all_log_a[rank, j])
+            if rank == shard.sp.rank:
+                grad_b[j] = after
+                grad_log_a[j] = decay * (after * ctx.incoming[(rank, j)]).sum((-1, -2))
+            after = all_grad[rank, j] + decay[..., None, None] * after
+        return None, grad_log_a, grad_b
+
+
+def piece_scan(log_a: torch.Tensor, b: torch.Tensor, shard: Shard) -> torch.Tensor:
+    """Incoming state of each local piece: log_a [pieces, B, H], b [pieces, B, H, D, D] -> [pieces, B, H, D, D]."""
+    return _PieceScan.apply(shard, log_a, b)
+
+
+def _assemble(gathered: torch.Tensor, shard: Shard) -> torch.Tensor:
+    """The full sequence [B, L, ...] from an all-gathered [P, B, T_local, ...] tensor."""
+    placed = []
+    for rank in range(shard.sp.size):
+        offset = 0
+        for start, length in shard.pieces(rank):
+            placed.append((start, gathered[rank][:, offset:offset + length]))
+            offset += length
+    return torch.cat([x for _, x in sorted(placed, key=lambda item: item[0])], 1)
+
+
+def _deep_checkpoint_pass(layer, p: Projections, shard: Shard) -> MemoryResult:
+    cfg = layer.config
+    k, v, theta = (_assemble(all_gather_with_grad(x, shard.sp, "prefix_inputs"), shard) for x in (p.k, p.v, p.theta))
+    end = max(start + length for _, start, length in shard.local_pieces())
+    run = deep_memory_chunked(k[:, :end], v[:, :end], theta[:, :end], segment_len=cfg.segment_len,
+                              minibatch_len=cfg.minibatch_len, state_init="checkpoint", **layer.deep_parameters())
+    b, C = cfg.minibatch_len, cfg.segment_len
+    online, cached, minibatch = [], [], []
+    for offset, start, length in shard.local_pieces():
+        weights = tuple(w[:, start // b:(start + length) // b] for w in run.minibatch_weights)
+        minibatch.append(weights)
+        cached.append(tuple(w[:, start // C:(start + length) // C] for w in run.cached_states))
+        online.append(deep_online_read(p.q[:, offset:offset + length], weights, b))
+    return MemoryResult(torch.cat(online, 1), _cat_states(cached), None, _cat_states(minibatch))
+
+
+# -- the ring read -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _RingSpec:
+    shard: Shard
+    gate_scale: float
+    selected: Optional[torch.Tensor]
+    impl: str
+    deep: bool  # block holds (W1, W2) read as an MLP, else one linear map
+
+
+def _unpack(block, deep):
+    """Block tensors -> (states, contexts)."""
+    return ((block[0], block[1]) if deep else block[0]), block[-1]
+
+
+def _block_partial(z, u, block, origin: int, spec: _RingSpec):
+    """Partial read of every local query piece against the pieces of the block that came from ``origin``."""
+    shard = spec.shard
+    C = shard.segment_len
+    states, contexts = _unpack(block, spec.deep)
+    B, _, H = z.shape[:3]
+    dout = z.shape[-1] if spec.deep else states.shape[3]
+    outs, lses = [], []
+    for offset, start, length in shard.local_pieces():
+        zq, uq = z[:, offset:offset + length], u[:, offset:offset + length]
+        chosen = spec.selected[:, offset:offset + length] if spec.selected is not None else None
+        last_segment = (start + length - 1) // C
+        partials, first = [], 0
+        for state_start, state_length in shard.pieces(origin):
+            n = state_length // C
+            first_index = state_start // C
+            piece = slice(first, first + n)
+            first += n
+            if first_index > last_segment:
+                continue  # every state of this piece lies after every token here
+            if chosen is not None and not ((chosen >= first_index) & (chosen < first_index + n)).any():
+                continue  # ssc: no token here selected any of these segments
+            piece_states = (states[0][:, piece], states[1][:, piece]) if spec.deep else states[:, piece]
+            partials.append(ops.cached_read(zq, uq, piece_states, contexts[:, piece], segment_len=C,
+                                            gate_scale=spec.gate_scale, query_offset=start,
+                                            segment_offset=first_index, selected=chosen, impl=spec.impl))
+        if partials:
+            out, lse = merge_all(partials)
+        else:
+            out = zq.new_zeros(B, length, H, dout, dtype=contexts.dtype)
+            lse = zq.new_full((B, length, H), float("-inf"), dtype=contexts.dtype)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs, 1), torch.cat(lses, 1)
+
+
+class _RingRead(torch.autograd.Function):
+    """Read every rank's cached states: P−1 ring steps forward; backward runs the ring again and brings the
+    gradients of each block's states and contexts home."""
+
+    @staticmethod
+    def forward(ctx, spec: _RingSpec, z, u, *block):
+        sp = spec.shard.sp
+        in_hand = [t.detach() for t in block]
+        out = lse = None
+        for step in range(sp.size):
+            exchange = RingExchange(in_hand, sp, "ring") if step < sp.size - 1 else None  # overlaps the compute
+            part = _block_partial(z, u, in_hand, (sp.rank - step) % sp.size, spec)
+            out, lse = part if out is None else merge_partials((out, lse), part)
+            if exchange is not None:
+                in_hand = exchange.wait()
+        ctx.spec = spec
+        ctx.save_for_backward(z, u, out, lse, *block)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        spec = ctx.spec
+        sp = spec.shard.sp
+        z, u, out, lse, *block = ctx.saved_tensors
+        grad_z, grad_u = torch.zeros_like(z), torch.zeros_like(u)
+        in_hand = list(block)
+        accumulated = [torch.zeros_like(t) for t in block]
+        for step in range(sp.size):
+            with torch.enable_grad():
+                z_leaf = z.detach().requires_grad_()
+                u_leaf = u.detach().requires_grad_()
+                leaves = [t.detach().requires_grad_() for t in in_hand]
+                part_out, part_lse = _block_partial(z_leaf, u_leaf, leaves, (sp.rank - step) % sp.size, spec)
+            finite = torch.isfinite(part_lse)
+            if bool(finite.any()):
+                weight = torch.where(finite, torch.exp(part_lse.detach() - lse), torch.zeros_like(lse))
+                g_out = grad_out * weight[..., None]
+                g_lse = weight * (grad_lse + (grad_out * (part_out.detach() - out)).sum(-1))
+                grads = torch.autograd.grad((part_out, part_lse), [z_leaf, u_leaf] + leaves, (g_out, g_lse),
+                                            allow_unused=True)
+                if grads[0] is not None:
+                    grad_z += grads[0]
+                if grads[1] is not None:
+                    grad_u += grads[1]
+                for acc, g in zip(accumulated, grads[2:]):
+                    if g is not None:
+                        acc += g
+            if step < sp.size - 1:
+                received = RingExchange(in_hand + accumulated, sp, "ring_backward").wait()
+                in_hand, accumulated = received[:len(block)], received[len(block):]
+        if sp.size > 1:  # the block in hand belongs to the next rank: send its gradients home
+            accumulated = RingExchange(accumulated, sp, "ring_backward").wait()
+        return (None, grad_z, grad_u, *accumulated)
+
+
+def ring_read(z, u, states, contexts, *, shard: Shard, gate_scale: float, selected=None, impl="chunked"):
+    """(out, lse) of the local tokens against the cached states of every rank (all merged)."""
+    deep = not isinstance(states, torch.Tensor)
+    block = list(states) + [contexts] if deep else [states, contexts]
+    return _RingRead.apply(_RingSpec(shard, gate_scale, selected, impl, deep), z, u, *block)
+
+
+# -- aggregation ---------------------------------------------------------------------------------------------
+
+
+def _global_contexts(closed: torch.Tensor, shard: Shard) -> torch.Tensor:
+    """Contexts of every segment of the sequence [B, N, H, D] (no gradient: used to select only)."""
+    gathered = all_gather_tensor(closed.detach(), shard.sp, "contexts")  # [P, B, n_local, H, D]
+    C = shard.segment_len
+    placed = []
+    for rank in range(shard.sp.size):
+        first = 0
+        for start, length in shard.pieces(rank):
+            n = length // C
+            placed.append((start, gathered[rank][:, first:first + n]))
+            first += n
+    return torch.cat([x for _, x in sorted(placed, key=lambda item: item[0])], 1)
+
+
+def _residual_linear(p: Projections, cached: torch.Tensor, shard: Shard) -> torch.Tensor:
+    C = shard.segment_len
+    sums, first = [], 0
+    for _, _, length in shard.local_pieces():
+        n = length // C
+        sums.append(cached[:, first:first + n].sum(1))
+        first += n
+    sums = torch.stack(sums)  # [pieces, B, H, D, D]
+    before = piece_scan(sums.new_zeros(sums.shape[:3]), sums, shard)  # Σ over earlier pieces
+    out, first = [], 0
+    for j, (offset, start, length) in enumerate(shard.local_pieces()):
+        n = length // C
+        q = p.q[:, offset:offset + length]
+        local = residual_read_chunked(q, cached[:, first:first + n], segment_len=C, query_offset=start,
+                                      segment_offset=start // C)
+        out.append(local + torch.einsum("bhij,bthj->bthi", before[j], q.to(local.dtype)))
+        first += n
+    return torch.cat(out, 1)
+
+
+def sp_aggregate(layer, p: Projections, memory: MemoryResult, shard: Shard, impl: str) -> torch.Tensor:
+    cfg = layer.config
+    online = memory.online_out
+    if cfg.aggregation == "none":
+        return online
+    C = cfg.segment_len
+    contexts = [segment_contexts(p.k[:, offset:offset + length], C, cfg.pool)
+                for offset, _, length in shard.local_pieces()]
+    closed = torch.cat([c for c, _ in contexts], 1)
+    running = torch.cat([r for _, r in contexts], 1)
+    if cfg.aggregation == "residual":
+        if not cfg.is_deep:
+            return online + _residual_linear(p, memory.cached_states, shard)
+        # Σ_j M_j(q) as a read with all scores 0: the mean times the count, out·exp(lse)
+        out, lse = ring_read(p.q, p.u, memory.cached_states, closed, shard=shard, gate_scale=0.0, impl=impl)
+        count = torch.where(torch.isfinite(lse), torch.exp(lse), torch.zeros_like(lse))
+        return online + out * count[..., None]
+    r_online = online_scores(p.u, running, cfg.scale)
+    selected = None
+    if cfg.aggregation == "ssc":
+        every = _global_contexts(closed, shard)
+        selected = torch.cat([select_top_k(p.u[:, offset:offset + length], every, segment_len=C, top_k=cfg.top_k,
+                                           gate_scale=cfg.scale, query_offset=start)
+                              for offset, start, length in shard.local_pieces()], 1)
+    read = dict(shard=shard, gate_scale=cfg.scale, selected=selected, impl=impl)
+    if cfg.aggregation == "soup" and cfg.is_deep:
+        w1s, w2s = memory.cached_states
+        mb1, mb2 = memory.minibatch_weights  # local pieces end to end: whole mini-batches each
+        b = cfg.minibatch_len
+        first = merge_partials(ring_read(p.q, p.u, w1s, closed, **read),
+                               (apply_minibatch_weights(p.q, mb1, b), r_online))[0]
+        hidden = F.gelu(first)
+        second = merge_partials(ring_read(hidden, p.u, w2s, closed, **read),
+                                (apply_minibatch_weights(hidden, mb2, b), r_online))[0]
+        return p.q.to(second.dtype) + second
+    cached = ring_read(p.q, p.u, memory.cached_states, closed, **read)
+    return merge_partials(cached, (online.to(cached[0].dtype), r_online))[0]
+
+
+def sp_layer_forward(layer, x: torch.Tensor, shard_group: SPGroup, layout: str, impl: Optional[str] = None):
+    """The sequence-parallel forward of a MemoryCachingLayer on this rank's slice x [B, T_local, d_model]."""
+    cfg = layer.config
+    if cfg.segmentation != "constant":
+        raise ValueError("sequence parallelism supports segmentation = 'constant' only")
+    seq_len = x.shape[1] * shard_group.size
+    check_sequence_length(seq_len, shard_group.size, cfg.segment_len, layout)
+    impl = ops.resolve_impl(impl or cfg.impl, x)
+    if impl == "reference":
+        impl = "chunked"
+    shard = Shard(shard_group, layout, seq_len, cfg.segment_len)
+    p = layer.project(x)
+    memory = sp_memory_pass(layer, p, shard, impl)
+    return layer.output(x, sp_aggregate(layer, p, memory, shard, impl))

@@ -1,0 +1,56 @@
+"""Run a function on N local processes with an initialised process group (tests, benchmarks, `make run`)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Callable
+
+import torch.multiprocessing as mp
+
+from mcdist.parallel.mesh import init_distributed
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _entry(rank, fn, world_size, port, backend, collective_timeout_s, threads, args):
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    init_distributed(backend, timeout_s=collective_timeout_s)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn: Callable, world_size: int, *args, timeout_s: float = 300.0, backend: str = "gloo",
+          collective_timeout_s: float = 60.0, threads_per_rank: int = 1) -> None:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` fresh processes joined in one process group.
+
+    ``fn`` must be importable (a module-level function). Raises the first failure with its rank, or
+    TimeoutError (after terminating every process) when the whole run exceeds ``timeout_s``: never hangs.
+    """
+    context = mp.start_processes(_entry, args=(fn, world_size, free_port(), backend, collective_timeout_s,
+                                               threads_per_rank, args),
+                                 nprocs=world_size, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=0.5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.terminate()
+            for process in context.processes:
+                process.join(5)
+                if process.is_alive():
+                    process.kill()
+            raise TimeoutError(f"distributed run of {getattr(fn, '__name__', fn)} on {world_size} processes did not "
+                               f"finish within {timeout_s} s; every process was terminated")

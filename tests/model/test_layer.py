@@ -1,0 +1,209 @@
+"""The MC layer: chunked path vs token-loop reference, identities, causality, bad input."""
+
+import itertools
+
+import pytest
+import torch
+
+from mcdist.config import AGGREGATIONS, MEMORY_KINDS, STATE_INITS, ModelConfig
+from mcdist.layer import MemoryCachingLayer
+from mcdist.memory.linear import linear_memory_reference
+from mcdist.reference import logarithmic_segments
+
+VARIANTS = list(itertools.product(MEMORY_KINDS, AGGREGATIONS, STATE_INITS))
+
+
+def variant_id(variant):
+    return "-".join(variant)
+
+
+def relative_error(a, b):
+    a, b = a.detach(), b.detach()
+    assert not torch.isnan(a).any(), "NaN in the tested tensor"
+    denominator = b.norm()
+    return float((a - b).norm() / denominator) if denominator > 0 else float((a - b).norm())
+
+
+def make_layer(memory, aggregation, state_init, dtype=torch.float64, seed=0, **overrides):
+    torch.manual_seed(seed)
+    settings = dict(d_model=12, n_heads=2, memory=memory, aggregation=aggregation, state_init=state_init,
+                    segment_len=8, chunk_len=4, minibatch_len=4, top_k=2, inner_lr=0.5)
+    settings.update(overrides)
+    return MemoryCachingLayer(ModelConfig(**settings)).to(dtype)
+
+
+def outputs_and_grads(layer, x, impl):
+    x = x.detach().clone().requires_grad_()
+    y = layer(x, impl=impl)
+    generator = torch.Generator().manual_seed(123)
+    upstream = torch.randn(y.shape, generator=generator, dtype=torch.float64).to(y.dtype)
+    params = [p for p in layer.parameters()]
+    grads = torch.autograd.grad((y * upstream).sum(), [x] + params, allow_unused=True)
+    return y, grads
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+def test_chunked_matches_reference_float64(variant):
+    layer = make_layer(*variant)
+    x = torch.randn(2, 27, 12, dtype=torch.float64)  # 27: a partial last segment and mini-batch
+    y_ref, g_ref = outputs_and_grads(layer, x, "reference")
+    y, g = outputs_and_grads(layer, x, "chunked")
+    assert relative_error(y, y_ref) <= 1e-10
+    names = ["x"] + [name for name, _ in layer.named_parameters()]
+    for name, a, b in zip(names, g, g_ref):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert relative_error(a, b) <= 1e-10, name
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+def test_chunked_matches_reference_float32(variant):
+    layer64 = make_layer(*variant)
+    layer32 = make_layer(*variant, dtype=torch.float32)
+    x = torch.randn(2, 19, 12, dtype=torch.float64)
+    y_ref, g_ref = outputs_and_grads(layer64, x, "reference")
+    y, g = outputs_and_grads(layer32, x.float(), "chunked")
+    assert relative_error(y.double(), y_ref) <= 1e-5
+    for a, b in zip(g, g_ref):
+        if a is not None:
+            assert relative_error(a.double(), b) <= 1e-5
+
+
+def layer_read(layer, x, impl="chunked"):
+    """y before the output projection: project → memory pass → aggregate."""
+    p = layer.project(x)
+    return p, layer.aggregate(p, layer.memory_pass(p, impl=impl), impl=impl)
+
+
+@pytest.mark.parametrize("memory", ["linear", "gated"])
+@pytest.mark.parametrize("state_init", STATE_INITS)
+def test_soup_equals_grm_for_linear_memory(memory, state_init):
+    x = torch.randn(2, 40, 12, dtype=torch.float64)
+    _, soup = layer_read(make_layer(memory, "soup", state_init), x)
+    _, grm = layer_read(make_layer(memory, "grm", state_init), x)
+    assert relative_error(soup, grm) <= 1e-12
+
+
+@pytest.mark.parametrize("memory", ["linear", "gated"])
+@pytest.mark.parametrize("state_init", STATE_INITS)
+def test_residual_equals_one_presummed_matrix(memory, state_init):
+    layer = make_layer(memory, "residual", state_init)
+    x = torch.randn(2, 35, 12, dtype=torch.float64)
+    p, y = layer_read(layer, x)
+    memory_out = layer.memory_pass(p, impl="chunked")
+    C = layer.config.segment_len
+    expected = []
+    for t in range(x.shape[1]):
+        presummed = sum((memory_out.cached_states[:, i] for i in range(t // C)),
+                        torch.zeros_like(memory_out.cached_states[:, 0]))
+        expected.append(memory_out.online_out[:, t] + torch.einsum("bhij,bhj->bhi", presummed, p.q[:, t]))
+    assert relative_error(y, torch.stack(expected, 1)) <= 1e-12
+
+
+@pytest.mark.parametrize("memory", MEMORY_KINDS)
+def test_ssc_with_top_k_covering_all_segments_equals_grm(memory):
+    x = torch.randn(2, 40, 12, dtype=torch.float64)
+    _, ssc = layer_read(make_layer(memory, "ssc", "checkpoint", top_k=5), x)
+    _, grm = layer_read(make_layer(memory, "grm", "checkpoint"), x)
+    assert relative_error(ssc, grm) <= 1e-12
+
+
+@pytest.mark.parametrize("memory", ["linear", "gated"])
+def test_none_is_the_plain_recurrence(memory):
+    layer = make_layer(memory, "none", "checkpoint")
+    x = torch.randn(2, 30, 12, dtype=torch.float64)
+    p, y = layer_read(layer, x)
+    plain = linear_memory_reference(p.q, p.k, p.v, p.log_decay, segment_len=x.shape[1], state_init="checkpoint")
+    assert relative_error(y, plain.online_out) <= 1e-12
+
+
+@pytest.mark.parametrize("memory", MEMORY_KINDS)
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_single_segment_equals_none(memory, aggregation):
+    x = torch.randn(2, 8, 12, dtype=torch.float64)  # T = segment_len: one segment
+    layer = make_layer(memory, aggregation, "independent")
+    _, y = layer_read(layer, x)
+    layer.config = layer.config.replace(aggregation="none")
+    _, base = layer_read(layer, x)
+    assert relative_error(y, base) <= 1e-12
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+def test_causality(variant):
+    layer = make_layer(*variant)
+    x = torch.randn(1, 26, 12, dtype=torch.float64)
+    t = 13
+    changed = x.clone()
+    changed[:, t + 1:] = torch.randn_like(changed[:, t + 1:])
+    with torch.no_grad():
+        y, y_changed = layer(x, impl="chunked"), layer(changed, impl="chunked")
+    assert torch.equal(y[:, :t + 1], y_changed[:, :t + 1])
+    assert not torch.allclose(y[:, t + 1:], y_changed[:, t + 1:])
+
+
+def test_paper_plain_configuration_has_no_additions():
+    config = ModelConfig.paper_plain(d_model=12, n_heads=2, segment_len=8, chunk_len=4)
+    layer = MemoryCachingLayer(config).double()
+    assert not hasattr(layer, "y_norm") and not hasattr(layer, "gate_proj")
+    x = torch.randn(1, 20, 12, dtype=torch.float64)
+    p, y = layer_read(layer, x)
+    assert torch.allclose(layer(x), layer.out_proj(y.reshape(1, 20, -1)), atol=1e-14)
+    assert config.scale == 1.0 and config.qk_norm == "none"
+
+
+# -- logarithmic segmentation (reference path) -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("t", range(40))
+def test_logarithmic_blocks_partition_the_prefix(t):
+    closed, start = logarithmic_segments(t)
+    blocks = closed + [(start, t + 1)]
+    assert blocks[0][0] == 0 and blocks[-1][1] == t + 1
+    sizes = [end - begin for begin, end in blocks]
+    assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+    assert all(size & (size - 1) == 0 for size in sizes) and sizes == sorted(sizes, reverse=True)
+    assert len(blocks) == bin(t + 1).count("1")
+
+
+@pytest.mark.parametrize("segmentation", ["constant", "logarithmic"])
+def test_residual_independent_linear_is_plain_linear_attention(segmentation):
+    # The blocks partition the prefix and linear memory is additive: Σ_blocks M_block = M over the prefix.
+    layer = make_layer("linear", "residual", "independent", segmentation=segmentation, impl="reference")
+    x = torch.randn(2, 21, 12, dtype=torch.float64)
+    p = layer.project(x)
+    from mcdist.reference import memory_caching_reference
+
+    y = memory_caching_reference(layer, p)
+    plain = linear_memory_reference(p.q, p.k, p.v, None, segment_len=21, state_init="checkpoint")
+    assert relative_error(y, plain.online_out) <= 1e-12
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_logarithmic_segmentation_is_causal(aggregation):
+    layer = make_layer("gated", aggregation, "independent", segmentation="logarithmic", impl="reference")
+    x = torch.randn(1, 19, 12, dtype=torch.float64)
+    changed = x.clone()
+    changed[:, 10:] += 1.0
+    with torch.no_grad():
+        assert torch.equal(layer(x)[:, :10], layer(changed)[:, :10])
+
+
+def test_logarithmic_segmentation_refuses_the_chunked_path():
+    layer = make_layer("linear", "grm", "checkpoint", segmentation="logarithmic")
+    with pytest.raises(ValueError, match="logarithmic"):
+        layer(torch.randn(1, 8, 12, dtype=torch.float64), impl="chunked")
+
+
+def test_bad_input_shapes_are_refused():
+    layer = make_layer("linear", "grm", "checkpoint")
+    with pytest.raises(ValueError, match="q, k, v|shape"):
+        from mcdist.memory.linear import linear_memory_chunked
+
+        linear_memory_chunked(torch.randn(1, 8, 2, 4), torch.randn(1, 8, 2, 5), torch.randn(1, 8, 2, 4),
+                              segment_len=8, chunk_len=4)
+    with pytest.raises(ValueError, match="chunk_len"):
+        from mcdist.memory.linear import linear_memory_chunked
+
+        linear_memory_chunked(*(torch.randn(1, 8, 2, 4) for _ in range(3)), segment_len=8, chunk_len=3)
+    with pytest.raises(RuntimeError):
+        layer(torch.randn(1, 8, 13, dtype=torch.float64))  # d_model 13 instead of 12

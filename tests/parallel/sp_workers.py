@@ -1,0 +1,145 @@
+"""Worker functions for the distributed tests (module level, so spawned processes can import them)."""
+
+import itertools
+import json
+
+import torch
+import torch.distributed as dist
+
+from mcdist.config import AGGREGATIONS, MEMORY_KINDS, STATE_INITS, ModelConfig
+from mcdist.layer import MemoryCachingLayer
+from mcdist.parallel.comm import SPGroup
+from mcdist.parallel.layout import shard_sequence
+from mcdist.parallel.model import parallelize_layer
+
+
+def relative_error(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    if torch.isnan(a).any():
+        return float("nan")
+    denominator = b.norm()
+    return float((a - b).norm() / denominator) if denominator > 0 else float((a - b).norm())
+
+
+def layer_case(memory, aggregation, state_init, layout, world, rank, dtype, seq_len=None):
+    """(output error, max gradient error) of the SP layer against one process, on this rank's slice."""
+    C = 4
+    seq_len = seq_len or 2 * world * C * 2  # two segments per piece under zigzag
+    torch.manual_seed(0)
+    config = ModelConfig(d_model=8, n_heads=2, memory=memory, aggregation=aggregation, state_init=state_init,
+                         segment_len=C, chunk_len=2, minibatch_len=2, top_k=2, inner_lr=0.1)
+    reference = MemoryCachingLayer(config).to(dtype)
+    layer = MemoryCachingLayer(config).to(dtype)
+    layer.load_state_dict(reference.state_dict())
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(2, seq_len, 8, generator=generator, dtype=torch.float64).to(dtype)
+    upstream = torch.randn(2, seq_len, 8, generator=generator, dtype=torch.float64).to(dtype)
+
+    x_full = x.clone().requires_grad_()
+    y_full = reference(x_full, impl="chunked")
+    (y_full * upstream).sum().backward()
+
+    sp = SPGroup(dist.group.WORLD, rank, world, tuple(range(world)))
+    parallelize_layer(layer, sp, layout)
+    x_local = shard_sequence(x, world, rank, layout).clone().requires_grad_()
+    y_local = layer(x_local, impl="chunked")
+    (y_local * shard_sequence(upstream, world, rank, layout)).sum().backward()
+
+    errors = [relative_error(y_local, shard_sequence(y_full, world, rank, layout)),
+              relative_error(x_local.grad, shard_sequence(x_full.grad, world, rank, layout))]
+    for (name, p_ref), p in zip(reference.named_parameters(), layer.parameters()):
+        grad = p.grad.clone()
+        dist.all_reduce(grad)
+        errors.append(relative_error(grad, p_ref.grad))
+    return errors[0], max(errors[1:]), dict(sp.stats.received)
+
+
+def layer_cases_worker(rank, world, layouts, dtype_name, out_path):
+    dtype = getattr(torch, dtype_name)
+    results = {}
+    for layout, memory, aggregation, state_init in itertools.product(layouts, MEMORY_KINDS, AGGREGATIONS,
+                                                                       STATE_INITS):
+        out_error, grad_error, received = layer_case(memory, aggregation, state_init, layout, world, rank, dtype)
+        both = torch.tensor([out_error, grad_error], dtype=torch.float64)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        results["-".join([layout, memory, aggregation, state_init])] = both.tolist()
+        if (memory, aggregation, state_init) == ("linear", "grm", "independent"):
+            results[f"bytes-{layout}"] = received  # what rank 0's ring moved for this layer
+    if rank == 0:
+        with open(out_path, "w") as handle:
+            json.dump(results, handle)
+
+
+def model_steps_worker(rank, world, cases, out_path):
+    """model_step for each (dp, sp, layout, memory, aggregation, state_init) case; errors to out_path."""
+    results = {}
+    for case in cases:
+        results["-".join(map(str, case))] = model_step(rank, world, *case)
+    if rank == 0:
+        with open(out_path, "w") as handle:
+            json.dump(results, handle)
+
+
+def model_step(rank, world, dp, sp, layout, memory, aggregation, state_init):
+    """One training step of the whole model under dp × sp against one process on the whole batch."""
+    from mcdist.config import ParallelConfig
+    from mcdist.model import MCLanguageModel
+    from mcdist.parallel.mesh import build_mesh
+    from mcdist.parallel.model import all_reduce_sum, parallel_loss, parallelize, reduce_gradients
+
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, memory=memory, aggregation=aggregation,
+                         state_init=state_init, segment_len=4, chunk_len=2, minibatch_len=2, top_k=2, inner_lr=0.1)
+    reference = MCLanguageModel(config).double()
+    model = MCLanguageModel(config).double()
+    model.load_state_dict(reference.state_dict())
+    seq_len = 2 * sp * 4 * 2
+    generator = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 32, (2 * dp, seq_len), generator=generator)
+    labels = torch.randint(0, 32, (2 * dp, seq_len), generator=generator)
+    labels[:, ::3] = -100
+
+    def step(net):
+        torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1).step()
+
+    loss_ref = reference(ids, labels, impl="chunked").loss
+    loss_ref.backward()
+    reference_grads = [p.grad.clone() for p in reference.parameters()]
+    step(reference)
+
+    mesh = build_mesh(ParallelConfig(dp=dp, sp=sp, layout=layout))
+    parallelize(model, mesh, layout)
+    rows = slice(2 * mesh.dp_rank, 2 * mesh.dp_rank + 2)
+    local_ids = shard_sequence(ids[rows], sp, mesh.sp_rank, layout)
+    local_labels = shard_sequence(labels[rows], sp, mesh.sp_rank, layout)
+    share, _ = parallel_loss(model, local_ids, local_labels, impl="chunked")
+    share.backward()
+    reduce_gradients(model)
+    loss = all_reduce_sum(share)
+    errors = {"loss": relative_error(loss, loss_ref)}
+    errors["grads"] = max(relative_error(p.grad, g) for p, g in zip(model.parameters(), reference_grads))
+    step(model)
+    errors["params"] = max(relative_error(p, q) for p, q in zip(model.parameters(), reference.parameters()))
+    values = torch.tensor([errors["loss"], errors["grads"], errors["params"]], dtype=torch.float64)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return dict(zip(["loss", "grads", "params"], values.tolist()))
+
+
+def failing_worker(rank, world, out_dir):
+    """Rank 1 raises before a collective; every other rank must fail naming rank 1, not hang."""
+    import os
+
+    from mcdist.parallel.failure import guarded
+
+    @guarded
+    def body():
+        if rank == 1:
+            raise ValueError("planted failure")
+        tensor = torch.ones(1)
+        dist.all_reduce(tensor)
+
+    try:
+        body()
+    except Exception as error:  # record what each rank saw
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as handle:
+            handle.write(f"{type(error).__name__}: {error}")

@@ -1,0 +1,107 @@
+"""Sequence parallelism on real gloo processes: exact against one process, no hangs, measured bytes."""
+
+import json
+import time
+
+import pytest
+import torch
+
+import sp_workers
+from mcdist.config import AGGREGATIONS, MEMORY_KINDS, STATE_INITS
+from mcdist.parallel.layout import check_sequence_length, rank_pieces, shard_sequence, unshard_sequence
+from mcdist.parallel.spawn import spawn
+
+VARIANTS = [f"{layout}-{m}-{a}-{s}" for layout in ("contiguous", "zigzag") for m in MEMORY_KINDS
+            for a in AGGREGATIONS for s in STATE_INITS]
+
+
+@pytest.fixture(scope="module")
+def layer_results(tmp_path_factory):
+    """Every variant, computed once per (ranks, dtype) in one spawned job."""
+    cache = {}
+
+    def get(world, dtype):
+        if (world, dtype) not in cache:
+            path = tmp_path_factory.mktemp("sp") / f"layer-{world}-{dtype}.json"
+            spawn(sp_workers.layer_cases_worker, world, ["contiguous", "zigzag"], dtype, str(path),
+                  timeout_s=900)
+            cache[(world, dtype)] = json.loads(path.read_text())
+        return cache[(world, dtype)]
+
+    return get
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("world", [2, 4])
+def test_sp_layer_equals_one_process_float64(layer_results, world, variant):
+    out_error, grad_error = layer_results(world, "float64")[variant]
+    assert out_error <= 1e-10 and grad_error <= 1e-10, (out_error, grad_error)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_sp_layer_equals_one_process_float32(layer_results, world, variant):
+    out_error, grad_error = layer_results(world, "float32")[variant]
+    assert out_error <= 1e-5 and grad_error <= 1e-5, (out_error, grad_error)
+
+
+STEP_CASES = [
+    (2, 2, "zigzag", "gated", "grm", "checkpoint"),
+    (2, 2, "contiguous", "dla", "ssc", "independent"),
+    (1, 4, "zigzag", "linear", "soup", "checkpoint"),
+    (1, 4, "contiguous", "titans", "residual", "checkpoint"),
+]
+
+
+@pytest.fixture(scope="module")
+def step_results(tmp_path_factory):
+    path = tmp_path_factory.mktemp("steps") / "steps.json"
+    spawn(sp_workers.model_steps_worker, 4, STEP_CASES, str(path), timeout_s=600)
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("case", STEP_CASES, ids=lambda case: "-".join(map(str, case)))
+def test_training_step_equals_one_process(step_results, case):
+    """dp × sp on 4 processes: loss, reduced gradients and the AdamW step equal one process on the batch."""
+    errors = step_results["-".join(map(str, case))]
+    assert errors["loss"] <= 1e-10 and errors["grads"] <= 1e-10 and errors["params"] <= 1e-10, errors
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_bytes_equal_the_analytical_count(layer_results, world, layout):
+    received = layer_results(world, "float64")[f"bytes-{layout}"]
+    # layer_case: B = 2, H = 2, D = 4, C = 4, L = 2·world·C·2 -> n_local = 4 segments per rank, float64
+    B, H, D, n_local = 2, 2, 4, 4
+    block = n_local * B * H * (D * D + D) * 8  # states + contexts
+    assert received["ring"] == (world - 1) * block
+    # backward: the block again with its gradient for P−1 steps, then the gradient home once
+    assert received["ring_backward"] == (world - 1) * 2 * block + block
+
+
+def test_failing_rank_is_named_and_nobody_hangs(tmp_path):
+    start = time.monotonic()
+    spawn(sp_workers.failing_worker, 3, str(tmp_path), timeout_s=120, collective_timeout_s=5)
+    assert time.monotonic() - start < 90
+    seen = {path.name: path.read_text() for path in tmp_path.glob("rank*.txt")}
+    assert sorted(seen) == ["rank0.txt", "rank1.txt", "rank2.txt"]
+    assert "planted failure" in seen["rank1.txt"]
+    for name in ("rank0.txt", "rank2.txt"):
+        assert seen[name].startswith("PeerFailure") and "rank 1" in seen[name], seen[name]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_shard_and_unshard_are_inverse(world, layout):
+    x = torch.arange(2 * world * 6).reshape(1, -1)
+    slices = [shard_sequence(x, world, rank, layout) for rank in range(world)]
+    assert torch.equal(unshard_sequence(slices, layout), x)
+    covered = sorted(start for rank in range(world) for start, _ in rank_pieces(x.shape[1], world, rank, layout))
+    assert len(covered) == len(set(covered))
+
+
+def test_bad_lengths_are_refused_with_the_numbers():
+    with pytest.raises(ValueError, match=r"L = 100 .* 2·P·C = 64"):
+        check_sequence_length(100, 4, 8, "zigzag")
+    with pytest.raises(ValueError, match=r"L = 30 .* P·C = 16"):
+        check_sequence_length(30, 2, 8, "contiguous")

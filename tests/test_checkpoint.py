@@ -1,0 +1,212 @@
+import json
+import os
+
+import pytest
+import torch
+
+from mcdist import checkpoint as checkpoint_module
+from mcdist.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, load_model, save_model
+from mcdist.config import ModelConfig
+from mcdist.model import MCLanguageModel
+
+
+def _config(**overrides) -> ModelConfig:
+    base = dict(vocab_size=37, d_model=24, n_layers=2, n_heads=2, segment_len=8, chunk_len=4, minibatch_len=4,
+                memory="gated", aggregation="grm")
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def _saved(tmp_path, **overrides):
+    config = _config(**overrides)
+    torch.manual_seed(1)
+    model = MCLanguageModel(config).eval()
+    directory = tmp_path / "ckpt"
+    save_model(model, config, directory)
+    return model, config, directory
+
+
+def _logits(model, seed=2, vocab=37, T=19):
+    ids = torch.randint(0, vocab, (2, T), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _assert_same_logits(a, b):
+    la, lb = _logits(a), _logits(b)
+    assert torch.isfinite(la).all()
+    assert torch.equal(la, lb)
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_round_trip_gives_identical_logits(tmp_path, tie):
+    model, config, directory = _saved(tmp_path, tie_embeddings=tie)
+    assert sorted(os.listdir(directory)) == [CONFIG_NAME, WEIGHTS_NAME]  # no temporary files left
+    assert ModelConfig.load(directory / CONFIG_NAME) == config  # config.json is a plain ModelConfig
+    loaded, loaded_config = load_model(directory)
+    assert loaded_config == config
+    assert not loaded.training
+    _assert_same_logits(model, loaded)
+    if tie:
+        params = dict(loaded.named_parameters(remove_duplicate=False))
+        shared = [n for n, p in params.items() if any(p is q for m, q in params.items() if m != n)]
+        assert shared, "a tied model must share its embedding and output weights after loading"
+
+
+def test_header_metadata(tmp_path):
+    from safetensors import safe_open
+
+    _, config, directory = _saved(tmp_path)
+    with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as handle:
+        header = handle.metadata()
+    assert header["mcdist_format_version"] == "1"
+    assert header["mcdist_version"]
+    assert json.loads(header["mcdist_config"]) == config.to_dict()
+
+
+def test_float64_round_trip(tmp_path):
+    config = _config()
+    model = MCLanguageModel(config).to(torch.float64).eval()
+    save_model(model, config, tmp_path / "c")
+    loaded, _ = load_model(tmp_path / "c")
+    assert next(loaded.parameters()).dtype == torch.float64
+    _assert_same_logits(model, loaded)
+
+
+def test_shared_views_that_are_not_aliases_are_copied(tmp_path):
+    class Sliced(torch.nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.full = torch.nn.Parameter(torch.randn(6, 4))
+            self.register_buffer("first_rows", self.full.data[:3])  # overlaps `full` without being the same view
+
+    model = Sliced(None)
+    save_model(model, _config(), tmp_path / "c")
+    loaded, _ = load_model(tmp_path / "c", model_factory=Sliced)
+    assert torch.equal(loaded.full, model.full) and torch.equal(loaded.first_rows, model.first_rows)
+
+
+def test_overwrite_replaces_previous(tmp_path):
+    model, config, directory = _saved(tmp_path)
+    torch.manual_seed(5)
+    other = MCLanguageModel(config).eval()
+    save_model(other, config, directory)
+    loaded, _ = load_model(directory)
+    _assert_same_logits(other, loaded)
+
+
+def test_missing_directory_and_files(tmp_path):
+    with pytest.raises(CheckpointError, match="nowhere"):
+        load_model(tmp_path / "nowhere")
+    _, _, directory = _saved(tmp_path)
+    (directory / WEIGHTS_NAME).unlink()
+    with pytest.raises(CheckpointError, match=WEIGHTS_NAME) as info:
+        load_model(directory)
+    assert str(directory) in str(info.value)
+    _, _, directory = _saved(tmp_path)
+    (directory / CONFIG_NAME).unlink()
+    with pytest.raises(CheckpointError, match=CONFIG_NAME) as info:
+        load_model(directory)
+    assert str(directory) in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["{ broken", '{"d_model": -3}', '{"colour": 1}'])
+def test_invalid_config_json(tmp_path, text):
+    _, _, directory = _saved(tmp_path)
+    (directory / CONFIG_NAME).write_text(text)
+    with pytest.raises(CheckpointError) as info:
+        load_model(directory)
+    assert str(directory / CONFIG_NAME) in str(info.value)
+
+
+def test_truncated_weights(tmp_path):
+    _, _, directory = _saved(tmp_path)
+    path = directory / WEIGHTS_NAME
+    data = path.read_bytes()
+    for size in (4, 100, len(data) - 7):
+        path.write_bytes(data[:size])
+        with pytest.raises(CheckpointError) as info:
+            load_model(directory)
+        assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("where", ["length", "header", "data"])
+def test_flipped_bytes(tmp_path, where):
+    _, _, directory = _saved(tmp_path)
+    path = directory / WEIGHTS_NAME
+    data = bytearray(path.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    position = {"length": 3, "header": 8, "data": 8 + header_len + 40}[where]
+    data[position] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as info:
+        load_model(directory)
+    assert str(path) in str(info.value)
+
+
+def test_config_that_does_not_fit_the_weights(tmp_path):
+    _, config, directory = _saved(tmp_path)
+    wider = config.replace(d_model=32)
+    (directory / CONFIG_NAME).write_text(wider.to_json())
+    with pytest.raises(CheckpointError, match="different saves"):
+        load_model(directory)
+
+
+def test_wrong_shapes_missing_and_unexpected_names(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, config, directory = _saved(tmp_path)
+    path = directory / WEIGHTS_NAME
+    original = load_file(str(path))
+    name = sorted(original)[0]
+
+    def rewrite(tensors):  # a file without our metadata: only names and shapes are checked
+        save_file(tensors, str(path))
+
+    rewrite({**original, name: torch.zeros(3, 3)})
+    with pytest.raises(CheckpointError, match="shapes") as info:
+        load_model(directory)
+    assert str(path) in str(info.value) and name in str(info.value)
+
+    rewrite({k: v for k, v in original.items() if k != name})
+    with pytest.raises(CheckpointError, match="missing tensors") as info:
+        load_model(directory)
+    assert name in str(info.value)
+
+    rewrite({**original, "extra.weight": torch.zeros(2)})
+    with pytest.raises(CheckpointError, match="unexpected tensors: extra.weight"):
+        load_model(directory)
+
+
+def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    model, config, directory = _saved(tmp_path)
+    torch.manual_seed(9)
+    other = MCLanguageModel(config).eval()
+
+    def broken_save_file(*args, **kwargs):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint_module, "save_file", broken_save_file)
+        with pytest.raises(OSError, match="disk full"):
+            save_model(other, config, directory)
+    assert sorted(os.listdir(directory)) == [CONFIG_NAME, WEIGHTS_NAME]
+    _assert_same_logits(model, load_model(directory)[0])
+
+    # the second rename (config.json) fails after the weights were replaced: the old weights come back
+    real_replace = os.replace
+    calls = []
+
+    def replace_failing_on_config(src, dst):
+        calls.append(dst)
+        if os.fspath(dst).endswith(CONFIG_NAME):
+            raise OSError("rename failed")
+        return real_replace(src, dst)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint_module.os, "replace", replace_failing_on_config)
+        with pytest.raises(OSError, match="rename failed"):
+            save_model(other, config, directory)
+    assert any(os.fspath(c).endswith(WEIGHTS_NAME) for c in calls)
+    assert sorted(os.listdir(directory)) == [CONFIG_NAME, WEIGHTS_NAME]
+    _assert_same_logits(model, load_model(directory)[0])

@@ -7,9 +7,9 @@ Sections (each guarded: a failure is printed and recorded, the rest still runs; 
 DIR/gpu.json after every section):
 1. correctness of each kernel in bf16 and fp32 against float64 PyTorch references (the kernels' own check());
 2. the MC layer with impl='triton' against impl='chunked' (outputs and gradients);
-3. the kernels' own benchmarks;
-4. the MC core (memory pass + read) forward+backward for none / grm / ssc (k = 8) beside
-   scaled_dot_product_attention (flash backend) at the same B, H, T, d: milliseconds, TFLOP/s and the ratio.
+3. the MC core (memory pass + read) forward+backward for none / grm / ssc (k = 8) beside
+   scaled_dot_product_attention (flash backend) at the same B, H, T, d: milliseconds, TFLOP/s and the ratio;
+4. the kernels' own benchmarks.
 Needs torch, triton, numpy; not ray, not an installed mcdist (it loads the repository in place).
 """
 
@@ -25,13 +25,14 @@ import time
 import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEADLINE = float("inf")  # wall-clock time after which remaining benchmark shapes are skipped (--budget-s)
 
 
 def _load_repository() -> None:
     """Import mcdist from this checkout, with kernels/ as mcdist.kernels, without installing it."""
     sys.path.insert(0, ROOT)
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import mcdist  # noqa: F401
+    import mcdist  # noqa: F401  (the package must load before its kernels are attached below)
 
     if "mcdist.kernels" not in sys.modules:
         spec = importlib.util.spec_from_file_location("mcdist.kernels", os.path.join(ROOT, "kernels", "__init__.py"),
@@ -86,18 +87,22 @@ def layer_check(device, smoke) -> list:
             x = torch.randn(2, T, config.d_model, device=device)
             upstream = torch.randn(2, T, config.d_model, device=device)
             results = {}
-            for impl in ("chunked", "triton"):
-                xi = x.clone().to(dtype if impl == "triton" else torch.float32).requires_grad_()
-                with torch.autocast(device_type=device, dtype=dtype, enabled=(dtype != torch.float32 and
-                                                                              impl == "triton")):
+            # reference: chunked in float32; then chunked and triton at the dtype under test, so the kernels'
+            # own error shows beside the error of the dtype itself
+            for name, impl, run_dtype in (("reference", "chunked", torch.float32), ("chunked", "chunked", dtype),
+                                          ("triton", "triton", dtype)):
+                xi = x.clone().to(run_dtype).requires_grad_()
+                with torch.autocast(device_type=device, dtype=dtype, enabled=run_dtype != torch.float32):
                     y = layer(xi, impl=impl)
                 layer.zero_grad()
                 (y.float() * upstream).sum().backward()
-                results[impl] = (y.float(), xi.grad.float(), [p.grad.clone() for p in layer.parameters()])
-            ref, tri = results["chunked"], results["triton"]
-            row = dict(memory=memory, aggregation=aggregation, dtype=str(dtype).replace("torch.", ""),
-                       out=relative_error(tri[0], ref[0]), grad_x=relative_error(tri[1], ref[1]),
-                       grad_params=max(relative_error(a, b) for a, b in zip(tri[2], ref[2])))
+                results[name] = (y.float(), xi.grad.float(), [p.grad.clone() for p in layer.parameters()])
+            ref = results["reference"]
+            row = dict(memory=memory, aggregation=aggregation, dtype=str(dtype).replace("torch.", ""))
+            for name in ("chunked", "triton"):
+                got = results[name]
+                row[name] = dict(out=relative_error(got[0], ref[0]), grad_x=relative_error(got[1], ref[1]),
+                                 grad_params=max(relative_error(a, b) for a, b in zip(got[2], ref[2])))
             print("layer", row, flush=True)
             rows.append(row)
     return rows
@@ -146,6 +151,11 @@ def core_bench(device, smoke) -> list:
                   (256, 131072, 64, 16), (256, 8192, 128, 16), (256, 32768, 128, 16), (256, 131072, 128, 16),
                   (1024, 32768, 64, 16), (1024, 131072, 64, 16)]
     for segment_len, T, d, H in shapes:
+        if time.time() > DEADLINE:
+            print(f"time budget spent: skipping T={T} d={d} C={segment_len} and later shapes", flush=True)
+            rows.append(dict(kind="skipped", T=T, d=d, H=H, segment_len=segment_len, ms=float("nan"),
+                             tflops=float("nan")))
+            continue
         torch.manual_seed(0)
         q, k, v, u = (torch.randn(1, T, H, d, device=device, dtype=dtype) for _ in range(4))
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
@@ -184,9 +194,51 @@ def core_bench(device, smoke) -> list:
             rows.append(dict(kind=f"mc-{aggregation}", T=T, d=d, H=H, segment_len=segment_len, ms=ms,
                              tflops=flops / ms / 1e9, speedup_vs_sdpa=sdpa_ms / ms))
             print(rows[-1], flush=True)
-        del q, k, v, u, upstream
         if device == "cuda":
             torch.cuda.empty_cache()
+    return rows
+
+
+def fla_compare(device) -> list:
+    """Our chunked linear-memory kernel beside flash-linear-attention's chunk_simple_gla (the same recurrence,
+    B = 1, H = 16, bf16), when fla can be imported (carried as a wheel; see docs/benchmarks.md). fla 0.6 refuses
+    the gated backward on Hopper with Triton < 3.7.1 (its issue #640), so gated is timed forward only and the
+    plain (ungated) recurrence forward + backward."""
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    from mcdist.kernels.linear_memory import linear_memory_triton
+
+    rows = []
+    for d in (64, 128):
+        for T in (8192, 32768, 131072):
+            torch.manual_seed(0)
+            q, k, v = (torch.randn(1, T, 16, d, device=device, dtype=torch.bfloat16) for _ in range(3))
+            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+            g = F.logsigmoid(torch.randn(1, T, 16, device=device) + 4.0)
+            upstream = torch.randn(1, T, 16, d, device=device, dtype=torch.bfloat16)
+
+            def ours(gate, backward):
+                leaves = [x.detach().requires_grad_(backward) for x in (q, k, v)]
+                out = linear_memory_triton(*leaves, gate, segment_len=256, chunk_len=64, state_init="checkpoint")[0]
+                if backward:
+                    out.backward(upstream)
+
+            def theirs(gate, backward):
+                leaves = [x.detach().requires_grad_(backward) for x in (q, k, v)]
+                out = chunk_simple_gla(*leaves, gate, scale=1.0)[0]
+                if backward:
+                    out.backward(upstream)
+
+            for name, gate, backward in (("gated fwd", g, False), ("linear fwd+bwd", None, True)):
+                with torch.no_grad():
+                    agree = relative_error(
+                        linear_memory_triton(q, k, v, gate, segment_len=256, chunk_len=64, state_init="checkpoint")[0],
+                        chunk_simple_gla(q, k, v, gate, scale=1.0)[0])
+                row = dict(case=name, T=T, d=d, ours_ms=timed(lambda: ours(gate, backward), device),
+                           fla_ms=timed(lambda: theirs(gate, backward), device), output_rel_diff=agree)
+                row["ours_over_fla"] = row["ours_ms"] / row["fla_ms"]
+                print("fla", row, flush=True)
+                rows.append(row)
     return rows
 
 
@@ -195,8 +247,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script itself")
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip: checks,layer,kernels,core")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: checks,layer,core,fla,kernels")
+    parser.add_argument("--budget-s", type=float, default=float("inf"),
+                        help="stop starting new benchmark shapes/sections after this many seconds")
     args = parser.parse_args(argv)
+    global DEADLINE
+    DEADLINE = time.time() + args.budget_s
     os.makedirs(args.out, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
     import triton
@@ -207,6 +263,10 @@ def main(argv=None) -> int:
 
     def section(name, fn):
         if name in skip:
+            return
+        if time.time() > DEADLINE:
+            print(f"time budget spent: skipping section {name}", flush=True)
+            report["errors"][name] = "skipped: time budget spent"
             return
         start = time.time()
         try:
@@ -224,10 +284,12 @@ def main(argv=None) -> int:
     section("checks", lambda: {"linear_memory": gpu_linear_memory.check(args.device),
                                "cached_read": gpu_cached_read.check(args.device)})
     section("layer", lambda: layer_check(args.device, args.smoke))
+    section("core", lambda: core_bench(args.device, args.smoke))
+    if not args.smoke:
+        section("fla", lambda: fla_compare(args.device))
     if not args.smoke:
         section("kernels", lambda: {"linear_memory": gpu_linear_memory.bench(args.device),
                                     "cached_read": gpu_cached_read.bench(args.device)})
-    section("core", lambda: core_bench(args.device, args.smoke))
     print("\n%-10s %7s %4s %5s %9s %8s %8s" % ("kind", "T", "d", "C", "ms", "TFLOP/s", "vs SDPA"))
     for row in report["sections"].get("core", []):
         print("%-10s %7d %4d %5d %9.3f %8.1f %8s" % (row["kind"], row["T"], row["d"], row["segment_len"], row["ms"],

@@ -3,10 +3,11 @@
     python benchmarks/gpu_cached_read.py [--skip-check] [--skip-bench] [--json runs/gpu_cached_read.json]
 
 ``check(device)``: float32 (default bf16 dot operands, and "tf32x3") and bfloat16 correctness against a float64
-PyTorch reference at a modest shape (out, lse and every gradient, printed as relative errors). ``check("cpu")`` runs a tiny shape under the Triton
-interpreter (TRITON_INTERPRET=1 must be set before triton is imported). ``bench(device)``: forward and
-forward+backward times (triton.testing.do_bench) for B=1, H=16, D in {64, 128}, C=256, T in {8K, 32K, 128K},
-bfloat16 states, grm (every earlier segment) and ssc (K=8 random earlier segments per token).
+PyTorch reference at a modest shape (out, lse and every gradient, printed as relative errors). ``check("cpu")``
+runs a tiny shape under the Triton interpreter (TRITON_INTERPRET=1 must be set before triton is imported).
+``bench(device)``: forward and forward+backward times (triton.testing.do_bench) for B=1, H=16, D in {64, 128},
+C=256, T in {8K, 32K, 128K}, bfloat16 states, grm (every earlier segment) and ssc (K=8 random earlier segments
+per token). Does not import ray.
 
 FLOP convention: 2·Dout·Din per visible (token, state) pair for the forward (M_j z_t), three times that for
 forward+backward (M_j z_t; M_jᵀ dout_t; dout_t z_tᵀ); the backward's recomputation of M_j z_t is not counted.
@@ -144,7 +145,8 @@ def _visible_pairs(T, H, n, segment_len, selected):
     return int(own.clamp(max=n).sum()) * H
 
 
-def bench(device="cuda", *, seq_lens=(8192, 32768, 131072), head_dims=(64, 128), top_k=8) -> list:
+def bench(device="cuda", *, seq_lens=(8192, 32768, 131072), head_dims=(64, 128), top_k=8, heads=16,
+          segment_len=256) -> list:
     """Forward and forward+backward timings; prints ms, TFLOP/s and the fraction of dense bf16 peak.
 
     Returns:
@@ -154,7 +156,7 @@ def bench(device="cuda", *, seq_lens=(8192, 32768, 131072), head_dims=(64, 128),
 
     from mcdist.kernels.cached_read import cached_read_triton
 
-    B, H, C = 1, 16, 256
+    B, H, C = 1, heads, segment_len
     results = []
     gen = torch.Generator(device=device).manual_seed(0)
     for D in head_dims:
@@ -194,7 +196,8 @@ def bench(device="cuda", *, seq_lens=(8192, 32768, 131072), head_dims=(64, 128),
                           f"{100 * tflops / DENSE_BF16_TFLOPS:5.1f}% of {DENSE_BF16_TFLOPS:.0f}", flush=True)
                 del out, lse, g_out, g_lse, selected
             del z, u, states, contexts, leaves
-            torch.cuda.empty_cache()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     return results
 
 

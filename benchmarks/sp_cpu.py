@@ -67,7 +67,9 @@ def analytical_bytes(seq_len: int, sp: int, rank: int, state_init: str) -> dict:
     ``needed_read``: the cached states of other ranks' segments that precede this rank's last token (the
     segments some local token may read), × B·H·d²·bytes: SPEC's "(earlier segments) × H × d² × bytes".
     ``prefix``: B·H·d²·bytes (one incoming state per rank) under checkpoint, else 0.
-    ``ring_exact``: what the ring moves, (P−1) blocks of n_local states and contexts: (P−1)·n_local·B·H·(d²+d)·bytes.
+    ``ring_exact``: what the ring moves, (P−1) blocks of n_local states and contexts:
+    (P−1)·n_local·B·H·(d²+d)·bytes; ``ring_backward_exact``: (2(P−1) + 1) blocks (block + gradient, then
+    the gradient home).
     """
     from mcdist.parallel.layout import rank_pieces
 
@@ -85,6 +87,44 @@ def analytical_bytes(seq_len: int, sp: int, rank: int, state_init: str) -> dict:
         "ring_exact": (sp - 1) * block,
         "ring_backward_exact": (2 * (sp - 1) + 1) * block if sp > 1 else 0,
     }
+
+
+# -- will it fit? -----------------------------------------------------------------------------------------------
+
+# Peak RSS of one rank ≥ RSS_BASE + RSS_PER_TOKEN × (tokens on the rank): the activations autograd keeps for the
+# backward of this model (one process, L = 32K and 64K, with MALLOC_MMAP_THRESHOLD_=131072 so that freed blocks
+# leave the RSS: 27–29 KiB per token; an imported torch is ~0.22 GiB). glibc's default allocator keeps freed
+# memory and adds 10–60 % on top (measured here: up to 48 KiB per token at 64K tokens per rank). The cached states
+# (N·H·d² floats per layer) are negligible beside the activations.
+RSS_BASE = 0.25 * 2**30
+RSS_PER_TOKEN = 28 * 2**10
+RSS_PER_TOKEN_NO_GRAD = 5 * 2**10  # forward only (no saved activations), same measurement
+
+
+def estimated_peak_bytes(seq_len: int, sp: int, forward_only: bool) -> float:
+    """A lower bound of the peak RSS of all ``sp`` ranks together (they share this machine)."""
+    per_token = RSS_PER_TOKEN_NO_GRAD if forward_only else RSS_PER_TOKEN
+    return sp * (RSS_BASE + per_token * seq_len / sp)
+
+
+def available_bytes() -> float:
+    with open("/proc/meminfo") as handle:
+        for line in handle:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return float("inf")
+
+
+def check_fits(seq_len: int, sp: int, forward_only: bool, force: bool) -> None:
+    """Refuse a case whose estimated memory exceeds what this machine has free (unless ``force``)."""
+    need, have = estimated_peak_bytes(seq_len, sp, forward_only), available_bytes()
+    per_token = RSS_PER_TOKEN_NO_GRAD if forward_only else RSS_PER_TOKEN
+    if need > have and not force:
+        raise SystemExit(
+            f"L = {seq_len} tokens on P = {sp} ranks of this machine needs at least {need / 2**30:.1f} GiB "
+            f"({sp} × ({RSS_BASE / 2**30:.2f} GiB + {per_token / 1024:.1f} KiB × {seq_len // sp} tokens)) but "
+            f"{have / 2**30:.1f} GiB is available. Every rank runs on this machine, so sequence parallelism does "
+            f"not reduce the total; pass a smaller --length, --forward-only, or --force to try anyway.")
 
 
 # -- the per-rank worker ---------------------------------------------------------------------------------------
@@ -143,53 +183,87 @@ def _instrument(timers: _Timers) -> None:
     sp_layer.all_gather_tensor = timed_gather  # used by _PieceScan and the ssc contexts
 
 
-def step_worker(rank: int, world: int, case: dict, out_path: str) -> None:
-    """One case on this rank: warm-up + timed training steps; rank 0 writes every rank's numbers to out_path."""
+def _layer_groups(model, mesh, layout):
+    from mcdist.parallel.model import parallelize
+
+    groups = parallelize(model, mesh, layout)
+    return list(groups) if isinstance(groups, (list, tuple)) else [groups]
+
+
+def _per_layer(groups, direction: str) -> dict:
+    """Bytes ``direction`` ('sent' or 'received') per layer (mean over the layers), by purpose."""
+    total = {}
+    for group in groups:
+        for kind, value in getattr(group.stats, direction).items():
+            total[kind] = total.get(kind, 0) + value
+    return {kind: value / max(len(groups), 1) for kind, value in total.items()}
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def step_worker(rank: int, world: int, cases: list, out_path: str) -> None:
+    """Each case on this rank in turn: warm-up + timed training steps; rank 0 writes every rank's numbers."""
+    import gc
+
     import torch.distributed as dist
 
     from mcdist.config import ParallelConfig
     from mcdist.model import MCLanguageModel
     from mcdist.parallel.layout import shard_sequence
     from mcdist.parallel.mesh import build_mesh
-    from mcdist.parallel.model import parallel_loss, parallelize, reduce_gradients
+    from mcdist.parallel.model import parallel_loss, reduce_gradients
 
     timers = _Timers()
     _instrument(timers)
-    rss_before = _current_rss_bytes()
-    torch.manual_seed(0)
-    model = MCLanguageModel(model_config(case["aggregation"], case["state_init"]))
     mesh = build_mesh(ParallelConfig(dp=1, sp=world, layout=LAYOUT, backend="gloo"))
-    sp = parallelize(model, mesh, LAYOUT)
-    generator = torch.Generator().manual_seed(1)
-    L = case["seq_len"]
-    ids = torch.randint(0, VOCAB, (BATCH, L), generator=generator)
-    labels = torch.roll(ids, -1, 1)
-    local_ids = shard_sequence(ids, world, mesh.sp_rank, LAYOUT).contiguous()
-    local_labels = shard_sequence(labels, world, mesh.sp_rank, LAYOUT).contiguous()
-    del ids, labels
-
-    steps = []
-    for index in range(case["warmup"] + case["repeats"]):
-        model.zero_grad(set_to_none=True)
-        sp.stats.reset()
-        timers.reset()
-        dist.barrier()
-        start = time.perf_counter()
-        share, _ = parallel_loss(model, local_ids, local_labels)
-        forward = time.perf_counter() - start
-        share.backward()
-        reduce_gradients(model)
-        local = time.perf_counter() - start
-        dist.barrier()
-        total = time.perf_counter() - start
-        if index >= case["warmup"]:
-            steps.append(dict(step_s=total, forward_s=forward, local_s=local, comm_wait_s=dict(timers.seconds),
-                              received=dict(sp.stats.received), sent=dict(sp.stats.sent),
-                              loss_share=float(share.detach())))
-        del share
-    mine = dict(rank=rank, max_rss=_max_rss_bytes(), rss_before_model=rss_before, steps=steps)
-    everyone = [None] * world
-    dist.all_gather_object(everyone, mine)
+    results = {}
+    for case in cases:
+        gc.collect()
+        rss_before = _current_rss_bytes()
+        torch.manual_seed(0)
+        model = MCLanguageModel(model_config(case["aggregation"], case["state_init"]))
+        groups = _layer_groups(model, mesh, LAYOUT)
+        generator = torch.Generator().manual_seed(1)
+        L = case["seq_len"]
+        ids = torch.randint(0, VOCAB, (BATCH, L), generator=generator)
+        labels = torch.roll(ids, -1, 1)
+        local_ids = shard_sequence(ids, world, mesh.sp_rank, LAYOUT).contiguous()
+        local_labels = shard_sequence(labels, world, mesh.sp_rank, LAYOUT).contiguous()
+        del ids, labels
+        steps = []
+        for index in range(case["warmup"] + case["repeats"]):
+            model.zero_grad(set_to_none=True)
+            for group in groups:
+                group.stats.reset()
+            timers.reset()
+            _barrier()
+            start, cpu_start = time.perf_counter(), time.process_time()
+            with torch.set_grad_enabled(not case["forward_only"]):
+                share, _ = parallel_loss(model, local_ids, local_labels)
+            forward = time.perf_counter() - start
+            if not case["forward_only"]:
+                share.backward()
+                reduce_gradients(model)
+            local, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+            _barrier()
+            total = time.perf_counter() - start
+            if index >= case["warmup"]:
+                steps.append(dict(step_s=total, forward_s=forward, local_s=local, cpu_s=cpu,
+                                  comm_wait_s=dict(timers.seconds), received=_per_layer(groups, "received"),
+                                  sent=_per_layer(groups, "sent"),
+                                  loss_share=float(share.detach())))
+            del share
+        results[case["name"]] = dict(rank=rank, max_rss=_max_rss_bytes(), rss_before=rss_before, steps=steps)
+        del model, groups
+    everyone = [results]
+    if dist.is_initialized():
+        everyone = [None] * world
+        dist.all_gather_object(everyone, results)
     if rank == 0:
         with open(out_path, "w") as handle:
             json.dump(everyone, handle)
@@ -198,25 +272,35 @@ def step_worker(rank: int, world: int, case: dict, out_path: str) -> None:
 # -- driver ----------------------------------------------------------------------------------------------------
 
 
-def run_case(name: str, aggregation: str, state_init: str, seq_len: int, sp: int, repeats: int, warmup: int,
-             timeout_s: float, tmp_dir: str) -> dict:
+def run_cases(cases: list, sp: int, timeout_s: float, tmp_dir: str, in_process: bool = False) -> list:
+    """Run ``cases`` one after the other in one set of ``sp`` fresh processes (or, for sp = 1 and
+    ``in_process``, in this process); one summary per case."""
     from mcdist.parallel.layout import check_sequence_length
     from mcdist.parallel.spawn import spawn
 
-    check_sequence_length(seq_len, sp, C, LAYOUT)
-    case = dict(aggregation=aggregation, state_init=state_init, seq_len=seq_len, repeats=repeats, warmup=warmup)
-    path = os.path.join(tmp_dir, f"{name}.json")
+    for case in cases:
+        check_sequence_length(case["seq_len"], sp, C, LAYOUT)
+    path = os.path.join(tmp_dir, f"{cases[0]['name']}-{sp}.json")
     start = time.perf_counter()
-    # collective timeout: a ring step of the 1M-token case can take minutes on 2 shared cores
-    spawn(step_worker, sp, case, path, timeout_s=timeout_s, backend="gloo", collective_timeout_s=timeout_s,
-          threads_per_rank=1)
+    if sp == 1 and in_process:  # no process group needed: save a process start-up (--quick)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            step_worker(0, 1, cases, path)
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        # collective timeout: one ring step of the 1M-token case takes minutes on 2 shared cores
+        spawn(step_worker, sp, cases, path, timeout_s=timeout_s, backend="gloo", collective_timeout_s=timeout_s,
+              threads_per_rank=1)
     elapsed = time.perf_counter() - start
     with open(path) as handle:
         ranks = json.load(handle)
-    return summarise(name, case, sp, ranks, elapsed)
+    return [summarise(case, sp, [r[case["name"]] for r in ranks], elapsed, fresh=len(cases) == 1)
+            for case in cases]
 
 
-def summarise(name: str, case: dict, sp: int, ranks: list, elapsed: float) -> dict:
+def summarise(case: dict, sp: int, ranks: list, elapsed: float, fresh: bool) -> dict:
     repeats = len(ranks[0]["steps"])
     step_times = [max(r["steps"][i]["step_s"] for r in ranks) for i in range(repeats)]
     forward_times = [max(r["steps"][i]["forward_s"] for r in ranks) for i in range(repeats)]
@@ -224,22 +308,25 @@ def summarise(name: str, case: dict, sp: int, ranks: list, elapsed: float) -> di
     for r in ranks:
         last = r["steps"][-1]
         expected = analytical_bytes(case["seq_len"], sp, r["rank"], case["state_init"])
-        received = {k: v / N_LAYERS for k, v in last["received"].items()}  # per layer
+        received = last["received"]
         read = received.get("ring", 0.0)
         per_rank.append(dict(
             rank=r["rank"], max_rss_gib=r["max_rss"] / 2**30,
-            rss_increase_gib=(r["max_rss"] - r["rss_before_model"]) / 2**30,
-            received_per_layer=received, analytical=expected,
+            rss_increase_gib=(r["max_rss"] - r["rss_before"]) / 2**30,
+            received_per_layer=received, sent_per_layer=last["sent"], analytical=expected,
             read_ratio=read / expected["needed_read"] if expected["needed_read"] else None,
             prefix_ratio=(received.get("prefix", 0.0) / expected["prefix"]) if expected["prefix"] else None,
-            ring_equals_exact=(read == expected["ring_exact"]
-                               and received.get("ring_backward", 0.0) == expected["ring_backward_exact"]),
+            ring_equals_exact=(read == expected["ring_exact"] and received.get("ring_backward", 0.0) ==
+                               (0 if case["forward_only"] else expected["ring_backward_exact"])),
             comm_wait_s={k: statistics.median(s["comm_wait_s"].get(k, 0.0) for s in r["steps"])
                          for k in r["steps"][-1]["comm_wait_s"]},
             step_local_s=statistics.median(s["local_s"] for s in r["steps"]),
+            step_cpu_s=statistics.median(s["cpu_s"] for s in r["steps"]),
         ))
-    return dict(name=name, aggregation=case["aggregation"], state_init=case["state_init"], seq_len=case["seq_len"],
-                sp=sp, tokens_per_rank=case["seq_len"] // sp, repeats=repeats, warmup=case["warmup"],
+    return dict(name=case["name"], fresh_processes=fresh, aggregation=case["aggregation"],
+                state_init=case["state_init"], seq_len=case["seq_len"], sp=sp, tokens_per_rank=case["seq_len"] // sp,
+                forward_only=case["forward_only"], repeats=repeats, warmup=case["warmup"],
+                estimated_peak_gib_all_ranks=estimated_peak_bytes(case["seq_len"], sp, case["forward_only"]) / 2**30,
                 step_s=statistics.median(step_times), step_s_all=step_times,
                 forward_s=statistics.median(forward_times), spawn_total_s=elapsed,
                 loss=sum(r["steps"][-1]["loss_share"] for r in ranks), per_rank=per_rank)
@@ -254,7 +341,7 @@ def print_main(rows: list) -> None:
           "(time = slowest rank, median; bytes received per rank per layer)")
     header = (f"{'case':<18}{'L':>9}{'P':>3}{'reps':>5}{'step s':>8}{'fwd s':>8}{'rank':>5}{'max RSS GiB':>12}"
               f"{'ring MiB':>10}{'budget MiB':>11}{'ratio':>7}{'ring bwd MiB':>13}{'prefix KiB':>11}"
-              f"{'ctx KiB':>9}{'wait s':>8}")
+              f"{'ctx KiB':>9}{'cpu s':>8}{'wait s':>8}")
     print(header)
     print("-" * len(header))
     for row in rows:
@@ -269,7 +356,8 @@ def print_main(rows: list) -> None:
                 lead = " " * 51
             print(f"{lead}{r['rank']:>5}{r['max_rss_gib']:>12.2f}{_mib(got.get('ring', 0)):>10}"
                   f"{_mib(r['analytical']['needed_read']):>11}{ratio:>7}{_mib(got.get('ring_backward', 0)):>13}"
-                  f"{got.get('prefix', 0) / 1024:>11.1f}{got.get('contexts', 0) / 1024:>9.1f}{wait:>8.1f}")
+                  f"{got.get('prefix', 0) / 1024:>11.1f}{got.get('contexts', 0) / 1024:>9.1f}{r['step_cpu_s']:>8.1f}"
+                  f"{wait:>8.1f}")
 
 
 def print_scaling(scaling: dict) -> None:
@@ -311,23 +399,34 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default="benchmarks/results/sp_cpu.json")
     parser.add_argument("--length", type=int, default=None, help="L of the main cases (default 1M, quick 16K)")
     parser.add_argument("--ranks", type=int, default=None, help="P of the main cases (default 4, quick 2)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed steps per case (default 1, quick 2)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps per main case (default 1)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 0, quick 1)")
     parser.add_argument("--cases", default="grm-independent,grm-checkpoint,ssc-independent,ssc-checkpoint")
     parser.add_argument("--scaling-tokens-per-rank", type=int, default=None, help="default 131072, quick 8192")
-    parser.add_argument("--scaling-repeats", type=int, default=None, help="default 3, quick 2")
+    parser.add_argument("--scaling-repeats", type=int, default=None, help="default 3, quick 1")
     parser.add_argument("--skip-main", action="store_true")
     parser.add_argument("--skip-scaling", action="store_true")
-    parser.add_argument("--skip-strong", action="store_true", help="no single-process run at the full scaling L")
+    parser.add_argument("--skip-strong", action="store_true",
+                        help="no single-process run at the full scaling L (always skipped by --quick)")
+    parser.add_argument("--fresh", action=argparse.BooleanOptionalAction, default=None,
+                        help="fresh processes for every case, so the peak RSS is the case's own (default: on, "
+                             "off with --quick, where one process set runs every case of one P)")
+    parser.add_argument("--forward-only", action="store_true",
+                        help="main cases: forward of parallel_loss under no_grad only (memory: no saved activations)")
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=None,
+                        help="set MALLOC_MMAP_THRESHOLD_ (bytes) for the ranks: glibc then returns freed large blocks "
+                             "to the OS, so the peak RSS shows the memory in use rather than the allocator's "
+                             "retention (slower: more page faults)")
+    parser.add_argument("--force", action="store_true", help="run even when the memory estimate exceeds what is free")
     parser.add_argument("--timeout", type=float, default=7200.0, help="seconds per case before every rank is killed")
     args = parser.parse_args(argv)
     quick = args.quick
     length = args.length or (16384 if quick else 1 << 20)
     ranks = args.ranks or (2 if quick else 4)
-    repeats = args.repeats or (2 if quick else 1)
+    repeats = args.repeats or 1
     warmup = args.warmup if args.warmup is not None else (1 if quick else 0)
     per_rank = args.scaling_tokens_per_rank or (8192 if quick else 131072)
-    scaling_repeats = args.scaling_repeats or (2 if quick else 3)
+    scaling_repeats = args.scaling_repeats or (1 if quick else 3)
 
     import tempfile
 
@@ -338,31 +437,57 @@ def main(argv=None) -> dict:
                    main=[], scaling=None)
     print(f"machine: {results['machine'].get('cpu', '?')}, {os.cpu_count()} cores, "
           f"{results['machine'].get('mem_total_gib', 0):.1f} GiB; gloo, 1 thread per rank; load {os.getloadavg()}")
+    plan = []  # (section, case, sp)
+    aliases = {}  # scaling case -> the identical main case it reuses
+    if not args.skip_main:
+        for name in args.cases.split(","):
+            aggregation, state_init = name.split("-")
+            plan.append(("main", dict(name=name, aggregation=aggregation, state_init=state_init, seq_len=length,
+                                      repeats=repeats, warmup=warmup, forward_only=args.forward_only), ranks))
+    if not args.skip_scaling:
+        scaling_plan = [("weak-p1", 1, per_rank), ("weak-p2", 2, 2 * per_rank)]
+        if not (args.skip_strong or quick):
+            scaling_plan.append(("strong-p1", 1, 2 * per_rank))
+        for name, sp, seq_len in scaling_plan:
+            case = dict(name=name, aggregation="grm", state_init="independent", seq_len=seq_len,
+                        repeats=scaling_repeats, warmup=1, forward_only=False)
+            same = [c["name"] for section, c, p in plan
+                    if p == sp and {**c, "name": name} == case]  # e.g. --quick: weak-p2 is grm-independent
+            if same:
+                aliases[name] = same[0]
+            else:
+                plan.append(("scaling", case, sp))
+    if args.malloc_mmap_threshold is not None:  # read by glibc when each spawned rank starts
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+    results["malloc_mmap_threshold"] = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    for _, case, sp in plan:
+        check_fits(case["seq_len"], sp, case["forward_only"], args.force)
+    fresh = not quick if args.fresh is None else args.fresh
+    groups = [[item] for item in plan] if fresh else \
+        [[item for item in plan if item[2] == sp] for sp in dict.fromkeys(item[2] for item in plan)]
+    summaries = {}
     with tempfile.TemporaryDirectory() as tmp_dir:
-        if not args.skip_main:
-            for case in args.cases.split(","):
-                aggregation, state_init = case.split("-")
-                start = time.perf_counter()
-                row = run_case(case, aggregation, state_init, length, ranks, repeats, warmup, args.timeout, tmp_dir)
-                results["main"].append(row)
-                print(f"  {case}: L = {length}, P = {ranks}: step {row['step_s']:.2f} s "
-                      f"({time.perf_counter() - start:.0f} s with start-up)", flush=True)
-            print_main(results["main"])
-        if not args.skip_scaling:
-            rows = []
-            plan = [("weak-p1", 1, per_rank), ("weak-p2", 2, 2 * per_rank)]
-            if not args.skip_strong:
-                plan.append(("strong-p1", 1, 2 * per_rank))
-            for name, sp, seq_len in plan:
-                rows.append(run_case(name, "grm", "independent", seq_len, sp, scaling_repeats, 1, args.timeout,
-                                     tmp_dir))
-                print(f"  {name}: L = {seq_len}, P = {sp}: step {rows[-1]['step_s']:.2f} s", flush=True)
-            t1, t2 = rows[0]["step_s"], rows[1]["step_s"]
-            results["scaling"] = dict(
-                rows=rows, efficiency=t1 / t2,
-                read_work_ratio=(read_work(2 * per_rank) / 2) / read_work(per_rank) if read_work(per_rank) else None,
-                strong_efficiency=rows[2]["step_s"] / (2 * t2) if len(rows) > 2 else None)
-            print_scaling(results["scaling"])
+        for group in groups:
+            start = time.perf_counter()
+            sp = group[0][2]
+            for row in run_cases([case for _, case, _ in group], sp, args.timeout, tmp_dir,
+                                 in_process=not fresh and args.malloc_mmap_threshold is None):
+                summaries[row["name"]] = row
+                print(f"  {row['name']}: L = {row['seq_len']}, P = {sp}: step {row['step_s']:.2f} s", flush=True)
+            print(f"    ({time.perf_counter() - start:.0f} s for this process set, start-up included)", flush=True)
+    results["fresh_processes_per_case"] = fresh
+    results["aliases"] = aliases
+    results["main"] = [summaries[case["name"]] for section, case, _ in plan if section == "main"]
+    if results["main"]:
+        print_main(results["main"])
+    if not args.skip_scaling:
+        rows = [summaries[aliases.get(name, name)] for name, _, _ in scaling_plan]
+        t1, t2 = rows[0]["step_s"], rows[1]["step_s"]
+        results["scaling"] = dict(
+            rows=rows, efficiency=t1 / t2,
+            read_work_ratio=(read_work(2 * per_rank) / 2) / read_work(per_rank) if read_work(per_rank) else None,
+            strong_efficiency=rows[2]["step_s"] / (2 * t2) if len(rows) > 2 else None)
+        print_scaling(results["scaling"])
     results["load_after"] = os.getloadavg()
     if args.out:
         from mcdist.config import write_text_atomic

@@ -27,12 +27,13 @@ implementation + autograd formula), so ``torch.compile`` treats it as one opaque
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from mcdist.kernels._interpreter import interpreting
 
 __all__ = ["cached_read_triton", "FP32_DOT_PRECISION"]
 
@@ -42,39 +43,12 @@ _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # accumulation; ~3e-3 relative error, full tensor-core speed); "tf32x3": three tf32 products, close to float32
 # accuracy but register-bound (spills at D = 128); "tf32": ~1e-3 error; "ieee": exact float32 on CUDA cores
 # (slow). Read at launch time. Scores, softmax statistics and accumulators are float32 in every mode.
-FP32_DOT_PRECISION = "bf16"
+FP32_DOT_PRECISION = "tf32x3"
 _FP32_DOT_PRECISIONS = ("bf16", "tf32", "tf32x3", "ieee")
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _fix_interpreter_loop_bounds() -> None:
-    """Lets ``range(0, n)`` with a runtime ``n`` run under the Triton 3.6 interpreter with numpy >= 2.3.
-
-    The interpreter holds a scalar as a 1-element array and converts it with ``int(array)``, which newer numpy
-    rejects. Compiled kernels are unaffected; applied only under TRITON_INTERPRET=1, once per process (the same
-    marker as kernels/linear_memory.py uses, so the two modules never stack patches).
-    """
-    try:
-        from triton.runtime import interpreter
-    except ImportError:  # pragma: no cover - layout of a future triton
-        return
-    original = getattr(interpreter, "_patch_lang_tensor", None)
-    if original is None or getattr(original, "_mcdist_fixed", False):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._mcdist_fixed = True
-    interpreter._patch_lang_tensor = patched
-
-
-if _interpreting():
-    _fix_interpreter_loop_bounds()
+    return interpreting()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -111,8 +85,9 @@ def _visible(seg_t, mask_t, g, sel, HAS_SELECTED: tl.constexpr):
 
 @triton.jit
 def _any(visible, HAS_SELECTED: tl.constexpr):
-    """Whether any token of the block sees the state. Without selection the callers only visit states that the
-    block's last token sees, so the (cross-warp) reduction is compiled out."""
+    """Whether any token of the block sees the state. Without selection every (state, block) pair the loops visit
+    has a visible token (they stop at the block's last segment / start at the state's first reader), so the
+    cross-warp reduction is compiled out."""
     if HAS_SELECTED:
         result = tl.max(visible.to(tl.int32), axis=0) > 0
     else:
@@ -425,12 +400,13 @@ def _meta(z, cached_states, contexts, selected, *, backward: bool) -> tuple[dict
     # The forward tiles Dout over the grid; the backward needs all of Dout in one program (⟨dout, M z⟩).
     block_dout = block_dout_full if backward else min(block_dout_full, 128)
     area = block_din * block_dout
+    tile_bytes = area * cached_states.element_size()  # one state tile as loaded (before the cast)
     if _interpreting():
         block_t, launch = 16, {}
     elif not backward:
         block_t = 128 if area <= 64 * 64 else 64
         launch = {"num_warps": 4 if block_t * block_dout <= 32 * 64 else 8,
-                  "num_stages": 3 if area <= 128 * 128 else 2}
+                  "num_stages": 3 if tile_bytes <= 32 * 1024 else (2 if tile_bytes <= 64 * 1024 else 1)}
     else:
         block_t = 64 if area <= 128 * 128 else 32
         launch = {"num_warps": 4 if area <= 32 * 32 else 8, "num_stages": 2 if area <= 128 * 128 else 1}
@@ -483,9 +459,10 @@ def _check_args(z, u, cached_states, contexts, selected, segment_len, query_offs
 
 
 def _scalars(z, cached_states, contexts, selected, segment_len, gate_scale, query_offset, segment_offset):
-    B, T, H, din = z.shape
-    return dict(T=T, H=H, NB=cached_states.shape[1], K=selected.shape[3] if selected is not None else 1, segment_len=segment_len,
-                query_offset=query_offset, segment_offset=segment_offset, gate_scale=float(gate_scale))
+    T, H = z.shape[1], z.shape[2]
+    return dict(T=T, H=H, NB=cached_states.shape[1], K=selected.shape[3] if selected is not None else 1,
+                segment_len=segment_len, query_offset=query_offset, segment_offset=segment_offset,
+                gate_scale=float(gate_scale))
 
 
 def _forward(z, u, cached_states, contexts, selected, segment_len, gate_scale, query_offset, segment_offset):
@@ -496,8 +473,6 @@ def _forward(z, u, cached_states, contexts, selected, segment_len, gate_scale, q
     lse = torch.full((B, T, H), float("nan"), device=z.device, dtype=torch.float32)
     if B * T * H == 0:
         return out, lse
-    if dout_dim == 0:
-        out.zero_()  # still compute lse below
     z, u, cached_states, contexts = (t.contiguous() for t in (z, u, cached_states, contexts))
     selected = selected.contiguous() if selected is not None else None
     meta, launch = _meta(z, cached_states, contexts, selected, backward=False)
@@ -522,11 +497,12 @@ def _backward(d_out, d_lse, z, u, cached_states, contexts, selected, out, lse, s
         return dz.zero_(), du.zero_(), dstates.zero_(), dcontexts.zero_()
     z, u, cached_states, contexts = (t.contiguous() for t in (z, u, cached_states, contexts))
     selected = selected.contiguous() if selected is not None else None
-    # δ_t = ⟨dout_t, out_t⟩ − dlse_t; a token that saw nothing has p = 0 everywhere, so its δ is never used.
-    delta = ((d_out.to(torch.float32) * out).sum(-1) - d_lse.to(torch.float32)).contiguous()  # [B, T, H]
     meta, launch = _meta(z, cached_states, contexts, selected, backward=True)
     # dout only ever enters products, so the kernels read it in the dot dtype (half the traffic for bf16).
     d_out = d_out.to(_TORCH_DTYPE[meta["DOT_DTYPE"]]).contiguous()  # [B, T, H, Dout]
+    # δ_t = ⟨dout_t, out_t⟩ − dlse_t from the same (rounded) dout the kernels use, so that Σ_j dr_tj = dlse_t
+    # holds to float32 rounding. A token that saw nothing has p = 0 everywhere, so its δ is never used.
+    delta = ((d_out.to(torch.float32) * out).sum(-1) - d_lse.to(torch.float32)).contiguous()  # [B, T, H]
     lse = lse.contiguous()
     scalars = _scalars(z, cached_states, contexts, selected, segment_len, gate_scale, query_offset, segment_offset)
     sel = selected if selected is not None else z

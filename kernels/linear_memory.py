@@ -23,12 +23,13 @@ The public op is :func:`linear_memory_triton`; it is registered as the custom op
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from mcdist.kernels._interpreter import interpreting
 
 __all__ = ["linear_memory_triton"]
 
@@ -43,34 +44,7 @@ _MAX_STATE_BLOCK_D = 32
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _fix_interpreter_loop_bounds() -> None:
-    """Lets ``range(0, n)`` with a runtime ``n`` run under the Triton 3.6 interpreter with a recent numpy.
-
-    The interpreter holds a scalar as a 1-element array and converts it with ``int(array)``, which numpy 2.4
-    rejects ("only 0-dimensional arrays can be converted to Python scalars"). The patch replaces that one
-    conversion; it is applied only when TRITON_INTERPRET=1, so compiled kernels are untouched.
-    """
-    try:
-        from triton.runtime import interpreter
-    except ImportError:  # pragma: no cover - layout of a future triton
-        return
-    original = getattr(interpreter, "_patch_lang_tensor", None)
-    if original is None or getattr(original, "_mcdist_fixed", False):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._mcdist_fixed = True
-    interpreter._patch_lang_tensor = patched
-
-
-if _interpreting():
-    _fix_interpreter_loop_bounds()
+    return interpreting()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ z + W2 φ(W1 z).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F

@@ -11,10 +11,11 @@ Three measurements, all forward + backward in float32 with B = 1:
 2. ``layer_vs_sdpa``: the MC layer (linear memory, H 2, head dim 64, C 256, chunk 64) for the aggregations none,
    residual, grm and ssc (top_k 4), against ``scaled_dot_product_attention(is_causal=True)`` on q, k, v
    [1, H, T, 64] that require grad. The MC time is the whole layer (projections, memory pass, read, output
-   gate and projection); the SDPA time is the attention core alone. Before every measurement the time of one
-   run is predicted from the smaller sizes (power law through the last two points, exponent clamped to
-   [1, 2]); a forward + backward predicted above ``--max-seconds`` falls back to a forward-only run under
-   ``torch.no_grad()``, and one predicted above that too is skipped; the JSON records why.
+   gate and projection); the SDPA time is the attention core alone. From the third size on, the time of one
+   run is predicted from the two sizes before (power law, exponent clamped to [1, 2]); a forward + backward
+   predicted above ``--max-seconds`` falls back to one forward-only run under ``torch.no_grad()`` if that is
+   predicted within twice the limit (the only data point left at that size), else it is skipped; the JSON
+   records the prediction and why.
 3. ``cached_states``: for every configuration the number of values in one layer's cached states (per
    sequence), checked against N·H·d² (N = ceil(T / C)) for linear memory; one deep-memory (dla) row at the
    smallest size for comparison (N·H·2·e·d², the two weight matrices).
@@ -104,10 +105,29 @@ def load_average() -> Optional[list]:
         return None
 
 
+def source_digests() -> dict:
+    """SHA-256 (first 12 hex digits) of the modules the benchmark exercises: which code was measured."""
+    import hashlib
+
+    import mcdist
+
+    root = os.path.dirname(os.path.abspath(mcdist.__file__))
+    digests = {}
+    for name in ("layer.py", "ops.py", "aggregate.py", "reference.py", "memory/linear.py", "memory/deep.py",
+                 "bench.py"):
+        try:
+            with open(os.path.join(root, name), "rb") as handle:
+                digests[name] = hashlib.sha256(handle.read()).hexdigest()[:12]
+        except OSError:
+            digests[name] = None
+    return digests
+
+
 def environment() -> dict:
     return dict(torch=torch.__version__, python=platform.python_version(), platform=platform.platform(),
                 cpu_model=cpu_model(), logical_cpus=os.cpu_count(), threads=torch.get_num_threads(),
-                interop_threads=torch.get_num_interop_threads(), load_average_start=load_average())
+                interop_threads=torch.get_num_interop_threads(), load_average_start=load_average(),
+                source_sha256=source_digests())
 
 
 # -- timing ---------------------------------------------------------------------------------------------------
@@ -175,16 +195,14 @@ def sdpa_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backward: bool 
 
 
 def predict_seconds(history: list, seq_len: int) -> Optional[float]:
-    """Time of one run at ``seq_len`` from earlier (seq_len, seconds) points: a power law through the last two
-    (exponent clamped to [1, 2]), or exponent 2 from a single point. None without any point."""
-    if not history:
+    """Time of one run at ``seq_len`` from earlier (seq_len, seconds) points: a power law through the last two,
+    exponent clamped to [1, 2]. None with fewer than two points (then the size is measured, not predicted: one
+    small size is dominated by fixed overheads and says little about the exponent)."""
+    if len(history) < 2:
         return None
-    if len(history) == 1:
-        (t0, s0), exponent = history[0], 2.0
-    else:
-        (ta, sa), (t0, s0) = history[-2], history[-1]
-        exponent = math.log(max(s0, 1e-9) / max(sa, 1e-9)) / math.log(t0 / ta) if t0 != ta else 2.0
-        exponent = min(2.0, max(1.0, exponent))
+    (ta, sa), (t0, s0) = history[-2], history[-1]
+    exponent = math.log(max(s0, 1e-9) / max(sa, 1e-9)) / math.log(t0 / ta) if t0 != ta else 2.0
+    exponent = min(2.0, max(1.0, exponent))
     return s0 * (seq_len / t0) ** exponent
 
 
@@ -236,14 +254,14 @@ def layer_vs_sdpa(settings: dict, sizes: list, quick: bool, max_seconds: float, 
             predicted_forward = predict_seconds(history[name]["forward"], T)
             row.update(predicted_s=predicted_full, predicted_forward_s=predicted_forward)
             if predicted_full is not None and predicted_full > max_seconds:
-                if predicted_forward is not None and predicted_forward <= max_seconds:
+                if predicted_forward is not None and predicted_forward <= 2 * max_seconds:
                     mode = "forward"
                     row["reason"] = (f"forward + backward predicted {predicted_full:.0f} s > {max_seconds:.0f} s "
                                      "limit; forward only, under torch.no_grad()")
                 else:
                     row.update(mode="skipped", reason=(
-                        f"forward + backward predicted {predicted_full:.0f} s and forward "
-                        f"{predicted_forward or float('nan'):.0f} s > {max_seconds:.0f} s limit"))
+                        f"forward + backward predicted {predicted_full:.0f} s > {max_seconds:.0f} s and forward "
+                        f"{predicted_forward or float('nan'):.0f} s > {2 * max_seconds:.0f} s"))
                     log(f"  T = {T:>6} {name:<9} skipped: {row['reason']}")
                     rows.append(row)
                     continue
@@ -267,7 +285,8 @@ def layer_vs_sdpa(settings: dict, sizes: list, quick: bool, max_seconds: float, 
                 history[name]["full"].append((T, result["median_s"]))
             history[name]["forward"].append((T, result["forward_median_s"]))
             del step
-            gc.collect()
+            if not quick:
+                gc.collect()
             if name == "sdpa":
                 sdpa_row = row
             elif sdpa_row is not None and "median_s" in sdpa_row:
@@ -384,8 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
                              " --quick: 64,128)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--max-seconds", type=float, default=None,
-                        help="skip (or run forward only) a measurement whose one run is predicted to take longer "
-                             "(default 60; --quick: 10)")
+                        help="run forward only (if predicted within twice this) or skip a measurement whose one "
+                             "forward + backward is predicted to take longer (default 60; --quick: 10)")
     return parser
 
 

@@ -1,4 +1,4 @@
-"""The ``mcdist`` command: ``train``, ``eval``, ``compare`` and ``bench``.
+"""The ``mcdist`` command: ``train``, ``eval``, ``compare``, ``bench``, ``data prepare`` and ``export``.
 
 ``python -m mcdist.cli ...`` is the same as ``mcdist ...``. A run is described by a RunConfig file (JSON, or
 TOML when the name ends in ``.toml``) plus ``--set section.key=value`` overrides, applied in order. Errors
@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from mcdist.config import ConfigError, RunConfig
+from mcdist.config import ConfigError, ParallelConfig, RunConfig
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -32,9 +32,19 @@ def _build_parser() -> argparse.ArgumentParser:
                          help="override one config field (repeatable; values are JSON, else strings)")
         sub.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
 
-    train = commands.add_parser("train", help="train a model on MQAR and save out_dir/checkpoint")
+    train = commands.add_parser("train", help="train (resuming from out_dir/checkpoints) and save out_dir/checkpoint")
     add_config_args(train, "RunConfig file (.json or .toml); defaults when omitted")
     train.add_argument("--quiet", action="store_true", help="print only the final JSON line")
+    train.add_argument("--nprocs", type=int, default=None,
+                       help="local processes (default parallel.dp * parallel.sp; must equal it when given)")
+    train.add_argument("--ray", action="store_true", help="run through Ray Train (one Ray worker per rank)")
+    train.add_argument("--address", default=None, metavar="ADDR",
+                       help="with --ray: the Ray cluster (host:port, ray://host:port or auto); default: the Ray "
+                            "of this machine if one runs, else a local one started for the run (ray.address)")
+    train.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="with --ray: Ray workers = ranks; parallel.dp becomes N / sp (ray.workers)")
+    train.add_argument("--sp", type=int, default=None, metavar="P",
+                       help="sequence-parallel ranks per sequence (parallel.sp)")
 
     evaluate = commands.add_parser("eval", help="report MQAR accuracy of a saved checkpoint")
     evaluate.add_argument("--checkpoint", required=True, metavar="DIR", help="folder written by `mcdist train`")
@@ -48,9 +58,34 @@ def _build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--aggregations", default="grm,none",
                          help="comma-separated model.aggregation values (default grm,none)")
     compare.add_argument("--quiet", action="store_true", help="print only the summary")
+    compare.add_argument("--ray", action="store_true",
+                         help="train through Ray Train (ray.* and parallel.* of the config), then reload and score "
+                              "each saved model (make run)")
 
     bench = commands.add_parser("bench", help="run the benchmarks (arguments go to mcdist.bench)")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for python -m mcdist.bench")
+
+    data = commands.add_parser("data", help="prepare training data")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    prepare = data_commands.add_parser("prepare", help="tokenize text or .jsonl files into a token file")
+    prepare.add_argument("inputs", nargs="+", metavar="INPUT", help="text files (one document each) or .jsonl files")
+    prepare.add_argument("--output", required=True, metavar="FILE",
+                         help="token file to write (its header goes to FILE.json)")
+    prepare.add_argument("--tokenizer", default="byte", metavar="byte|tokenizer.json",
+                         help="built-in byte-level tokenizer (default) or a Hugging Face tokenizer.json")
+    prepare.add_argument("--eos-token", default=None, help="end-of-document token of a tokenizer.json")
+    prepare.add_argument("--dtype", choices=["uint16", "uint32"], default=None,
+                         help="token id type (default: the smallest that fits the vocabulary)")
+    prepare.add_argument("--val-fraction", type=float, default=0.0,
+                         help="share of documents (the last ones) written to <output stem>.val.bin")
+    prepare.add_argument("--text-key", default="text", help="field holding the text in .jsonl records")
+
+    export = commands.add_parser("export", help="write the weights-only checkpoint of a training checkpoint")
+    export.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="a checkpoints/step-N folder, a checkpoints folder or a run's out_dir (latest)")
+    export.add_argument("--output", required=True, metavar="DIR", help="folder for model.safetensors + config.json")
+    export.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], default=None,
+                        help="convert the weights (default: keep)")
     return parser
 
 
@@ -62,12 +97,81 @@ def _load_run_config(path: str | None, overrides: list[str], fallback: str | Non
     return run_config.with_overrides(overrides)
 
 
-def _cmd_train(args) -> int:
-    from mcdist.train import train
+def _apply_ray_flags(args, run_config: RunConfig) -> RunConfig:
+    """``--sp``, ``--workers`` and ``--address`` on top of the config (one Ray worker per rank).
 
-    run_config = _load_run_config(args.config, args.overrides)
-    result = train(run_config, device=args.device, log=None if args.quiet else print)
+    ``--workers N`` sets dp = N / sp; ``--sp P`` alone sets the workers to dp · P; neither leaves the config's
+    ``ray.workers``, which must then equal dp · sp (train_with_ray checks it)."""
+    for flag in ("workers", "sp"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise UsageError(f"--{flag} = {value} is invalid; expected a positive integer")
+    if not args.ray and (args.workers is not None or args.address is not None):
+        raise UsageError("--workers and --address need --ray (without Ray, parallel.dp · parallel.sp local "
+                         "processes run)")
+    overrides = []
+    sp = run_config.parallel.sp if args.sp is None else args.sp
+    if args.sp is not None:
+        overrides.append(f"parallel.sp={sp}")
+    if args.ray:
+        if args.workers is not None:
+            if args.workers % sp != 0:
+                raise UsageError(f"--workers = {args.workers} is not a multiple of sp = {sp}; expected "
+                                 "workers = dp · sp")
+            overrides += [f"parallel.dp={args.workers // sp}", f"ray.workers={args.workers}"]
+        elif args.sp is not None:
+            overrides.append(f"ray.workers={run_config.parallel.dp * sp}")
+        if args.address is not None:
+            overrides.append(f"ray.address={args.address}")
+    return run_config.with_overrides(overrides) if overrides else run_config
+
+
+def _cmd_train(args) -> int:
+    from mcdist.train.trainer import launch_local
+
+    run_config = _apply_ray_flags(args, _load_run_config(args.config, args.overrides))
+    changes = {}
+    if args.device != "auto":
+        changes["device"] = args.device
+    if args.quiet:
+        changes["progress"] = False
+    if changes:
+        run_config = run_config.replace(train=run_config.train.replace(**changes))
+    if args.nprocs is not None and args.nprocs <= 0:
+        raise UsageError(f"--nprocs = {args.nprocs} is invalid; expected a positive integer")
+    if args.ray:
+        if args.nprocs is not None:
+            raise UsageError("--nprocs is for local processes; with --ray use --workers")
+        from mcdist.train.ray_job import RayConnectionError, train_with_ray
+
+        try:
+            result = train_with_ray(run_config, log=None if args.quiet else print)
+        except (RayConnectionError, ImportError) as error:
+            raise UsageError(str(error)) from error
+        print(json.dumps(result, sort_keys=True))
+        return 0
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # one of torchrun's processes: it made RANK, WORLD_SIZE, MASTER_*
+        return _train_under_torchrun(run_config)
+    result = launch_local(run_config, args.nprocs)
     print(json.dumps(result, sort_keys=True))
+    return 0
+
+
+def _train_under_torchrun(run_config: RunConfig) -> int:
+    """This rank of a torchrun job: join the process group torchrun describes, train, print rank 0's result."""
+    import torch.distributed as dist
+
+    from mcdist.parallel.failure import guarded
+    from mcdist.parallel.mesh import init_distributed
+    from mcdist.train.trainer import run_training
+
+    init_distributed(run_config.parallel.backend, timeout_s=run_config.parallel.timeout_s)
+    try:
+        result = guarded(run_training)(run_config)
+        if dist.get_rank() == 0:
+            print(json.dumps(result, sort_keys=True))
+    finally:
+        dist.destroy_process_group()
     return 0
 
 
@@ -82,11 +186,13 @@ def _cmd_eval(args) -> int:
         raise UsageError(f"--set {model_overrides[0]}: eval takes the model section from the checkpoint's "
                          "config.json; expected only train.* overrides (task sizes, seed)")
     checkpoint = os.fspath(args.checkpoint)
-    fallback = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "run_config.json")
+    fallback = os.path.join(checkpoint, "run_config.json")  # inside a training checkpoint (checkpoints/step-N)
+    if not os.path.isfile(fallback):
+        fallback = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "run_config.json")
     run_config = _load_run_config(args.config, args.overrides, fallback=fallback)
     device = resolve_device(args.device)
     model, model_config = load_model(checkpoint, map_location=device)
-    run_config = run_config.replace(model=model_config)
+    run_config = run_config.replace(model=model_config, parallel=ParallelConfig())  # eval runs one process
     check_task(run_config)
     train_cfg = run_config.train
     if args.batches is not None and args.batches <= 0:
@@ -109,6 +215,8 @@ def _cmd_compare(args) -> int:
     if not aggregations:
         raise UsageError("--aggregations is empty; expected a comma-separated list such as grm,none")
     base = _load_run_config(args.config, args.overrides)
+    if args.ray:
+        return _compare_with_ray(args, base, aggregations)
     results = {}
     for aggregation in aggregations:
         out_dir = os.path.join(base.train.out_dir, aggregation)
@@ -121,6 +229,28 @@ def _cmd_compare(args) -> int:
     for aggregation, result in results.items():
         print(f"  {aggregation:<9} accuracy {result['eval_accuracy']:.3f}  eval loss {result['eval_loss']:.3f}  "
               f"({result['elapsed_s']:.0f} s)")
+    print(json.dumps({name: {"eval_accuracy": r["eval_accuracy"], "eval_loss": r["eval_loss"]}
+                      for name, r in results.items()}, sort_keys=True))
+    return 0
+
+
+def _compare_with_ray(args, base: RunConfig, aggregations: list[str]) -> int:
+    from mcdist.train.ray_job import RayConnectionError, compare_with_ray
+
+    if args.device != "auto":
+        base = base.replace(train=base.train.replace(device=args.device))
+    try:
+        results = compare_with_ray(base, aggregations, log=None if args.quiet else print)
+    except (RayConnectionError, ImportError) as error:
+        raise UsageError(str(error)) from error
+    model, parallel = base.model, base.parallel
+    print(f"MQAR recall: seq_len {base.train.seq_len}, {base.train.num_kv_pairs} key-value pairs, memory "
+          f"{model.memory}, segment_len {model.segment_len}, {base.train.steps} steps through Ray "
+          f"(dp {parallel.dp} × sp {parallel.sp} workers); accuracy of each saved model, reloaded:")
+    for aggregation, result in results.items():
+        print(f"  {aggregation:<9} accuracy {result['eval_accuracy']:.3f}  eval loss {result['eval_loss']:.3f}  "
+              f"(trained {result['train_seconds']:.0f} s, {result['ray_seconds']:.0f} s with Ray; "
+              f"{result['final_model']})")
     print(json.dumps({name: {"eval_accuracy": r["eval_accuracy"], "eval_loss": r["eval_loss"]}
                       for name, r in results.items()}, sort_keys=True))
     return 0
@@ -139,6 +269,38 @@ def _cmd_bench(args) -> int:
     return int(result or 0)
 
 
+def _cmd_data(args) -> int:
+    from mcdist.data.prepare import prepare_tokens
+
+    try:
+        result = prepare_tokens(args.inputs, args.output, tokenizer=args.tokenizer, eos_token=args.eos_token,
+                                dtype=args.dtype, val_fraction=args.val_fraction, text_key=args.text_key)
+    except (ImportError, ValueError) as error:
+        raise UsageError(str(error)) from error
+    for split in ("train", "val"):
+        header = result[split]
+        if header is not None:
+            print(f"{split}: {result[split + '_path']}: {header['num_tokens']:,} tokens ({header['dtype']}) in "
+                  f"{header['num_documents']} document{'' if header['num_documents'] == 1 else 's'}, vocabulary "
+                  f"{header['vocab_size']}")
+    if result["replaced_bytes"]:
+        print(f"note: {result['replaced_bytes']} invalid UTF-8 sequences were replaced by U+FFFD")
+    print(json.dumps({"train_path": result["train_path"], "val_path": result["val_path"],
+                      "num_tokens": result["train"]["num_tokens"]}, sort_keys=True))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    import torch
+
+    from mcdist.train.state import export_checkpoint
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    path = export_checkpoint(args.checkpoint, args.output, dtype=dtype)
+    print(json.dumps({"exported": path, "files": sorted(os.listdir(path))}, sort_keys=True))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``) and return the exit status."""
     from mcdist.checkpoint import CheckpointError
@@ -148,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # argparse already printed its message
         return int(stop.code or 0)
-    handlers = {"train": _cmd_train, "eval": _cmd_eval, "compare": _cmd_compare, "bench": _cmd_bench}
+    handlers = {"train": _cmd_train, "eval": _cmd_eval, "compare": _cmd_compare, "bench": _cmd_bench,
+                "data": _cmd_data, "export": _cmd_export}
     try:
         return handlers[args.command](args)
     except (ConfigError, CheckpointError, UsageError, FileNotFoundError) as error:

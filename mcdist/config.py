@@ -257,12 +257,40 @@ class TrainConfig(_Config):
     out_dir: str = "runs/default"
     num_kv_pairs: int = 8
     dtype: str = "float32"
+    # data beyond the built-in tasks: pre-tokenized files (mcdist data prepare)
+    data_path: str = ""
+    val_data_path: str = ""
+    # optimisation at scale
+    grad_accum: int = 1
+    min_lr_ratio: float = 0.1
+    activation_checkpointing: bool = False
+    # checkpoints: every N steps (0 = at the end only), keep the last K, resume 'auto' | 'never' | a path
+    checkpoint_every: int = 0
+    keep_last: int = 3
+    resume: str = "auto"
+    device: str = "auto"
+    progress: bool = True
+    tensorboard: bool = False
 
     def __post_init__(self) -> None:
         s = self.SECTION
-        _check_choice(s, "task", self.task, ("mqar",))
-        for name in ("seq_len", "batch_size", "steps", "eval_every", "eval_batches", "log_every", "num_kv_pairs"):
+        _check_choice(s, "task", self.task, ("mqar", "passkey", "tokens"))
+        for name in ("seq_len", "batch_size", "steps", "eval_every", "eval_batches", "log_every", "num_kv_pairs",
+                     "grad_accum", "keep_last"):
             _check_positive_int(s, name, getattr(self, name))
+        if not isinstance(self.checkpoint_every, int) or isinstance(self.checkpoint_every, bool) \
+                or self.checkpoint_every < 0:
+            raise ConfigError(f"{s}.checkpoint_every = {self.checkpoint_every!r} is invalid; expected an integer "
+                              ">= 0 (0 = only at the end)")
+        if not _is_finite_number(self.min_lr_ratio) or not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"{s}.min_lr_ratio = {self.min_lr_ratio!r} is invalid; expected a number in [0, 1]")
+        if self.task == "tokens" and not self.data_path:
+            raise ConfigError(f"{s}.task = 'tokens' needs {s}.data_path (a file written by `mcdist data prepare`)")
+        for name in ("activation_checkpointing", "progress", "tensorboard"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{s}.{name} = {getattr(self, name)!r} is invalid; expected true or false")
+        if not isinstance(self.resume, str) or not self.resume:
+            raise ConfigError(f"{s}.resume = {self.resume!r} is invalid; expected 'auto', 'never' or a checkpoint path")
         if not isinstance(self.warmup_steps, int) or isinstance(self.warmup_steps, bool) or self.warmup_steps < 0:
             raise ConfigError(f"{s}.warmup_steps = {self.warmup_steps!r} is invalid; expected an integer >= 0")
         _check_positive_float(s, "lr", self.lr)
@@ -278,6 +306,30 @@ class TrainConfig(_Config):
 
 
 @dataclass
+class RayConfig(_Config):
+    """How `mcdist train --ray` asks a Ray cluster for workers."""
+
+    SECTION = "ray"
+
+    address: str = ""  # "" = start or join a local Ray; "auto" = the running cluster; or host:port / ray://...
+    workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    storage_path: str = ""  # "" = <train.out_dir>/ray
+    max_failures: int = 2
+
+    def __post_init__(self) -> None:
+        s = self.SECTION
+        _check_positive_int(s, "workers", self.workers)
+        _check_positive_int(s, "cpus_per_worker", self.cpus_per_worker)
+        if not isinstance(self.max_failures, int) or isinstance(self.max_failures, bool) or self.max_failures < -1:
+            raise ConfigError(f"{s}.max_failures = {self.max_failures!r} is invalid; expected an integer >= -1 "
+                              "(-1 = retry forever)")
+        if not isinstance(self.use_gpu, bool):
+            raise ConfigError(f"{s}.use_gpu = {self.use_gpu!r} is invalid; expected true or false")
+
+
+@dataclass
 class RunConfig(_Config):
     """A whole run: the sections together, as one JSON/TOML file."""
 
@@ -286,8 +338,9 @@ class RunConfig(_Config):
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
-    SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "train": TrainConfig}
+    SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "train": TrainConfig, "ray": RayConfig}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "RunConfig":

@@ -108,9 +108,9 @@ class MemoryCachingLayer(nn.Module):
         B, T, _ = x.shape
         H, D = self.n_heads, self.head_dim
         q, k, v = self.qkv(x).view(B, T, 3, H, D).unbind(2)
-        if self.config.qk_norm == "l2":
-            q = F.normalize(q, dim=-1)
-            k = F.normalize(k, dim=-1)
+        if self.config.qk_norm == "l2":  # (autocast runs the norm in float32: keep q, k in v's dtype)
+            q = F.normalize(q, dim=-1).to(v.dtype)
+            k = F.normalize(k, dim=-1).to(v.dtype)
         if not self.needs_gate_query:
             u = q
         elif self.config.share_uq:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from typing import Optional
 
@@ -11,7 +12,8 @@ import torch.nn.functional as F
 
 from mcdist.model import IGNORE_INDEX
 from mcdist.layer import at_least_float32
-from mcdist.parallel.comm import SPGroup
+from mcdist.parallel.comm import CommStats, SPGroup
+from mcdist.parallel.layout import rank_pieces
 from mcdist.parallel.mesh import Mesh
 from mcdist.parallel.sp_layer import sp_layer_forward
 
@@ -29,14 +31,45 @@ def parallelize_layer(layer, sp: SPGroup, layout: str) -> None:
     layer.forward = types.MethodType(forward, layer)
 
 
-def parallelize(model, mesh: Mesh, layout: str) -> SPGroup:
-    """Shard every MC layer of ``model`` over the mesh's sp group (in place). Returns the SPGroup, whose
-    ``stats`` count the bytes each layer's communication moved."""
-    sp = sp_group_of(mesh)
+def parallelize(model, mesh: Mesh, layout: str) -> list:
+    """Shard every MC layer of ``model`` over the mesh's sp group (in place).
+
+    Returns one SPGroup per layer (the same process group; each with its own ``stats``, the bytes that layer's
+    communication moved on this rank)."""
+    groups = []
     if mesh.sp > 1:
         for block in model.blocks:
+            sp = dataclasses.replace(sp_group_of(mesh), stats=CommStats())
             parallelize_layer(block.mixer, sp, layout)
-    return sp
+            groups.append(sp)
+    model.sp_groups = groups
+    return groups
+
+
+def expected_read_bytes(config, seq_len: int, sp: int, rank: int, layout: str, batch: int = 1,
+                        bytes_per_value: int = 4) -> dict:
+    """SPEC §7.5's figure for one layer on one rank: the cached states of the segments before this rank's last
+    token (× H × state size), plus one state per rank for the prefix; and what the ring moves (every other
+    rank's block once in the forward)."""
+    C, H, D = config.segment_len, config.n_heads, config.dim_head
+    state = D * D if not config.is_deep else 2 * config.expansion * D * D
+    last_token = max(start + length for start, length in rank_pieces(seq_len, sp, rank, layout)) - 1
+    own = sum(length for _, length in rank_pieces(seq_len, sp, rank, layout)) // C
+    earlier = last_token // C - (own - 1)  # segments before the last one that other ranks hold
+    spec = batch * H * bytes_per_value * (earlier * state + state)
+    ring = batch * H * bytes_per_value * (sp - 1) * own * (state + D)
+    return {"spec_7_5": spec, "ring_forward": ring}
+
+
+def communication_report(model, config, seq_len: int, layout: str, batch: int = 1, bytes_per_value: int = 4):
+    """Per layer: bytes received by this rank (by purpose) beside the analytical figures."""
+    rows = []
+    for index, sp in enumerate(getattr(model, "sp_groups", [])):
+        expected = expected_read_bytes(config, seq_len, sp.size, sp.rank, layout, batch, bytes_per_value)
+        received = dict(sp.stats.received)
+        rows.append({"layer": index, "received": received, "sent": dict(sp.stats.sent), **expected,
+                     "ring_vs_spec": received.get("ring", 0) / max(expected["spec_7_5"], 1)})
+    return rows
 
 
 def global_token_count(labels: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ Choices this module makes:
 * Weight decay applies to parameters with two or more dimensions (matrices, embeddings), not to norms' gains
   or biases. AdamW betas are (0.9, 0.95).
 * The learning rate rises linearly over ``warmup_steps`` to ``train.lr``, then follows a cosine to
-  ``MIN_LR_RATIO * train.lr`` at the last step.
+  ``train.min_lr_ratio * train.lr`` at the last step.
 * ``train.dtype`` float32 / float64 set the parameters' dtype; bfloat16 keeps float32 parameters and runs the
   forward under ``torch.autocast``.
 """
@@ -51,13 +51,14 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise ConfigError(f"device = {device!r} is invalid; expected auto, cpu, cuda or cuda:N") from error
 
 
-def learning_rate_at(step: int, *, lr: float, warmup_steps: int, total_steps: int) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine to ``MIN_LR_RATIO·lr``."""
+def learning_rate_at(step: int, *, lr: float, warmup_steps: int, total_steps: int,
+                     min_lr_ratio: float = MIN_LR_RATIO) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine to ``min_lr_ratio·lr``."""
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     decay_steps = max(total_steps - warmup_steps - 1, 1)
     progress = min((step - warmup_steps) / decay_steps, 1.0)
-    return lr * (MIN_LR_RATIO + (1.0 - MIN_LR_RATIO) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return lr * (min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def check_task(run_config: RunConfig) -> None:
@@ -196,7 +197,8 @@ def train(
             metrics_file.flush()
 
         for step in range(cfg.steps):
-            lr = learning_rate_at(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps)
+            lr = learning_rate_at(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
+                                  min_lr_ratio=cfg.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             input_ids, labels = make_mqar_batch(cfg.batch_size, cfg.seq_len, cfg.num_kv_pairs,

@@ -271,6 +271,17 @@ def test_custom_op_under_torch_compile():
         assert rel_err(g, rg) < 1e-6
 
 
+def test_custom_op_passes_opcheck():
+    """Schema, fake tensor, autograd registration and AOT dispatch of mcdist::cached_read_triton."""
+    z, u, states, contexts = make_inputs(10, 1, 20, 1, 16, 16, 8, 3)
+    selected = random_selection(10, 1, 20, 1, 2, 3, segment_len=6)
+    for sel in (None, selected):
+        args = (z.requires_grad_(), u.requires_grad_(), states.requires_grad_(), contexts.requires_grad_(), sel,
+                6, 1.0, 0, 0)
+        result = torch.library.opcheck(torch.ops.mcdist.cached_read_triton.default, args)
+        assert all(v == "SUCCESS" for v in result.values()), result
+
+
 def test_bad_arguments_are_named():
     z, u, states, contexts = make_inputs(9, 1, 9, 1, 16, 16, 8, 2)
     kw = dict(segment_len=4, gate_scale=1.0)

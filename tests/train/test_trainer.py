@@ -1,0 +1,227 @@
+"""The trainer: exact resume (one process and sp = 2), gradient accumulation, activation checkpointing, MQAR
+learning, metrics and outputs."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from mcdist.checkpoint import load_model
+from mcdist.config import ConfigError, RunConfig
+from mcdist.data.tokens import write_tokens
+from mcdist.model import MCLanguageModel
+from mcdist.parallel.mesh import Mesh
+from mcdist.train.trainer import (StopAtStep, TrainCallbacks, apply_activation_checkpointing, launch_local,
+                                  run_training)
+
+TINY = ["model.vocab_size=32", "model.d_model=16", "model.n_layers=2", "model.n_heads=2", "model.segment_len=8",
+        "model.chunk_len=4", "model.minibatch_len=4", "train.seq_len=32", "train.batch_size=4",
+        "train.num_kv_pairs=3", "train.steps=6", "train.warmup_steps=2", "train.lr=1e-2", "train.log_every=1",
+        "train.eval_every=3", "train.eval_batches=1", "train.progress=false", "train.device=cpu"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls run far faster on one thread than on two contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(out_dir, *overrides) -> RunConfig:
+    return RunConfig().with_overrides([*TINY, f"train.out_dir={out_dir}", *overrides])
+
+
+def metrics(out_dir, kind="train"):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as handle:
+        return [entry for entry in map(json.loads, handle) if entry["kind"] == kind]
+
+
+def curve(out_dir):
+    return [(e["step"], e["loss"], e["lr"], e["grad_norm"]) for e in metrics(out_dir)]
+
+
+def weights(path):
+    model, _ = load_model(path)
+    return model.state_dict()
+
+
+def relative_error(a, b):
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return float((a - b).norm() / b.norm())
+
+
+def test_resume_continues_the_same_loss_curve(tmp_path):
+    straight = run_training(tiny(tmp_path / "straight"))
+    first = run_training(tiny(tmp_path / "split"), callbacks=StopAtStep(3))
+    assert first["stopped_early"] and first["step"] == 3 and first["final_model"] is None
+    assert first["checkpoint"].endswith("step-000003")
+    second = run_training(tiny(tmp_path / "split"))
+    assert second["resumed_from"] == first["checkpoint"] and second["step"] == 6
+
+    expected = curve(tmp_path / "straight")
+    assert [step for step, *_ in expected] == [1, 2, 3, 4, 5, 6]
+    assert curve(tmp_path / "split") == expected  # identical floats, not merely close
+    assert [e["eval_loss"] for e in metrics(tmp_path / "split", "eval")] == \
+        [e["eval_loss"] for e in metrics(tmp_path / "straight", "eval")]
+    assert second["loss"] == straight["loss"] and second["eval_loss"] == straight["eval_loss"]
+    a, b = weights(straight["final_model"]), weights(second["final_model"])
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_resume_with_sp2_via_launch_local_and_then_with_sp1(tmp_path):
+    sp2 = ["parallel.sp=2", "parallel.layout=zigzag"]
+    launch_local(tiny(tmp_path / "straight", *sp2))
+    first = launch_local(tiny(tmp_path / "split", *sp2), callbacks=StopAtStep(3))
+    assert first["stopped_early"] and first["step"] == 3
+    second = launch_local(tiny(tmp_path / "split", *sp2))
+    assert second["resumed_from"].endswith("step-000003") and second["step"] == 6
+    expected = curve(tmp_path / "straight")
+    assert len(expected) == 6 and curve(tmp_path / "split") == expected
+    assert all(e["comm_bytes_per_step"]["sp_received"] > 0 for e in metrics(tmp_path / "split"))
+
+    # the same checkpoint resumes in one process (nothing is sharded): the same curve up to float rounding
+    shutil.copytree(tmp_path / "split" / "checkpoints" / "step-000003", tmp_path / "step-3")
+    third = run_training(tiny(tmp_path / "sp1", f"train.resume={tmp_path / 'step-3'}"))
+    assert third["step"] == 6
+    resumed = [loss for _, loss, *_ in curve(tmp_path / "sp1")]
+    assert len(resumed) == 3
+    assert relative_error(resumed, [loss for _, loss, *_ in expected[3:]]) < 1e-5
+
+
+def test_grad_accum_equals_one_big_batch(tmp_path):
+    common = ["train.dtype=float64", "train.steps=3", "train.eval_every=100"]
+    big = run_training(tiny(tmp_path / "big", *common, "train.batch_size=8"))
+    accumulated = run_training(tiny(tmp_path / "accum", *common, "train.batch_size=4", "train.grad_accum=2"))
+    assert len(metrics(tmp_path / "big")) == 3
+    for (_, loss_a, _, norm_a), (_, loss_b, _, norm_b) in zip(curve(tmp_path / "big"), curve(tmp_path / "accum")):
+        assert abs(loss_a - loss_b) <= 1e-12 * abs(loss_a) and abs(norm_a - norm_b) <= 1e-10 * norm_a
+    a, b = weights(big["final_model"]), weights(accumulated["final_model"])
+    assert max(relative_error(b[name], a[name]) for name in a) < 1e-12
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tmp_path):
+    config = tiny(tmp_path).model
+    torch.manual_seed(4)
+    plain = MCLanguageModel(config).double()
+    checkpointed = MCLanguageModel(config).double()
+    checkpointed.load_state_dict(plain.state_dict())
+    apply_activation_checkpointing(checkpointed)
+    generator = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 32, (3, 27), generator=generator)
+    labels = torch.randint(0, 32, (3, 27), generator=generator)
+    plain(ids, labels).loss.backward()
+    loss = checkpointed(ids, labels).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
+        assert relative_error(q.grad, p.grad) < 1e-12, name
+
+    # and through the trainer: the same losses (float64: equal up to rounding)
+    run_training(tiny(tmp_path / "plain", "train.dtype=float64", "train.steps=2"))
+    run_training(tiny(tmp_path / "ckpt", "train.dtype=float64", "train.steps=2", "train.activation_checkpointing=true"))
+    for a, b in zip(curve(tmp_path / "plain"), curve(tmp_path / "ckpt")):
+        assert abs(a[1] - b[1]) <= 1e-12 * abs(a[1]) and abs(a[3] - b[3]) <= 1e-9 * a[3]
+
+
+def test_loss_falls_on_mqar(tmp_path):
+    config = tiny(tmp_path, "model.d_model=32", "model.n_layers=1", "model.segment_len=16", "model.chunk_len=8",
+                  "model.minibatch_len=8", "train.seq_len=48", "train.batch_size=8", "train.num_kv_pairs=4",
+                  "train.steps=12", "train.warmup_steps=3", "train.eval_every=12", "train.eval_batches=2")
+    result = run_training(config)
+    losses = [e["loss"] for e in metrics(tmp_path)]
+    # chance is ln(32) ≈ 3.47; values come from 14 ids, so a model that learned the layout is near ln(14) ≈ 2.64
+    assert losses[0] > 3.3
+    assert result["eval_loss"] < 3.0 and sum(losses[-3:]) / 3 < 3.0
+
+
+class _Recorder(TrainCallbacks):
+    def __init__(self):
+        self.metrics, self.checkpoints = [], []
+
+    def on_metrics(self, metrics):
+        self.metrics.append(metrics)
+
+    def on_checkpoint(self, step, path, metrics):
+        assert os.path.isfile(os.path.join(path, "COMPLETE"))
+        self.checkpoints.append((step, os.path.basename(path), metrics["step"]))
+
+
+def test_metrics_outputs_and_callbacks(tmp_path, capsys):
+    recorder = _Recorder()
+    result = run_training(tiny(tmp_path, "train.steps=4", "train.log_every=2", "train.eval_every=4",
+                               "train.checkpoint_every=2"), callbacks=recorder)
+    assert capsys.readouterr().out == ""  # progress off: nothing printed
+    lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [(e["kind"], e["step"]) for e in lines] == [("train", 2), ("train", 4), ("eval", 4)]
+    train = lines[1]
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen", "peak_memory_bytes", "comm_bytes_per_step",
+                "elapsed_s"):
+        assert key in train, key
+    assert train["tokens_seen"] == 4 * 4 * 32 and train["tokens_per_s"] > 0 and train["peak_memory_bytes"] > 0
+    assert recorder.metrics == lines
+    assert recorder.checkpoints == [(2, "step-000002", 2), (4, "step-000004", 4)]
+    assert sorted(os.listdir(tmp_path / "checkpoint")) == ["config.json", "model.safetensors"]
+    assert result["num_params"] > 0 and result["final_model"] == str(tmp_path / "checkpoint")
+
+
+def test_progress_prints_on_rank_0(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "tqdm", None)  # the plain-line fallback
+    run_training(tiny(tmp_path, "train.steps=2", "train.progress=true", "train.log_every=1"))
+    out = capsys.readouterr().out
+    assert "step      1/2" in out and "step      2/2" in out and "eval      2/2" in out
+
+
+def test_tensorboard_is_optional_with_a_clear_error(tmp_path):
+    config = tiny(tmp_path, "train.steps=1", "train.tensorboard=true")
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="pip install tensorboard"):
+            run_training(config)
+    else:
+        run_training(config)
+        assert os.listdir(tmp_path / "tensorboard")
+
+
+def test_passkey_and_token_tasks_train(tmp_path):
+    result = run_training(tiny(tmp_path / "passkey", "train.task=passkey", "train.steps=2"))
+    assert result["step"] == 2 and 0 <= result["eval_accuracy"] <= 1
+    tokens = torch.randint(0, 30, (32 * 20 + 1,), generator=torch.Generator().manual_seed(0))
+    write_tokens(tmp_path / "train.bin", tokens, vocab_size=30)
+    write_tokens(tmp_path / "val.bin", tokens[:200], vocab_size=30)
+    result = run_training(tiny(tmp_path / "tokens", "train.task=tokens", f"train.data_path={tmp_path / 'train.bin'}",
+                               f"train.val_data_path={tmp_path / 'val.bin'}", "train.steps=2"))
+    assert result["step"] == 2 and result["eval_loss"] > 0
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["parallel.dp=3"], ["train.batch_size = 4", "parallel.dp = 3"]),
+    (["parallel.sp=3"], ["train.seq_len = 32", "parallel.sp = 3"]),
+    (["train.seq_len=10"], ["train.seq_len = 10"]),
+    (["train.task=passkey", "model.vocab_size=12"], ["model.vocab_size = 12"]),
+    (["train.task=tokens", "train.data_path=/nonexistent/t.bin"], ["/nonexistent/t.bin"]),
+])
+def test_bad_runs_are_refused_naming_the_field(tmp_path, overrides, words):
+    with pytest.raises(ConfigError) as error:
+        launch_local(tiny(tmp_path, *overrides))
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_a_token_file_with_a_larger_vocabulary_is_refused(tmp_path):
+    write_tokens(tmp_path / "t.bin", list(range(100)), vocab_size=100)
+    with pytest.raises(ConfigError, match="vocabulary of 100; model.vocab_size = 32"):
+        run_training(tiny(tmp_path, "train.task=tokens", f"train.data_path={tmp_path / 't.bin'}"))
+
+
+def test_nprocs_must_match_the_mesh(tmp_path):
+    with pytest.raises(ConfigError, match="--nprocs = 3 does not equal"):
+        launch_local(tiny(tmp_path, "parallel.sp=2"), nprocs=3)
+
+
+def test_single_mesh_is_what_one_process_uses():
+    assert Mesh.single().dp == 1 and not Mesh.single().distributed

@@ -4,7 +4,8 @@
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.mcdist-setup-stamp
-RUN_CONFIG ?= examples/mqar_tiny.json
+RUN_CONFIG ?= examples/main_job.json
+RUN_OUT ?= runs/main_job
 PYTEST_ARGS ?=
 
 .PHONY: setup run test test-slow bench clean-runs
@@ -25,8 +26,11 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install --quiet -e '.[dev,ray,triton]'
 	@touch $(STAMP)
 
+# The main job (docs/launch.md): a local Ray (or the one `ray start` left running here) trains grm and the base
+# RNN (aggregation none) on MQAR, each with sp = 2 on two CPU workers, saves, reloads and scores both.
 run: setup
-	$(PYTHON) -m mcdist.cli compare --config $(RUN_CONFIG) --aggregations grm,none
+	rm -rf $(RUN_OUT)
+	$(PYTHON) -m mcdist.cli compare --ray --config $(RUN_CONFIG) --set train.out_dir=$(RUN_OUT) --aggregations grm,none
 
 test: setup
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)

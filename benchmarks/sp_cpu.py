@@ -329,6 +329,7 @@ def summarise(case: dict, sp: int, ranks: list, elapsed: float, fresh: bool) -> 
                 estimated_peak_gib_all_ranks=estimated_peak_bytes(case["seq_len"], sp, case["forward_only"]) / 2**30,
                 step_s=statistics.median(step_times), step_s_all=step_times,
                 forward_s=statistics.median(forward_times), spawn_total_s=elapsed,
+                cpu_s=max(r["step_cpu_s"] for r in per_rank), cpu_s_all_ranks=sum(r["step_cpu_s"] for r in per_rank),
                 loss=sum(r["steps"][-1]["loss_share"] for r in ranks), per_rank=per_rank)
 
 
@@ -364,11 +365,13 @@ def print_scaling(scaling: dict) -> None:
     print("\nscaling: grm independent (time = slowest rank, median)")
     for row in scaling["rows"]:
         print(f"  {row['name']:<12} P = {row['sp']}: L = {row['seq_len']:>8}, L/P = {row['tokens_per_rank']:>7}: "
-              f"step {row['step_s']:.2f} s (forward {row['forward_s']:.2f} s), "
+              f"step {row['step_s']:.2f} s (forward {row['forward_s']:.2f} s, CPU of the slowest rank "
+              f"{row['cpu_s']:.2f} s), "
               f"max RSS {max(r['max_rss_gib'] for r in row['per_rank']):.2f} GiB")
     print(f"  weak-scaling efficiency T1(L/2) / T2(L) = {scaling['efficiency']:.3f} "
           f"(the read is quadratic: a rank's read work at L over 2 ranks is {scaling['read_work_ratio']:.2f}x "
           f"the read work at L/2 on one)")
+    print(f"  the same from CPU seconds (each rank as if on its own core): {scaling['cpu_efficiency']:.3f}")
     if scaling.get("strong_efficiency") is not None:
         print(f"  strong-scaling efficiency T1(L) / (2 T2(L)) = {scaling['strong_efficiency']:.3f}")
 
@@ -430,6 +433,8 @@ def main(argv=None) -> dict:
 
     import tempfile
 
+    from mcdist.config import write_text_atomic
+
     results = dict(machine=machine_info(), quick=quick, load_before=os.getloadavg(),
                    model=dict(d_model=D_MODEL, n_layers=N_LAYERS, n_heads=N_HEADS, head_dim=HEAD_DIM, segment_len=C,
                               chunk_len=CHUNK_LEN, memory="linear", top_k=TOP_K, vocab_size=VOCAB, layout=LAYOUT,
@@ -475,6 +480,8 @@ def main(argv=None) -> dict:
                 summaries[row["name"]] = row
                 print(f"  {row['name']}: L = {row['seq_len']}, P = {sp}: step {row['step_s']:.2f} s", flush=True)
             print(f"    ({time.perf_counter() - start:.0f} s for this process set, start-up included)", flush=True)
+            if args.out:  # what is done so far, in case a later case is stopped
+                write_text_atomic(args.out, json.dumps({**results, "partial": True, "cases": summaries}, indent=2))
     results["fresh_processes_per_case"] = fresh
     results["aliases"] = aliases
     results["main"] = [summaries[case["name"]] for section, case, _ in plan if section == "main"]
@@ -484,14 +491,12 @@ def main(argv=None) -> dict:
         rows = [summaries[aliases.get(name, name)] for name, _, _ in scaling_plan]
         t1, t2 = rows[0]["step_s"], rows[1]["step_s"]
         results["scaling"] = dict(
-            rows=rows, efficiency=t1 / t2,
+            rows=rows, efficiency=t1 / t2, cpu_efficiency=rows[0]["cpu_s"] / rows[1]["cpu_s"],
             read_work_ratio=(read_work(2 * per_rank) / 2) / read_work(per_rank) if read_work(per_rank) else None,
             strong_efficiency=rows[2]["step_s"] / (2 * t2) if len(rows) > 2 else None)
         print_scaling(results["scaling"])
     results["load_after"] = os.getloadavg()
     if args.out:
-        from mcdist.config import write_text_atomic
-
         write_text_atomic(args.out, json.dumps(results, indent=2) + "\n")
         print(f"\nwrote {args.out}")
     return results

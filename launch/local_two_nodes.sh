@@ -76,7 +76,8 @@ HEAD_PID=$!
 wait_for_nodes 1
 
 echo "two_nodes: starting the second Ray node"
-"$RAY" start --address "$ADDRESS" "${NODE_OPTIONS[@]}" >"$RAY_TEMP/node.log" 2>&1 &
+# one log monitor per machine (the head's forwards every worker's output; a second would print it twice)
+"$RAY" start --address "$ADDRESS" --include-log-monitor=false "${NODE_OPTIONS[@]}" >"$RAY_TEMP/node.log" 2>&1 &
 NODE_PID=$!
 wait_for_nodes 2
 

@@ -176,13 +176,8 @@ def cached_read_chunked(z, u, states: States, contexts, *, segment_len, gate_sca
     B, T, H = z.shape[:3]
     dtype = _state_dtype(states)
     n = _num_states(states)
-    segments = _token_segments(T, query_offset, segment_len, z.device)
     out_parts, lse_parts = [], []
-    start = 0
-    while start < T:
-        own = int(segments[start])
-        stop = min(T, start + segment_len - (query_offset + start) % segment_len)
-        visible = max(0, min(n, own - segment_offset))
+    for start, stop, visible in _query_segments(T, query_offset, segment_len, segment_offset, n):
         zq = z[:, start:stop].to(dtype)
         if visible == 0:
             dout = states.shape[3] if isinstance(states, torch.Tensor) else zq.shape[-1]
@@ -199,7 +194,6 @@ def cached_read_chunked(z, u, states: States, contexts, *, segment_len, gate_sca
                 out, lse = _segment_read(*args)
             out_parts.append(out)
             lse_parts.append(lse)
-        start = stop
     return torch.cat(out_parts, 1), torch.cat(lse_parts, 1)
 
 
@@ -209,33 +203,35 @@ def _summed_reads(zq, states, visible):
 
 def residual_read_chunked(z, states: States, *, segment_len, query_offset=0, segment_offset=0):
     """Σ over visible cached states of M_j(z_t), unweighted (the `residual` aggregation). -> [B, T, H, Dout]."""
-    B, T, H = z.shape[:3]
     dtype = _state_dtype(states)
     n = _num_states(states)
-    if isinstance(states, torch.Tensor):
-        # Linear maps sum first: an exclusive prefix sum over segments, then one product per token.
-        # prefix[:, i] = Σ_{j < i} M_j for i in [0, Nb]; built without M_i itself, so later tokens never leak in
+    linear = isinstance(states, torch.Tensor)
+    if linear:
+        # Linear maps sum first: prefix[:, i] = Σ_{j < i} M_j for i in [0, Nb], then one product per query
+        # segment. Built without M_i itself, so later tokens never leak in.
         prefix = torch.cat([torch.zeros_like(states[:, :1]), torch.cumsum(states, dim=1)], 1)
-        segments = _token_segments(T, query_offset, segment_len, z.device)
-        visible = (segments - segment_offset).clamp(0, n)
-        per_token = prefix[:, visible]  # [B, T, H, Dout, Din]
-        return torch.einsum("btxoi,btxi->btxo", per_token, z.to(dtype))
     out_parts = []
-    start = 0
-    segments = _token_segments(T, query_offset, segment_len, z.device)
-    while start < T:
-        own = int(segments[start])
-        stop = min(T, start + segment_len - (query_offset + start) % segment_len)
-        visible = max(0, min(n, own - segment_offset))
+    for start, stop, visible in _query_segments(z.shape[1], query_offset, segment_len, segment_offset, n):
         zq = z[:, start:stop].to(dtype)
-        if visible == 0:
+        if linear:
+            out_parts.append(torch.einsum("bhoi,bthi->btho", prefix[:, visible], zq))
+        elif visible == 0:
             out_parts.append(torch.zeros_like(zq))
         elif torch.is_grad_enabled():
             out_parts.append(checkpoint(_summed_reads, zq, states, visible, use_reentrant=False))
         else:
             out_parts.append(_summed_reads(zq, states, visible))
-        start = stop
     return torch.cat(out_parts, 1)
+
+
+def _query_segments(T: int, query_offset: int, segment_len: int, segment_offset: int, n: int):
+    """(start, stop, visible states) for each run of local tokens that share one global segment."""
+    start = 0
+    while start < T:
+        own = (query_offset + start) // segment_len
+        stop = min(T, start + segment_len - (query_offset + start) % segment_len)
+        yield start, stop, max(0, min(n, own - segment_offset))
+        start = stop
 
 
 def select_top_k(u, contexts, *, segment_len, top_k, gate_scale, query_offset=0, token_block=4096):

@@ -2,8 +2,9 @@
 
     python -m mcdist.bench [--quick] [--out benchmarks/results/cpu.json] [--sizes 4096,16384,65536]
                            [--threads 2] [--max-seconds 60]
+    python -m mcdist.bench --table benchmarks/results/cpu.json      (reprint a saved report)
 
-Three measurements, all forward + backward in float32 with B = 1:
+Three measurements in float32 with B = 1, timed forward + backward unless said otherwise:
 
 1. ``chunked_vs_reference``: one MemoryCachingLayer (linear memory, grm, d_model 128, H 2, C 256, chunk 64) at
    T = 2048 run by the chunked path (median of several runs after a warm-up) and by the token-loop reference
@@ -22,7 +23,8 @@ Three measurements, all forward + backward in float32 with B = 1:
 
 Wall-clock and process CPU times are both recorded (the CPU time is less sensitive to other processes on the
 machine); so is the load average before and after, since a busy machine inflates wall-clock times.
-``--quick`` shrinks every size so the whole run takes seconds (the smoke test uses it).
+``--quick`` shrinks every size so the whole run takes about 20 s (the smoke test uses it). Results and their
+reading: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -243,7 +245,6 @@ def layer_vs_sdpa(settings: dict, sizes: list, quick: bool, max_seconds: float, 
     history = {name: {"full": [], "forward": []} for name in ("sdpa",) + VARIANTS}
     for T in sizes:
         repeats, warmup = repeats_for(T, quick)
-        sdpa_row = None
         for name in ("sdpa",) + VARIANTS:
             row = dict(name=name, seq_len=T, batch=B, n_heads=H, head_dim=D)
             if name != "sdpa":
@@ -287,15 +288,26 @@ def layer_vs_sdpa(settings: dict, sizes: list, quick: bool, max_seconds: float, 
             del step
             if not quick:
                 gc.collect()
-            if name == "sdpa":
-                sdpa_row = row
-            elif sdpa_row is not None and "median_s" in sdpa_row:
-                row["forward_ratio_to_sdpa"] = result["forward_median_s"] / sdpa_row["forward_median_s"]
-                if sdpa_row["mode"] == mode == "forward+backward":
-                    row["ratio_to_sdpa"] = result["median_s"] / sdpa_row["median_s"]
-                    row["cpu_ratio_to_sdpa"] = result["median_cpu_s"] / sdpa_row["median_cpu_s"]
             log(f"    median {result['median_s']:.3f} s (forward {result['forward_median_s']:.3f} s)")
             rows.append(row)
+    return add_ratios(rows)
+
+
+def add_ratios(rows: list) -> list:
+    """Set each MC row's ratios to the SDPA row at the same T (in place; returns ``rows``).
+
+    ``ratio_to_sdpa`` / ``cpu_ratio_to_sdpa``: wall-clock / CPU medians over SDPA's, only when both ran in the
+    same mode (both forward + backward, or both forward only). ``forward_ratio_to_sdpa``: forward medians.
+    """
+    sdpa = {row["seq_len"]: row for row in rows if row["name"] == "sdpa" and "median_s" in row}
+    for row in rows:
+        base = sdpa.get(row["seq_len"])
+        if row["name"] == "sdpa" or base is None or "median_s" not in row:
+            continue
+        row["forward_ratio_to_sdpa"] = row["forward_median_s"] / base["forward_median_s"]
+        if base["mode"] == row["mode"]:
+            row["ratio_to_sdpa"] = row["median_s"] / base["median_s"]
+            row["cpu_ratio_to_sdpa"] = row["median_cpu_s"] / base["median_cpu_s"]
     return rows
 
 
@@ -361,8 +373,10 @@ def format_tables(report: dict) -> str:
                  f"(target >= {loop['target']:.0f}x: {'met' if loop['meets_target'] else 'NOT met'})")
     lines.append("")
     lines.append("MC layer (linear memory) vs causal SDPA, B 1, medians:")
+    lines.append("(/SDPA: time over SDPA's in the same mode; cpu/SDPA: the same with process CPU time; fwd/SDPA: "
+                 "forward times)")
     header = (f"{'T':>6}  {'variant':<9} {'mode':<17} {'runs':>4}  {'fwd s':>8}  {'fwd+bwd s':>9}  {'cpu s':>8}  "
-              f"{'/SDPA':>6}  {'fwd/SDPA':>8}")
+              f"{'/SDPA':>6}  {'cpu/SDPA':>8}  {'fwd/SDPA':>8}")
     lines.append(header)
     lines.append("-" * len(header))
     for row in report["layer_vs_sdpa"]:
@@ -373,7 +387,8 @@ def format_tables(report: dict) -> str:
         cpu = row["median_cpu_s"]
         lines.append(f"{row['seq_len']:>6}  {row['name']:<9} {row['mode']:<17} {row['repeats']:>4}  "
                      f"{row['forward_median_s']:>8.3f}  {_seconds(full):>9}  {cpu:>8.3f}  "
-                     f"{_ratio(row.get('ratio_to_sdpa')):>6}  {_ratio(row.get('forward_ratio_to_sdpa')):>8}")
+                     f"{_ratio(row.get('ratio_to_sdpa')):>6}  {_ratio(row.get('cpu_ratio_to_sdpa')):>8}  "
+                     f"{_ratio(row.get('forward_ratio_to_sdpa')):>8}")
     lines.append("")
     lines.append("Cached states per layer and sequence (values; float32):")
     for row in report["cached_states"]:
@@ -402,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated sequence lengths for the layer vs SDPA runs (default 4096,16384,65536;"
                              " --quick: 64,128)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--table", metavar="JSON", default=None,
+                        help="print the tables of an earlier report and exit (measures nothing)")
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="run forward only (if predicted within twice this) or skip a measurement whose one "
                              "forward + backward is predicted to take longer (default 60; --quick: 10)")
@@ -411,6 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list] = None) -> int:
     """Run the benchmark, print the tables and write the JSON report. Returns the exit status (0)."""
     args = build_parser().parse_args(argv)
+    if args.table is not None:
+        with open(args.table, encoding="utf-8") as handle:
+            report = json.load(handle)
+        add_ratios(report["layer_vs_sdpa"])
+        print(format_tables(report))
+        return 0
     if args.threads <= 0:
         raise SystemExit(f"--threads = {args.threads}; expected a positive integer")
     torch.set_num_threads(args.threads)

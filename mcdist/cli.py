@@ -193,10 +193,20 @@ def _cmd_eval(args) -> int:
     device = resolve_device(args.device)
     model, model_config = load_model(checkpoint, map_location=device)
     run_config = run_config.replace(model=model_config, parallel=ParallelConfig())  # eval runs one process
-    check_task(run_config)
     train_cfg = run_config.train
     if args.batches is not None and args.batches <= 0:
         raise UsageError(f"--batches = {args.batches} is invalid; expected a positive integer")
+    if train_cfg.task != "mqar":  # passkey, token files: the trainer's own evaluation batches
+        from mcdist.train.trainer import evaluate_task
+
+        if args.seed is not None:
+            raise UsageError(f"--seed applies to the mqar task; this run's task is {train_cfg.task!r} (its "
+                             "evaluation data is fixed by train.seed and train.val_data_path)")
+        result = evaluate_task(model, run_config, num_batches=args.batches, device=device)
+        print(json.dumps({"checkpoint": checkpoint, "task": train_cfg.task, "seq_len": train_cfg.seq_len,
+                          **result}, sort_keys=True))
+        return 0
+    check_task(run_config)
     seed = train_cfg.seed + EVAL_SEED_OFFSET if args.seed is None else args.seed
     with torch.no_grad():
         result = evaluate_mqar(model, batch_size=train_cfg.batch_size, seq_len=train_cfg.seq_len,
@@ -306,8 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     from mcdist.checkpoint import CheckpointError
 
     parser = _build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parser.parse_args(argv)
+        if argv[:1] == ["bench"]:  # everything after `bench` belongs to mcdist.bench (REMAINDER drops --flags)
+            args = argparse.Namespace(command="bench", bench_args=argv[1:])
+        else:
+            args = parser.parse_args(argv)
     except SystemExit as stop:  # argparse already printed its message
         return int(stop.code or 0)
     handlers = {"train": _cmd_train, "eval": _cmd_eval, "compare": _cmd_compare, "bench": _cmd_bench,

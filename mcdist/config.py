@@ -102,6 +102,9 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     os.makedirs(folder, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a saved file gets the usual permissions
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             out.write(text)
             out.flush()

@@ -189,7 +189,10 @@ class MemoryCachingLayer(nn.Module):
         return self.out_proj(y)
 
     def forward(self, x: torch.Tensor, *, impl: Optional[str] = None) -> torch.Tensor:
-        impl = ops.resolve_impl(impl or self.config.impl, x)
+        requested = impl or self.config.impl
+        if requested == "auto" and self.config.segmentation == "logarithmic":
+            requested = "reference"  # the only path that implements it
+        impl = ops.resolve_impl(requested, x)
         if impl == "reference":
             from mcdist.reference import memory_caching_reference
 

@@ -56,7 +56,8 @@ def test_every_variant_and_sdpa_is_measured_at_every_size(quick_report):
         assert _positive(row["median_s"]) and _positive(row["forward_median_s"])
         assert row["head_dim"] * row["n_heads"] == quick_report["settings"]["layer"]["d_model"]
         if row["name"] != "sdpa":
-            assert _positive(row["ratio_to_sdpa"]) and _positive(row["forward_ratio_to_sdpa"])
+            for key in ("ratio_to_sdpa", "cpu_ratio_to_sdpa", "forward_ratio_to_sdpa"):
+                assert _positive(row[key]), (row["name"], row["seq_len"], key)
 
 
 def test_cached_state_counts_match_the_formula(quick_report):
@@ -85,3 +86,11 @@ def test_predictor_and_repeats():
 def test_bad_sizes_are_refused(tmp_path):
     with pytest.raises(SystemExit):
         bench.main(["--quick", "--sizes", "64,abc", "--out", str(tmp_path / "x.json")])
+
+
+def test_table_reprints_a_saved_report(quick_report, tmp_path, capsys):
+    saved = tmp_path / "saved.json"
+    saved.write_text(json.dumps(quick_report))
+    assert bench.main(["--table", str(saved)]) == 0
+    printed = capsys.readouterr().out
+    assert "speed-up" in printed and "cpu/SDPA" in printed and "N*H*d^2" in printed

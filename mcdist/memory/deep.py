@@ -116,12 +116,13 @@ def _run(k, v, theta, *, kind, segment_len, minibatch_len, state_init, inner_lr,
     else:
         state = start
     read_w1, read_w2, cached_w1, cached_w2 = [], [], [], []
-    for n in range(n_minibatches):
+    # unbind, not indexing: the backward of n indexings would zero-fill n full-size gradients (quadratic in T)
+    for n, (k_mb, v_mb, t_mb) in enumerate(zip(kp.unbind(1), vp.unbind(1), tp.unbind(1))):
         if n % per_segment == 0 and state_init == "independent":
             state = start
         read_w1.append(state.w1)
         read_w2.append(state.w2)
-        g1, g2 = minibatch_gradients(state.w1, state.w2, kp[:, n], vp[:, n], tp[:, n], kind)
+        g1, g2 = minibatch_gradients(state.w1, state.w2, k_mb, v_mb, t_mb, kind)
         state = _apply_update(state, g1, g2, kind, inner_lr, momentum, decay)
         if (n + 1) % per_segment == 0 or n == n_minibatches - 1:
             cached_w1.append(state.w1)

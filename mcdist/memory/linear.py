@@ -117,11 +117,12 @@ def linear_memory_chunked(q, k, v, log_decay=None, *, segment_len, chunk_len, st
     zeros = qc.new_zeros(B, H, D, D)
     state = initial_state.to(sdt) if initial_state is not None else zeros
     incoming, cached = [], []
-    for n in range(n_chunks):
+    # unbind, not indexing: the backward of n indexings would zero-fill n full-size gradients (quadratic in T)
+    for n, (decay, update) in enumerate(zip(chunk_decay.unbind(2), chunk_update.unbind(2))):
         if n % chunks_per_segment == 0 and state_init == "independent":
             state = zeros
         incoming.append(state)
-        state = chunk_decay[:, :, n, None, None] * state + chunk_update[:, :, n]
+        state = decay[:, :, None, None] * state + update
         if (n + 1) % chunks_per_segment == 0 or n == n_chunks - 1:
             cached.append(state)
     incoming = torch.stack(incoming, dim=2)  # [B, H, NC, D, D]

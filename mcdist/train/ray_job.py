@@ -19,8 +19,8 @@ across the workers):
 Choices this module makes:
 
 * ``ray.address``: ``""`` joins the Ray that ``RAY_ADDRESS`` or the last ``ray start`` on this machine names when
-  it answers, else starts a local Ray sized for the job (``ray.workers × ray.cpus_per_worker`` CPUs, no
-  dashboard, a small object store) and stops it afterwards; ``"auto"`` must find a running one; ``host:port`` or
+  it answers, else starts a local Ray sized for the job (``ray.workers × ray.cpus_per_worker`` CPUs, a small
+  object store, Ray's headless API server on 127.0.0.1) and stops it afterwards; ``"auto"`` must find a running one; ``host:port`` or
   ``ray://host:port`` is probed with a TCP connection first, so an unreachable cluster fails in seconds with an
   error naming the address (``ray.init`` alone would retry for minutes).
 * GPUs: one per worker when ``ray.use_gpu`` is true, or when ``train.device`` is ``auto`` and the cluster has at
@@ -34,7 +34,8 @@ Choices this module makes:
   ``mcdist train --ray`` continues from the run's last reported checkpoint; with ``never`` or a path, the name
   gets a timestamp and only restarts within this job resume from Ray's checkpoints.
 * Worker output: ``RAY_TRAIN_ENABLE_PRINT_PATCH=0`` (each line printed once) and ``TQDM_DISABLE=1`` (a
-  progress bar cannot redraw through Ray's log forwarding); Ray Train's own logs at WARNING.
+  progress bar cannot redraw through Ray's log forwarding; rank 0 prints a line per training record instead);
+  Ray Train's own logs at WARNING. Ray prefixes each forwarded line with ``(RayTrainWorker pid=...)``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import importlib.util
 import json
 import os
 import socket
@@ -55,6 +57,7 @@ from mcdist.train.trainer import TrainCallbacks, check_run
 CONNECT_TIMEOUT_S = 5.0
 OBJECT_STORE_BYTES = 256 * 1024 * 1024
 RESULT_NAME = "mcdist_result.json"
+SKIPPED_WORKER_LINES = r"Failed to query Ray Train Controller actor state"
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "TQDM_DISABLE": "1"}
 
 
@@ -85,13 +88,17 @@ class RayCallbacks(TrainCallbacks):
         extra: more callbacks, called after this one's (``all_ranks`` is true here, so they run on every rank
             too and must check the rank themselves when it matters).
         restore_dir: where a checkpoint held on remote storage (``s3://`` ...) is downloaded to resume from it.
+        step_lines_of: print a line per training record on rank 0 (``step N/step_lines_of  loss ...``), for
+            workers whose progress bar is off (``TQDM_DISABLE``), in which case the trainer prints none.
     """
 
     all_ranks = True
 
-    def __init__(self, extra: Optional[TrainCallbacks] = None, *, restore_dir: Optional[str] = None):
+    def __init__(self, extra: Optional[TrainCallbacks] = None, *, restore_dir: Optional[str] = None,
+                 step_lines_of: Optional[int] = None):
         self.extra = extra
         self.restore_dir = restore_dir
+        self.step_lines_of = step_lines_of
 
     @staticmethod
     def _rank() -> int:
@@ -102,6 +109,10 @@ class RayCallbacks(TrainCallbacks):
     def on_metrics(self, metrics: dict) -> None:
         import ray.train
 
+        if self.step_lines_of and metrics.get("kind") == "train" and self._rank() == 0:
+            print(f"step {metrics['step']:>6}/{self.step_lines_of}  loss {metrics['loss']:.4f}  lr "
+                  f"{metrics['lr']:.2e}  gnorm {metrics['grad_norm']:.3f}  {metrics['tokens_per_s']:,.0f} tok/s",
+                  flush=True)
         ray.train.report(_json_safe(metrics))
         if self.extra is not None:
             self.extra.on_metrics(metrics)
@@ -137,16 +148,26 @@ class RayCallbacks(TrainCallbacks):
         return self.extra.should_stop(step) if self.extra is not None else False
 
 
-def _train_loop_per_worker(loop_config: dict) -> None:
-    """The function every Ray Train worker runs: one rank of ``run_training``, then a final report."""
+def _quiet_report_log() -> None:
+    """Ray Train logs every report at INFO on the console through a logger named after its file, which its
+    LoggingConfig does not reach; one line per metrics record would drown the trainer's own lines."""
     import logging
 
+    try:
+        from ray.train.v2._internal.execution import context as report_module
+    except ImportError:  # another Ray layout: leave its logging as it is
+        return
+    for name in (report_module.__name__, getattr(report_module, "__file__", None)):
+        if name:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _train_loop_per_worker(loop_config: dict) -> None:
+    """The function every Ray Train worker runs: one rank of ``run_training``, then a final report."""
     import ray
     import ray.train
 
-    # Ray Train logs every report at INFO on the console whatever its LoggingConfig says; one line per metrics
-    # record would drown the trainer's own lines
-    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
+    _quiet_report_log()
     context = ray.train.get_context()
     print(f"ray: worker rank {context.get_world_rank()}/{context.get_world_size()} on node "
           f"{ray.get_runtime_context().get_node_id()[:12]} (pid {os.getpid()})", flush=True)
@@ -157,8 +178,10 @@ def _train_loop_per_worker(loop_config: dict) -> None:
         config = config.replace(train=config.train.replace(out_dir=os.path.join(driver_cwd, out_dir)))
     from mcdist.train.trainer import run_training
 
+    bar_is_off = config.train.progress and importlib.util.find_spec("tqdm") is not None  # TQDM_DISABLE=1
     callbacks = RayCallbacks(loop_config.get("callbacks"),
-                             restore_dir=os.path.join(config.train.out_dir, "ray_restored"))
+                             restore_dir=os.path.join(config.train.out_dir, "ray_restored"),
+                             step_lines_of=config.train.steps if bar_is_off else None)
     result = _json_safe(run_training(config, callbacks=callbacks))
     if ray.train.get_context().get_world_rank() == 0 and loop_config.get("result_uri"):
         _write_text(loop_config["result_uri"], json.dumps(result, sort_keys=True))
@@ -242,10 +265,53 @@ def _local_cluster_address() -> Optional[str]:
         return None
 
 
+def _use_auth_token() -> None:
+    """Present the Ray auth token when there is one: `ray start --head` turns token authentication on (Ray >=
+    2.52), but a driver sends the token only with RAY_AUTH_MODE=token (a cluster without auth accepts it too)."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return
+    token_file = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(token_file):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def _connect(address: str, common: dict) -> None:
+    """``ray.init(address)`` for a running cluster; its failures name the address."""
+    import ray
+
+    _use_auth_token()
+    try:
+        ray.init(address=address, **common)
+    except ConnectionError as error:
+        hint = ("start one with `ray start --head`" if address == "auto" else
+                "is its Ray running, the same Ray version as here, and (with token authentication) is its token "
+                "in ~/.ray/auth_token or RAY_AUTH_TOKEN?")
+        raise RayConnectionError(f"cannot connect to the Ray cluster at ray.address = {address!r} ({error}); "
+                                 f"{hint}") from error
+
+
+def _skip_state_api_warnings() -> None:
+    """Drop one warning from the driver's copy of the workers' output: Ray Train's placement-group cleaner asks
+    the state API, which needs the dashboard packages of ``ray[default]``, about the controller every second
+    and, without them, says it could not, every second. Ray reads the skip pattern when it is imported."""
+    os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", SKIPPED_WORKER_LINES)
+    try:  # Ray imported already (tests): its deduplicators hold the pattern they read then
+        import re
+
+        from ray._private import ray_logging
+
+        for deduplicator in (ray_logging.stdout_deduplicator, ray_logging.stderr_deduplicator):
+            if getattr(deduplicator, "skip_re", True) is None:
+                deduplicator.skip_re = re.compile(os.environ["RAY_DEDUP_LOGS_SKIP_REGEX"])
+    except (ImportError, AttributeError):
+        pass
+
+
 class _RaySession:
     """``ray.init`` as ``ray.address`` says; ``close`` shuts down only what this session started or joined."""
 
     def __init__(self, config: RunConfig, log: Callable[[str], None]):
+        _skip_state_api_warnings()
         import ray
 
         self.owned = False
@@ -253,26 +319,25 @@ class _RaySession:
         if ray.is_initialized():
             return
         address = config.ray.address
-        common = dict(include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+        common = dict(logging_level="WARNING", log_to_driver=True)
         if address == "":
             existing = _local_cluster_address()
             if existing and _host_port(existing) and _answers(existing):
-                ray.init(address=existing, **common)
+                _connect(existing, common)
                 self.description = f"the running Ray at {existing}"
             else:
                 num_cpus = config.ray.workers * config.ray.cpus_per_worker
+                # include_dashboard left to Ray: its default is a headless API server on 127.0.0.1 (no web
+                # UI without the dashboard's extra packages); with False, Ray Train's placement-group cleaner
+                # cannot query actor states and logs a warning every second
                 ray.init(address="local", num_cpus=num_cpus, object_store_memory=OBJECT_STORE_BYTES, **common)
                 self.description = f"a local Ray with {num_cpus} CPU(s), started for this run"
         elif address == "auto":
-            try:
-                ray.init(address="auto", **common)
-            except ConnectionError as error:
-                raise RayConnectionError(f"ray.address = 'auto' found no running Ray cluster on this machine "
-                                         f"({error}); start one with `ray start --head`") from error
+            _connect("auto", common)
             self.description = "the running Ray found by address 'auto'"
         else:
             check_reachable(address)
-            ray.init(address=address, **common)
+            _connect(address, common)
             self.description = f"the Ray cluster at {address}"
         self.owned = True
         log(f"ray: using {self.description}")

@@ -61,6 +61,7 @@ EVAL_SPLIT = 1
 FINAL_MODEL_DIR = "checkpoint"
 METRICS_NAME = "metrics.jsonl"
 _MASK64 = (1 << 64) - 1
+_PEER_RESUME_ERROR = "another rank could not resume"
 
 
 # -- callbacks -------------------------------------------------------------------------------------------------
@@ -336,6 +337,31 @@ def evaluate(model: torch.nn.Module, data: RankData, *, num_batches: int, device
     return {"eval_loss": float(sums[0]) / count, "eval_accuracy": float(sums[1]) / count}
 
 
+def evaluate_task(model: torch.nn.Module, run_config: RunConfig, *, num_batches: Optional[int] = None,
+                  device: torch.device | str = "cpu") -> dict:
+    """Score ``model`` in this one process on the evaluation batches of ``run_config``'s task (any task).
+
+    Args:
+        model: a model (e.g. from ``mcdist.checkpoint.load_model``) on ``device``.
+        run_config: the run whose task, sizes and seed define the batches (its parallel section is ignored).
+        num_batches: batches to score (default ``train.eval_batches``).
+        device: where ``model`` is.
+
+    Returns:
+        ``{"eval_loss", "eval_accuracy"}``: what the trainer logs for the same weights (up to float rounding).
+    """
+    run_config = run_config.replace(parallel=ParallelConfig())
+    check_run(run_config)
+    device = torch.device(device)
+    use_bf16 = run_config.train.dtype == "bfloat16" and device.type == "cuda"
+
+    def autocast():
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+    return evaluate(model, RankData(run_config, Mesh.single()), device=device, autocast=autocast,
+                    num_batches=num_batches or run_config.train.eval_batches)
+
+
 # -- output ----------------------------------------------------------------------------------------------------
 
 
@@ -517,19 +543,35 @@ def run_training(config: RunConfig, *, callbacks: Optional[TrainCallbacks] = Non
                                   foreach=device.type == "cuda")
 
     # resume: every rank reads the same verified files (nothing is sharded, so any dp × sp layout may resume)
-    resume_path = resolve_resume(config, callbacks)
     start_step, elapsed_before, tokens_seen, last_loss, evaluation, saved_world = 0, 0.0, 0, math.nan, {}, {}
-    if resume_path is not None:
-        state, saved_world = _checked_resume(resume_path, config, data)
-        ckpt.load_model_weights(resume_path, model)
-        optimizer.load_state_dict(state["optimizer"])
-        ckpt.set_rng_state(state["rng"])
-        start_step = int(state["step"])
-        progress = state.get("progress", {})
-        elapsed_before = float(progress.get("elapsed_s", 0.0))
-        tokens_seen = int(progress.get("tokens_seen", 0))
-        last_loss = float(progress.get("loss", math.nan))
-        evaluation = dict(progress.get("eval", {}))
+    resume_path, resume_error = None, None
+    try:
+        resume_path = resolve_resume(config, callbacks)
+        if resume_path is not None:
+            state, saved_world = _checked_resume(resume_path, config, data)
+            ckpt.load_model_weights(resume_path, model)
+            optimizer.load_state_dict(state["optimizer"])
+            ckpt.set_rng_state(state["rng"])
+            start_step = int(state["step"])
+            progress = state.get("progress", {})
+            elapsed_before = float(progress.get("elapsed_s", 0.0))
+            tokens_seen = int(progress.get("tokens_seen", 0))
+            last_loss = float(progress.get("loss", math.nan))
+            evaluation = dict(progress.get("eval", {}))
+    except (CheckpointError, ConfigError, ValueError, OSError) as error:
+        resume_error = error
+    # every rank must resume from the same step: out_dir on a file system one node alone sees would split them
+    agreement = _all_reduce(torch.tensor([float(resume_error is not None), start_step, -start_step],
+                                         dtype=torch.float64, device=device), dist.ReduceOp.MAX)
+    if resume_error is not None:
+        raise resume_error
+    if agreement[0] > 0:
+        raise CheckpointError(f"{_PEER_RESUME_ERROR} (its error names the checkpoint); this rank "
+                              f"{'resumed from ' + resume_path if resume_path else 'found no checkpoint'}")
+    if int(agreement[1]) != -int(agreement[2]):
+        raise CheckpointError(f"ranks disagree on the step to resume from (between {-int(agreement[2])} and "
+                              f"{int(agreement[1])}; this rank: {start_step} from {resume_path}); train.out_dir must "
+                              "be on a file system that every rank sees, with the same checkpoints")
 
     reporter = _Reporter(config, rank=rank, start_step=start_step, callbacks=callbacks)
     world = f"dp {mesh.dp} × sp {mesh.sp}" + (f" ({config.parallel.layout})" if mesh.sp > 1 else "")
@@ -669,11 +711,17 @@ def run_training(config: RunConfig, *, callbacks: Optional[TrainCallbacks] = Non
             save(done, {"step": done, "loss": last_loss, **evaluation})
         final_model = None
         if done >= cfg.steps:
-            final_model = os.path.join(cfg.out_dir, FINAL_MODEL_DIR)
+            final_model, error = os.path.join(cfg.out_dir, FINAL_MODEL_DIR), None
             if rank == 0:
-                ckpt.export_checkpoint(last_checkpoint, final_model, verify=False)
-            if mesh.distributed:
-                dist.barrier()
+                try:
+                    ckpt.export_checkpoint(last_checkpoint, final_model, verify=False)
+                except Exception as failure:  # tell every rank, as for a failed save
+                    error = failure
+            ok = _all_reduce(torch.tensor([0.0 if error else 1.0], device=device), dist.ReduceOp.MIN)
+            if error is not None:
+                raise error
+            if float(ok[0]) < 1:
+                raise RuntimeError(f"rank 0 failed to write the final weights to {final_model}")
     finally:
         reporter.close()
 
@@ -737,6 +785,7 @@ def _reraise_worker_error(folder: str, failure: BaseException) -> None:
             with open(os.path.join(folder, name), encoding="utf-8") as handle:
                 reports.append(json.load(handle))
     own = [report for report in reports if report["type"] != "PeerFailure"] or reports
+    own.sort(key=lambda report: report["message"].startswith(_PEER_RESUME_ERROR))  # the rank with the cause first
     if own and own[0]["type"] in _LAUNCH_ERRORS:
         raise _LAUNCH_ERRORS[own[0]["type"]](own[0]["message"]) from failure
 

@@ -19,8 +19,8 @@ from mcdist import cli  # noqa: E402
 from mcdist.checkpoint import load_model  # noqa: E402
 from mcdist.config import ConfigError, RunConfig  # noqa: E402
 from mcdist.train import state as ckpt  # noqa: E402
-from mcdist.train.ray_job import (RayConnectionError, TrainCallbacks, evaluate_checkpoint,  # noqa: E402
-                                  train_with_ray)
+from mcdist.train.ray_job import RayConnectionError, evaluate_checkpoint, train_with_ray  # noqa: E402
+from mcdist.train.trainer import TrainCallbacks  # noqa: E402
 
 # Ray pickles the callbacks below into its workers, which cannot import this test module: send them by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -50,9 +50,9 @@ def closed_port() -> int:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """One small local Ray for the module (2 CPUs, no dashboard), always shut down."""
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=128 * 1024 * 1024,
-             logging_level="WARNING")
+    """One small local Ray for the module (2 CPUs, a small object store), always shut down. The dashboard is
+    left to Ray's default, a headless API server: Ray Train's placement-group cleaner polls it."""
+    ray.init(address="local", num_cpus=2, object_store_memory=128 * 1024 * 1024, logging_level="WARNING")
     try:
         yield
     finally:
@@ -127,7 +127,11 @@ def test_killed_worker_resumes_from_the_last_checkpoint(straight_run, tmp_path):
     attempts = {}
     for pid, step in rows:
         attempts.setdefault(pid, []).append(int(step))
-    assert list(attempts.values()) == [list(range(1, KILL_AT_STEP + 1)), list(range(5, 13))], attempts
+    first, second = attempts.values()  # rank 0's process before and after the restart
+    # the first attempt got to step KILL_AT_STEP (its last report may be cut short by the kill); the second
+    # started right after the step-4 checkpoint
+    assert first in (list(range(1, KILL_AT_STEP)), list(range(1, KILL_AT_STEP + 1))), attempts
+    assert second == list(range(5, 13)), attempts
     # and it continued the same loss curve as the run that was never interrupted
     resumed, straight = curve(out_dir), curve(straight_dir)
     assert [s for s, _ in resumed] == [s for s, _ in straight] == list(range(1, 13))

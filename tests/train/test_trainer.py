@@ -225,3 +225,50 @@ def test_nprocs_must_match_the_mesh(tmp_path):
 
 def test_single_mesh_is_what_one_process_uses():
     assert Mesh.single().dp == 1 and not Mesh.single().distributed
+
+
+def test_a_spawned_rank_error_is_raised_as_its_own_type(tmp_path):
+    from mcdist.checkpoint import CheckpointError
+    from mcdist.train.trainer import _reraise_worker_error
+
+    (tmp_path / "error-0.json").write_text(json.dumps({"type": "PeerFailure", "message": "rank 0 stopped"}))
+    (tmp_path / "error-1.json").write_text(json.dumps({"type": "CheckpointError", "message": "/x/step-2 is corrupt"}))
+    with pytest.raises(CheckpointError, match="/x/step-2 is corrupt"):
+        _reraise_worker_error(str(tmp_path), RuntimeError("process 1 failed"))
+    (tmp_path / "error-1.json").write_text(json.dumps({"type": "KeyError", "message": "'x'"}))
+    _reraise_worker_error(str(tmp_path), RuntimeError("unknown types are left to the caller"))  # no raise
+
+
+def test_cli_eval_scores_the_run_s_own_task(tmp_path, capsys):
+    from mcdist.cli import main
+
+    result = run_training(tiny(tmp_path, "train.task=passkey", "train.steps=1", "train.eval_batches=2"))
+    assert main(["eval", "--checkpoint", result["final_model"], "--device", "cpu"]) == 0
+    evaluation = json.loads(capsys.readouterr().out)
+    assert evaluation["task"] == "passkey"
+    assert abs(evaluation["eval_loss"] - result["eval_loss"]) <= 1e-6 * result["eval_loss"]
+    assert evaluation["eval_accuracy"] == result["eval_accuracy"]
+    assert main(["eval", "--checkpoint", result["final_model"], "--seed", "3"]) == 2
+    assert "--seed applies to the mqar task" in capsys.readouterr().err
+
+
+class ResumeOnRankZeroOnly(TrainCallbacks):
+    """As if out_dir were on a disk that only rank 0's node sees."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def resume_from(self):
+        import torch.distributed as dist
+
+        return self.path if dist.get_rank() == 0 else None
+
+
+@pytest.mark.slow
+def test_ranks_that_disagree_on_the_checkpoint_fail_with_a_clear_error(tmp_path):
+    from mcdist.checkpoint import CheckpointError
+
+    run_training(tiny(tmp_path / "one", "train.steps=2"))
+    with pytest.raises(CheckpointError, match="ranks disagree on the step to resume from"):
+        launch_local(tiny(tmp_path / "two", "parallel.sp=2"),
+                     callbacks=ResumeOnRankZeroOnly(str(tmp_path / "one" / "checkpoints" / "step-000002")))

@@ -87,7 +87,8 @@ echo "two_nodes: mcdist train --ray --address $ADDRESS --workers 2 --sp 2 --conf
     --set "train.out_dir=$OUT_DIR" "$@" 2>&1 | tee "$RAY_TEMP/train.out"
 
 # the two workers must have run on different nodes (each prints "ray: worker rank R/W on node ID")
-nodes=$(grep -o 'ray: worker rank [0-9]*/2 on node [0-9a-f]*' "$RAY_TEMP/train.out" | awk '{print $NF}' | sort -u | wc -l)
+nodes=$(grep -o 'ray: worker rank [0-9]*/2 on node [0-9a-f]*' "$RAY_TEMP/train.out" | awk '{print $NF}' \
+    | sort -u | wc -l)
 if [ "$nodes" -ne 2 ]; then
     echo "two_nodes: expected the two workers on two different nodes, found $nodes node id(s)" >&2
     exit 1

@@ -20,9 +20,10 @@ Choices this module makes:
 
 * ``ray.address``: ``""`` joins the Ray that ``RAY_ADDRESS`` or the last ``ray start`` on this machine names when
   it answers, else starts a local Ray sized for the job (``ray.workers × ray.cpus_per_worker`` CPUs, a small
-  object store, Ray's headless API server on 127.0.0.1) and stops it afterwards; ``"auto"`` must find a running one; ``host:port`` or
-  ``ray://host:port`` is probed with a TCP connection first, so an unreachable cluster fails in seconds with an
-  error naming the address (``ray.init`` alone would retry for minutes).
+  object store, Ray's headless API server on 127.0.0.1) and stops it afterwards; ``"auto"`` must find a running
+  one; ``host:port`` or ``ray://host:port`` is probed with a TCP connection first, so an unreachable cluster
+  fails in seconds with an error naming the address (``ray.init`` alone would retry for minutes). The driver
+  presents Ray's auth token (``~/.ray/auth_token``) when there is one.
 * GPUs: one per worker when ``ray.use_gpu`` is true, or when ``train.device`` is ``auto`` and the cluster has at
   least one GPU per worker; never when ``train.device`` is ``cpu``.
 * Paths: Ray Train runs workers in a folder of its own, so a relative ``train.out_dir`` is taken relative to the
@@ -316,9 +317,11 @@ class _RaySession:
 
         self.owned = False
         self.description = "the Ray already initialised in this process"
-        if ray.is_initialized():
-            return
         address = config.ray.address
+        if ray.is_initialized():
+            if address not in ("", "auto"):
+                check_reachable(address)  # a named cluster that does not answer fails as it does without Ray
+            return
         common = dict(logging_level="WARNING", log_to_driver=True)
         if address == "":
             existing = _local_cluster_address()

@@ -22,7 +22,8 @@ def relative_error(a, b):
 
 
 def layer_case(memory, aggregation, state_init, layout, world, rank, dtype, seq_len=None):
-    """(output error, max gradient error) of the SP layer against one process, on this rank's slice."""
+    """Relative errors of the SP layer against one process on this rank's slice: [output, input gradient, all
+    parameter gradients jointly, the worst single parameter gradient], and the bytes the ring received."""
     C = 4
     seq_len = seq_len or 2 * world * C * 2  # two segments per piece under zigzag
     torch.manual_seed(0)
@@ -45,13 +46,18 @@ def layer_case(memory, aggregation, state_init, layout, world, rank, dtype, seq_
     y_local = layer(x_local, impl="chunked")
     (y_local * shard_sequence(upstream, world, rank, layout)).sum().backward()
 
-    errors = [relative_error(y_local, shard_sequence(y_full, world, rank, layout)),
-              relative_error(x_local.grad, shard_sequence(x_full.grad, world, rank, layout))]
-    for (name, p_ref), p in zip(reference.named_parameters(), layer.parameters()):
+    out_error = relative_error(y_local, shard_sequence(y_full, world, rank, layout))
+    input_error = relative_error(x_local.grad, shard_sequence(x_full.grad, world, rank, layout))
+    grads, reference_grads = [], []
+    for p_ref, p in zip(reference.parameters(), layer.parameters()):
         grad = p.grad.clone()
         dist.all_reduce(grad)
-        errors.append(relative_error(grad, p_ref.grad))
-    return errors[0], max(errors[1:]), dict(sp.stats.received)
+        grads.append(grad)
+        reference_grads.append(p_ref.grad)
+    joint = relative_error(torch.cat([g.reshape(-1) for g in grads]),
+                           torch.cat([g.reshape(-1) for g in reference_grads]))
+    each = max(relative_error(g, r) for g, r in zip(grads, reference_grads))
+    return [out_error, input_error, joint, each], dict(sp.stats.received)
 
 
 def layer_cases_worker(rank, world, layouts, dtype_name, out_path):
@@ -59,10 +65,10 @@ def layer_cases_worker(rank, world, layouts, dtype_name, out_path):
     results = {}
     for layout, memory, aggregation, state_init in itertools.product(layouts, MEMORY_KINDS, AGGREGATIONS,
                                                                        STATE_INITS):
-        out_error, grad_error, received = layer_case(memory, aggregation, state_init, layout, world, rank, dtype)
-        both = torch.tensor([out_error, grad_error], dtype=torch.float64)
-        dist.all_reduce(both, op=dist.ReduceOp.MAX)
-        results["-".join([layout, memory, aggregation, state_init])] = both.tolist()
+        errors, received = layer_case(memory, aggregation, state_init, layout, world, rank, dtype)
+        errors = torch.tensor(errors, dtype=torch.float64)
+        dist.all_reduce(errors, op=dist.ReduceOp.MAX)
+        results["-".join([layout, memory, aggregation, state_init])] = errors.tolist()
         if (memory, aggregation, state_init) == ("linear", "grm", "independent"):
             results[f"bytes-{layout}"] = received  # what rank 0's ring moved for this layer
     if rank == 0:

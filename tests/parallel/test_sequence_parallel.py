@@ -34,15 +34,18 @@ def layer_results(tmp_path_factory):
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("world", [2, 4])
 def test_sp_layer_equals_one_process_float64(layer_results, world, variant):
-    out_error, grad_error = layer_results(world, "float64")[variant]
-    assert out_error <= 1e-10 and grad_error <= 1e-10, (out_error, grad_error)
+    errors = layer_results(world, "float64")[variant]  # output, input grad, params jointly, worst param
+    assert max(errors) <= 1e-10, errors
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_sp_layer_equals_one_process_float32(layer_results, world, variant):
-    out_error, grad_error = layer_results(world, "float32")[variant]
-    assert out_error <= 1e-5 and grad_error <= 1e-5, (out_error, grad_error)
+    out_error, input_error, joint, worst = layer_results(world, "float32")[variant]
+    # As in tests/model/test_layer.py: a parameter whose gradient is a sum with heavy cancellation sits at
+    # float32 noise on its own scale, so single parameters get 1e-4 and all parameters together 1e-5.
+    assert out_error <= 1e-5 and input_error <= 1e-5 and joint <= 1e-5 and worst <= 1e-4, \
+        (out_error, input_error, joint, worst)
 
 
 STEP_CASES = [

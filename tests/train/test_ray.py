@@ -19,7 +19,8 @@ from mcdist import cli  # noqa: E402
 from mcdist.checkpoint import load_model  # noqa: E402
 from mcdist.config import ConfigError, RunConfig  # noqa: E402
 from mcdist.train import state as ckpt  # noqa: E402
-from mcdist.train.ray_job import RayConnectionError, evaluate_checkpoint, train_with_ray  # noqa: E402
+from mcdist.train.ray_job import (RayConnectionError, _host_port, check_reachable,  # noqa: E402
+                                  evaluate_checkpoint, run_name, train_with_ray)
 from mcdist.train.trainer import TrainCallbacks  # noqa: E402
 
 # Ray pickles the callbacks below into its workers, which cannot import this test module: send them by value.
@@ -46,6 +47,72 @@ def closed_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]  # nothing listens once the socket is closed
+
+
+# -- fast: refused before Ray starts (these run first, before the module's Ray exists) -------------------------
+
+
+def test_unreachable_address_fails_fast_naming_it(tmp_path):
+    address = f"127.0.0.1:{closed_port()}"
+    started = ray.is_initialized()
+    start = time.perf_counter()
+    with pytest.raises(RayConnectionError, match=address.replace(".", r"\.")):
+        train_with_ray(tiny(tmp_path / "run", f"ray.address={address}"), log=None)
+    assert time.perf_counter() - start < 20
+    assert ray.is_initialized() == started and not os.path.exists(tmp_path / "run")
+
+
+def test_cli_unreachable_address_exits_2(capsys, tmp_path):
+    address = f"127.0.0.1:{closed_port()}"
+    status = cli.main(["train", "--ray", "--address", address, "--workers", "2", "--sp", "2", "--quiet",
+                       "--set", "model.segment_len=8", "--set", "model.chunk_len=4", "--set", "train.seq_len=32",
+                       "--set", "train.num_kv_pairs=3", "--set", f"train.out_dir={tmp_path / 'run'}"])
+    assert status == 2
+    assert address in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_worker_count_must_equal_dp_times_sp(tmp_path):
+    started = ray.is_initialized()
+    with pytest.raises(ConfigError, match=r"ray\.workers = 3 does not equal parallel\.dp · parallel\.sp"):
+        train_with_ray(tiny(tmp_path / "run", "ray.workers=3"), log=None)
+    assert ray.is_initialized() == started and not os.path.exists(tmp_path / "run")
+
+
+def _flags(**values):
+    defaults = dict(ray=True, workers=None, sp=None, address=None)
+    return argparse.Namespace(**{**defaults, **values})
+
+
+def test_cli_flags_map_onto_ray_and_parallel():
+    base = RunConfig()
+    config = cli._apply_ray_flags(_flags(workers=4, sp=2, address="10.0.0.1:6379"), base)
+    assert (config.parallel.dp, config.parallel.sp, config.ray.workers) == (2, 2, 4)
+    assert config.ray.address == "10.0.0.1:6379"
+    config = cli._apply_ray_flags(_flags(sp=3), base)
+    assert (config.parallel.dp, config.parallel.sp, config.ray.workers) == (1, 3, 3)
+    assert cli._apply_ray_flags(_flags(), base) == base
+    with pytest.raises(cli.UsageError, match="--workers = 3 is not a multiple of sp = 2"):
+        cli._apply_ray_flags(_flags(workers=3, sp=2), base)
+    with pytest.raises(cli.UsageError, match="need --ray"):
+        cli._apply_ray_flags(_flags(ray=False, workers=2), base)
+
+
+def test_run_name_is_fixed_only_when_resuming_automatically(tmp_path):
+    assert run_name(tiny(tmp_path / "grm")) == "mcdist-grm"
+    fresh = run_name(tiny(tmp_path / "grm", "train.resume=never"))
+    assert fresh.startswith("mcdist-grm-") and fresh != "mcdist-grm"
+
+
+def test_addresses_are_parsed_and_bad_ones_refused():
+    assert _host_port("10.1.2.3:6379") == ("10.1.2.3", 6379)
+    assert _host_port("ray://head.example:10001") == ("head.example", 10001)
+    assert _host_port("head-without-port") is None
+    with pytest.raises(ConfigError, match="ray.address = 'nowhere' is invalid"):
+        check_reachable("nowhere")
+
+
+# -- slow: real Ray runs on one local Ray -------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -137,46 +204,3 @@ def test_killed_worker_resumes_from_the_last_checkpoint(straight_run, tmp_path):
     assert [s for s, _ in resumed] == [s for s, _ in straight] == list(range(1, 13))
     for (step, loss), (_, reference) in zip(resumed, straight):
         assert abs(loss - reference) <= 1e-9 * abs(reference), (step, loss, reference)
-
-
-def test_unreachable_address_fails_fast_naming_it():
-    address = f"127.0.0.1:{closed_port()}"
-    start = time.perf_counter()
-    with pytest.raises(RayConnectionError, match=address.replace(".", r"\.")):
-        train_with_ray(tiny("unused", f"ray.address={address}"), log=None)
-    assert time.perf_counter() - start < 20
-    assert not ray.is_initialized()
-
-
-def test_cli_unreachable_address_exits_2(capsys):
-    address = f"127.0.0.1:{closed_port()}"
-    status = cli.main(["train", "--ray", "--address", address, "--workers", "2", "--sp", "2", "--quiet",
-                       "--set", "model.segment_len=8", "--set", "model.chunk_len=4", "--set", "train.seq_len=32",
-                       "--set", "train.num_kv_pairs=3"])
-    assert status == 2
-    assert address in capsys.readouterr().err
-
-
-def test_worker_count_must_equal_dp_times_sp():
-    with pytest.raises(ConfigError, match=r"ray\.workers = 3 does not equal parallel\.dp · parallel\.sp"):
-        train_with_ray(tiny("unused", "ray.workers=3"), log=None)
-    assert not ray.is_initialized()
-
-
-def _flags(**values):
-    defaults = dict(ray=True, workers=None, sp=None, address=None)
-    return argparse.Namespace(**{**defaults, **values})
-
-
-def test_cli_flags_map_onto_ray_and_parallel():
-    base = RunConfig()
-    config = cli._apply_ray_flags(_flags(workers=4, sp=2, address="10.0.0.1:6379"), base)
-    assert (config.parallel.dp, config.parallel.sp, config.ray.workers) == (2, 2, 4)
-    assert config.ray.address == "10.0.0.1:6379"
-    config = cli._apply_ray_flags(_flags(sp=3), base)
-    assert (config.parallel.dp, config.parallel.sp, config.ray.workers) == (1, 3, 3)
-    assert cli._apply_ray_flags(_flags(), base) == base
-    with pytest.raises(cli.UsageError, match="--workers = 3 is not a multiple of sp = 2"):
-        cli._apply_ray_flags(_flags(workers=3, sp=2), base)
-    with pytest.raises(cli.UsageError, match="need --ray"):
-        cli._apply_ray_flags(_flags(ray=False, workers=2), base)

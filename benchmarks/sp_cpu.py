@@ -92,12 +92,12 @@ def analytical_bytes(seq_len: int, sp: int, rank: int, state_init: str) -> dict:
 # -- will it fit? -----------------------------------------------------------------------------------------------
 
 # Peak RSS of one rank ≥ RSS_BASE + RSS_PER_TOKEN × (tokens on the rank): the activations autograd keeps for the
-# backward of this model (one process, L = 32K and 64K, with MALLOC_MMAP_THRESHOLD_=131072 so that freed blocks
-# leave the RSS: 27–29 KiB per token; an imported torch is ~0.22 GiB). glibc's default allocator keeps freed
-# memory and adds 10–60 % on top (measured here: up to 48 KiB per token at 64K tokens per rank). The cached states
-# (N·H·d² floats per layer) are negligible beside the activations.
+# backward of this model (one process, L = 128K, with MALLOC_MMAP_THRESHOLD_=131072 so that freed blocks leave
+# the RSS: 3.26 GiB above the idle process, 26 KiB per token; an imported torch is ~0.22 GiB). glibc's default
+# allocator keeps freed memory and adds to this (up to 2× measured here). The cached states (N·H·d² floats per
+# layer) are negligible beside the activations.
 RSS_BASE = 0.25 * 2**30
-RSS_PER_TOKEN = 28 * 2**10
+RSS_PER_TOKEN = 26 * 2**10
 RSS_PER_TOKEN_NO_GRAD = 5 * 2**10  # forward only (no saved activations), same measurement
 
 

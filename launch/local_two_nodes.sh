@@ -22,7 +22,7 @@ OUT_DIR=${OUT_DIR:-runs/two_nodes}
 PORT=${PORT:-$("$PYTHON" -c 'from mcdist.parallel.spawn import free_port; print(free_port())')}
 ADDRESS="127.0.0.1:$PORT"
 RAY_TEMP=$(mktemp -d /tmp/mcdist-two-nodes-XXXXXX)
-# `ray start --head` turns on token authentication (Ray >= 2.52) and writes the token to ~/.ray/auth_token;
+# `ray start --head` turns on token authentication (Ray 2.60 does) and writes the token to ~/.ray/auth_token;
 # the second node and the driver must present it too.
 export RAY_AUTH_MODE=token
 NODE_OPTIONS=(--num-cpus 1 --disable-usage-stats --object-store-memory 200000000 --block)

@@ -24,8 +24,8 @@ Choices this module makes:
   one; ``host:port`` or ``ray://host:port`` is probed with a TCP connection first, so an unreachable cluster
   fails in seconds with an error naming the address (``ray.init`` alone would retry for minutes). The driver
   presents Ray's auth token (``~/.ray/auth_token``) when there is one.
-* GPUs: one per worker when ``ray.use_gpu`` is true, or when ``train.device`` is ``auto`` and the cluster has at
-  least one GPU per worker; never when ``train.device`` is ``cpu``.
+* GPUs: one per worker when ``ray.use_gpu`` is true or ``train.device`` is ``cuda``, or when ``train.device`` is
+  ``auto`` and the cluster has at least one GPU per worker; never when ``train.device`` is ``cpu``.
 * Paths: Ray Train runs workers in a folder of its own, so a relative ``train.out_dir`` is taken relative to the
   driver's working directory when that folder exists on the worker's machine (always, on one machine), else
   relative to the worker's working directory (a ``ray job submit --working-dir`` copy). A relative
@@ -267,8 +267,8 @@ def _local_cluster_address() -> Optional[str]:
 
 
 def _use_auth_token() -> None:
-    """Present the Ray auth token when there is one: `ray start --head` turns token authentication on (Ray >=
-    2.52), but a driver sends the token only with RAY_AUTH_MODE=token (a cluster without auth accepts it too)."""
+    """Present the Ray auth token when there is one: `ray start --head` turns token authentication on (Ray
+    2.60 does), but a driver sends the token only with RAY_AUTH_MODE=token (a cluster without auth accepts it too)."""
     if os.environ.get("RAY_AUTH_MODE"):
         return
     token_file = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
@@ -401,7 +401,7 @@ def run_name(config: RunConfig) -> str:
 
 
 def _use_gpu(config: RunConfig) -> bool:
-    if config.ray.use_gpu:
+    if config.ray.use_gpu or config.train.device.startswith("cuda"):
         return True
     if config.train.device != "auto":
         return False

@@ -24,14 +24,6 @@ TINY = ["model.vocab_size=32", "model.d_model=16", "model.n_layers=1", "model.n_
         "train.eval_batches=1", "train.progress=false", "train.device=cpu", "train.checkpoint_every=1"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(out_dir, *overrides) -> RunConfig:
     return RunConfig().with_overrides([*TINY, f"train.out_dir={out_dir}", *overrides])
 

@@ -22,15 +22,6 @@ TINY = ["model.vocab_size=32", "model.d_model=16", "model.n_layers=2", "model.n_
         "train.eval_every=3", "train.eval_batches=1", "train.progress=false", "train.device=cpu"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls run far faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(out_dir, *overrides) -> RunConfig:
     return RunConfig().with_overrides([*TINY, f"train.out_dir={out_dir}", *overrides])
 

@@ -1,28 +1,41 @@
 """CPU benchmark of sequence parallelism on gloo processes (prints a table and writes JSON; not a test).
 
-    python benchmarks/sp_cpu.py [--quick] [--out benchmarks/results/sp_cpu.json] [--repeats 1]
-                                [--length 1048576] [--ranks 4] [--cases grm-independent,ssc-checkpoint]
-                                [--skip-scaling] [--skip-main]
+    python benchmarks/sp_cpu.py [--quick] [--out benchmarks/results/sp_cpu.json] [--length 1048576] [--ranks 4]
+                                [--cases grm-independent,grm-checkpoint,ssc-independent,ssc-checkpoint]
+                                [--repeats 1] [--warmup 0] [--forward-only] [--malloc-mmap-threshold BYTES]
+                                [--skip-main] [--skip-scaling] [--skip-strong] [--fresh/--no-fresh] [--force]
 
 One training step (forward + backward of ``parallel_loss``, then ``reduce_gradients``) of a tiny
 MCLanguageModel (d_model 64, 2 layers, 2 heads of dim 32, segment_len C = 1024, chunk_len 64, linear memory,
-float32, B = 1, zigzag layout) on P processes started by ``mcdist.parallel.spawn.spawn`` (gloo, one thread per
-rank), every rank holding L/P tokens. Each measurement is a fresh set of processes, so the peak RSS of a rank
-belongs to that measurement alone.
+float32, B = 1, zigzag layout, ``impl="chunked"``) on P processes started by ``mcdist.parallel.spawn.spawn``
+(gloo, one thread per rank), every rank holding L/P tokens. Ray is not needed.
 
-1. ``main``: L = 1,048,576 tokens over P = 4 ranks for aggregation grm and ssc (top_k 4) × state_init
+1. ``main``: by default L = 1,048,576 tokens over P = 4 ranks for aggregation grm and ssc (top_k 4) × state_init
    independent and checkpoint. Per case: wall time of the step (the slowest rank, between two barriers; median
-   over ``--repeats`` steps after ``--warmup`` untimed ones), the forward alone, peak RSS per rank
-   (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, which includes the ~0.3 GiB of an imported torch; the
+   over ``--repeats`` steps after ``--warmup`` untimed ones), the forward alone, the CPU seconds of every rank
+   (``time.process_time()``: less sensitive than wall time to other jobs on the machine), peak RSS per rank
+   (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, which includes the ~0.22 GiB of an imported torch; the
    increase over the RSS before the model was built is reported too), the bytes each rank received per layer
-   by purpose (``SPGroup.stats``, reset before every timed step) against the analytical figure of SPEC §7.5,
-   and the time each rank spent inside the ring exchange and the all-gathers (see below).
+   by purpose (``SPGroup.stats``, reset before every timed step) against SPEC §7.5 and against the exact ring
+   formula (``analytical_bytes``), and the time each rank spent blocked in communication (below).
+   ``--forward-only`` runs the forward under ``torch.no_grad()`` instead (no saved activations).
 2. ``scaling``: grm independent at equal per-rank length L/P for P = 1 and 2; weak-scaling efficiency
-   T₁(L/P) / T₂(L). The read is quadratic in L, so even perfect sequence parallelism has T₂(L) > T₁(L/P): a
-   rank's share of the read at L is about 2× the whole read at L/2 (``read_work_ratio``). Also one process on
-   the whole L (``strong-p1``, skip with ``--skip-strong``): strong-scaling efficiency T₁(L) / (2·T₂(L)).
+   T₁(L/P) / T₂(L), from wall time and from CPU time. The read is quadratic in L, so even perfect sequence
+   parallelism has T₂(L) > T₁(L/P): a rank's share of the read at L is about 2× the whole read at L/2
+   (``read_work_ratio``). Also one process on the whole L (``strong-p1``; ``--skip-strong``, always skipped by
+   ``--quick``): strong-scaling efficiency T₁(L) / (2·T₂(L)).
 
-``--quick``: L = 16,384 on P = 2 for the four main cases and L/P = 8,192 for the scaling pair (under a minute).
+Before anything runs, every case's memory is estimated (``estimated_peak_bytes``: measured activation bytes
+per token of this model); a case that cannot fit in the machine's available memory is refused with the numbers
+(``--force`` runs it anyway). The 1M-token forward + backward needs ≈ 27 GiB on one machine whatever P is, so on
+a 24 GiB machine the default command stops there (docs/benchmarks.md). ``--malloc-mmap-threshold`` sets
+``MALLOC_MMAP_THRESHOLD_`` for the ranks, so that glibc returns freed blocks and the peak RSS shows the memory in
+use rather than the allocator's retention.
+
+By default every case runs in fresh processes, so the peak RSS of a rank is the case's own; ``--quick``
+(``--no-fresh``) runs all cases of one P in one set of processes (P = 1 in this process) to save start-ups, and
+writes partial results after each set. ``--quick``: L = 16,384 on P = 2 for the four main cases and
+L/P = 8,192 for the scaling pair (about 20 s on an idle 2-core machine).
 
 Communication time: the benchmark wraps ``RingExchange.__init__``/``wait`` and the all-gathers in timers
 (instrumentation in this process only; the library is unchanged). ``comm_wait_s`` is the time a rank spent
@@ -51,6 +64,7 @@ DTYPE_BYTES = 4  # float32 states
 
 
 def model_config(aggregation: str, state_init: str):
+    """The benchmark's ModelConfig for one (aggregation, state_init) case."""
     from mcdist.config import ModelConfig
 
     return ModelConfig(vocab_size=VOCAB, d_model=D_MODEL, n_layers=N_LAYERS, n_heads=N_HEADS, memory="linear",
@@ -108,6 +122,7 @@ def estimated_peak_bytes(seq_len: int, sp: int, forward_only: bool) -> float:
 
 
 def available_bytes() -> float:
+    """MemAvailable of this machine in bytes (inf where /proc/meminfo has none)."""
     with open("/proc/meminfo") as handle:
         for line in handle:
             if line.startswith("MemAvailable:"):
@@ -184,6 +199,7 @@ def _instrument(timers: _Timers) -> None:
 
 
 def _layer_groups(model, mesh, layout):
+    """Parallelize ``model``; its SPGroups as a list (one per layer, or the one shared group of older code)."""
     from mcdist.parallel.model import parallelize
 
     groups = parallelize(model, mesh, layout)
@@ -301,6 +317,12 @@ def run_cases(cases: list, sp: int, timeout_s: float, tmp_dir: str, in_process: 
 
 
 def summarise(case: dict, sp: int, ranks: list, elapsed: float, fresh: bool) -> dict:
+    """One case's row: times (slowest rank, median over steps), per-rank RSS, bytes and their analytical figures.
+
+    Args:
+        case: the case dict given to ``step_worker``. sp: ranks. ranks: every rank's raw numbers for the case.
+        elapsed: seconds of the whole process set (start-up included). fresh: whether it ran in its own processes.
+    """
     repeats = len(ranks[0]["steps"])
     step_times = [max(r["steps"][i]["step_s"] for r in ranks) for i in range(repeats)]
     forward_times = [max(r["steps"][i]["forward_s"] for r in ranks) for i in range(repeats)]
@@ -338,6 +360,7 @@ def _mib(x):
 
 
 def print_main(rows: list) -> None:
+    """The main table: one line per rank of every case."""
     print("\nmain: one training step, zigzag, B = 1, float32, linear memory, C = 1024 "
           "(time = slowest rank, median; bytes received per rank per layer)")
     header = (f"{'case':<18}{'L':>9}{'P':>3}{'reps':>5}{'step s':>8}{'fwd s':>8}{'rank':>5}{'max RSS GiB':>12}"
@@ -362,6 +385,7 @@ def print_main(rows: list) -> None:
 
 
 def print_scaling(scaling: dict) -> None:
+    """The scaling rows and efficiencies."""
     print("\nscaling: grm independent (time = slowest rank, median)")
     for row in scaling["rows"]:
         print(f"  {row['name']:<12} P = {row['sp']}: L = {row['seq_len']:>8}, L/P = {row['tokens_per_rank']:>7}: "
@@ -377,6 +401,7 @@ def print_scaling(scaling: dict) -> None:
 
 
 def machine_info() -> dict:
+    """CPU, memory and software versions for the JSON."""
     info = dict(platform=platform.platform(), python=sys.version.split()[0], torch=torch.__version__,
                 cpu_count=os.cpu_count(), threads_per_rank=1, backend="gloo")
     try:
@@ -397,6 +422,7 @@ def read_work(seq_len: int) -> float:
 
 
 def main(argv=None) -> dict:
+    """Parse the arguments, run every case, print the tables and write the JSON; returns the results."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="L = 16K on P = 2 (under a minute)")
     parser.add_argument("--out", default="benchmarks/results/sp_cpu.json")
@@ -445,8 +471,13 @@ def main(argv=None) -> dict:
     plan = []  # (section, case, sp)
     aliases = {}  # scaling case -> the identical main case it reuses
     if not args.skip_main:
+        from mcdist.config import AGGREGATIONS, STATE_INITS
+
         for name in args.cases.split(","):
-            aggregation, state_init = name.split("-")
+            aggregation, _, state_init = name.partition("-")
+            if aggregation not in AGGREGATIONS or state_init not in STATE_INITS:
+                parser.error(f"--cases entry {name!r} is invalid; expected aggregation-state_init with aggregation "
+                             f"in {list(AGGREGATIONS)} and state_init in {list(STATE_INITS)}")
             plan.append(("main", dict(name=name, aggregation=aggregation, state_init=state_init, seq_len=length,
                                       repeats=repeats, warmup=warmup, forward_only=args.forward_only), ranks))
     if not args.skip_scaling:

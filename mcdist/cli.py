@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from mcdist.config import ConfigError, ParallelConfig, RunConfig
+from mcdist.config import ConfigError, ParallelConfig, RunConfig, parse_size
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -84,6 +84,9 @@ def _build_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", required=True, metavar="DIR",
                         help="a checkpoints/step-N folder, a checkpoints folder or a run's out_dir (latest)")
     export.add_argument("--output", required=True, metavar="DIR", help="folder for model.safetensors + config.json")
+    export.add_argument("--max-shard-size", default=None, metavar="SIZE",
+                        help="write shards of at most SIZE (e.g. 2GB) + model.safetensors.index.json "
+                             "(default: keep the checkpoint's layout)")
     export.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], default=None,
                         help="convert the weights (default: keep)")
     return parser
@@ -306,7 +309,12 @@ def _cmd_export(args) -> int:
     from mcdist.train.state import export_checkpoint
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    path = export_checkpoint(args.checkpoint, args.output, dtype=dtype)
+    if args.max_shard_size is not None:
+        try:
+            parse_size(args.max_shard_size)
+        except ValueError as error:
+            raise UsageError(f"--max-shard-size: {error}") from None
+    path = export_checkpoint(args.checkpoint, args.output, dtype=dtype, max_shard_size=args.max_shard_size)
     print(json.dumps({"exported": path, "files": sorted(os.listdir(path))}, sort_keys=True))
     return 0
 

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
@@ -29,6 +30,28 @@ IMPLS = ("auto", "chunked", "reference", "triton")
 
 class ConfigError(ValueError):
     """A configuration value or key is invalid."""
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes of a size given as an integer or a string such as ``"500MB"``, ``"5GB"``, ``"2GiB"``, ``"4096"``."""
+    if isinstance(value, bool):
+        raise ValueError(f"size {value!r} is invalid; expected a positive number of bytes or a string like '5GB'")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"size {value!r} is invalid; expected a positive number of bytes")
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(value).upper())
+    if not isinstance(value, str) or not match or match.group(2) not in _SIZE_UNITS:
+        raise ValueError(f"size {value!r} is invalid; expected a positive number of bytes or a string like "
+                         "'500MB', '5GB', '2GiB'")
+    size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+    if size <= 0:
+        raise ValueError(f"size {value!r} is invalid; expected a positive size")
+    return size
+
 
 
 def _check_choice(section: str, name: str, value: Any, choices: tuple) -> None:
@@ -271,6 +294,8 @@ class TrainConfig(_Config):
     checkpoint_every: int = 0
     keep_last: int = 3
     resume: str = "auto"
+    # weights above this size are saved as safetensors shards + model.safetensors.index.json ("500MB", "5GB", bytes)
+    max_shard_size: str = "5GB"
     device: str = "auto"
     progress: bool = True
     tensorboard: bool = False
@@ -306,6 +331,10 @@ class TrainConfig(_Config):
         if not isinstance(self.out_dir, str) or not self.out_dir:
             raise ConfigError(f"{s}.out_dir = {self.out_dir!r} is invalid; expected a non-empty path")
         _check_choice(s, "dtype", self.dtype, ("float32", "float64", "bfloat16"))
+        try:
+            parse_size(self.max_shard_size)
+        except ValueError as error:
+            raise ConfigError(f"{s}.max_shard_size = {self.max_shard_size!r} is invalid: {error}") from None
 
 
 @dataclass

@@ -210,3 +210,169 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert any(os.fspath(c).endswith(WEIGHTS_NAME) for c in calls)
     assert sorted(os.listdir(directory)) == [CONFIG_NAME, WEIGHTS_NAME]
     _assert_same_logits(model, load_model(directory)[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sharded checkpoints (Hugging Face layout: model-0000i-of-0000N.safetensors + model.safetensors.index.json)
+# ---------------------------------------------------------------------------------------------------------------
+
+from mcdist.checkpoint import INDEX_NAME, shard_name, weight_files  # noqa: E402
+
+
+def _shards(directory):
+    return sorted(name for name in os.listdir(directory) if name.startswith("model-"))
+
+
+def _state_bytes(model):
+    return {name: t.numel() * t.element_size() for name, t in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_sharded_round_trip_and_index(tmp_path, tie):
+    config = _config(tie_embeddings=tie)
+    torch.manual_seed(1)
+    model = MCLanguageModel(config).eval()
+    sizes = _state_bytes(model)
+    limit = 3 * max(sizes.values()) // 2  # several tensors per shard, the largest alone
+    directory = tmp_path / "sharded"
+    save_model(model, config, directory, max_shard_size=limit)
+
+    index = json.loads((directory / INDEX_NAME).read_text())
+    shards = _shards(directory)
+    assert len(shards) >= 2 and shards == [shard_name(i, len(shards)) for i in range(1, len(shards) + 1)]
+    assert sorted(os.listdir(directory)) == sorted([CONFIG_NAME, INDEX_NAME, *shards])  # no model.safetensors
+    assert set(index["weight_map"].values()) == set(shards)
+    stored = set(index["weight_map"])
+    aliases = index["metadata"]["mcdist_aliases"]
+    assert stored | set(aliases) == set(sizes) and not stored & set(aliases)
+    assert index["metadata"]["total_size"] == sum(sizes[name] for name in stored)
+    assert bool(aliases) == tie
+    from safetensors import safe_open
+
+    for shard in shards:  # each shard within the limit unless it holds one tensor larger than it
+        with safe_open(str(directory / shard), framework="pt") as handle:
+            names = list(handle.keys())
+            assert handle.metadata()["mcdist_save_id"] == index["metadata"]["mcdist_save_id"]
+        assert sorted(names) == sorted(n for n, f in index["weight_map"].items() if f == shard)
+        assert len(names) == 1 or sum(sizes[n] for n in names) <= limit
+    assert weight_files(directory) == [INDEX_NAME, *shards]
+
+    loaded, loaded_config = load_model(directory)
+    assert loaded_config == config
+    _assert_same_logits(model, loaded)
+
+
+def test_switching_layouts_removes_the_previous_files(tmp_path):
+    model, config, directory = _saved(tmp_path)  # one file
+    save_model(model, config, directory, max_shard_size=2048)
+    shards = _shards(directory)
+    assert len(shards) > 2 and WEIGHTS_NAME not in os.listdir(directory)
+    (directory / "notes.txt").write_text("mine")  # other files in the folder are left alone
+
+    torch.manual_seed(5)
+    other = MCLanguageModel(config).eval()
+    save_model(other, config, directory, max_shard_size="8KB")  # fewer shards: the old ones go
+    assert _shards(directory) != shards and not set(_shards(directory)) & set(shards)
+    _assert_same_logits(other, load_model(directory)[0])
+
+    save_model(model, config, directory)  # back to one file
+    assert sorted(os.listdir(directory)) == [CONFIG_NAME, WEIGHTS_NAME, "notes.txt"]
+    _assert_same_logits(model, load_model(directory)[0])
+
+
+def _sharded(tmp_path, name="ckpt", seed=1):
+    config = _config()
+    torch.manual_seed(seed)
+    model = MCLanguageModel(config).eval()
+    directory = tmp_path / name
+    save_model(model, config, directory, max_shard_size=2048)
+    return model, config, directory
+
+
+def test_damaged_shards_and_index_are_refused_naming_the_file(tmp_path):
+    model, config, directory = _sharded(tmp_path)
+    shard = directory / _shards(directory)[1]
+    original = shard.read_bytes()
+
+    shard.write_bytes(original[:-7])
+    with pytest.raises(CheckpointError, match=shard.name):
+        load_model(directory)
+    flipped = bytearray(original)
+    flipped[-3] ^= 0xFF
+    shard.write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match=f"{shard.name}: tensor data is corrupt"):
+        load_model(directory)
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"missing shard {shard.name}"):
+        load_model(directory)
+    shard.write_bytes(original)
+    _assert_same_logits(model, load_model(directory)[0])
+
+    index = directory / INDEX_NAME
+    text = index.read_text()
+    index.write_text(text[: len(text) // 2])
+    with pytest.raises(CheckpointError, match="unreadable index"):
+        load_model(directory)
+    entries = json.loads(text)
+    entries["weight_map"] = {name: "../elsewhere.safetensors" for name in entries["weight_map"]}
+    index.write_text(json.dumps(entries))
+    with pytest.raises(CheckpointError, match="not a file name in the folder"):
+        load_model(directory)
+    entries = json.loads(text)
+    moved = next(iter(entries["weight_map"]))
+    entries["weight_map"][moved] = shard.name if entries["weight_map"][moved] != shard.name else _shards(directory)[0]
+    index.write_text(json.dumps(entries))
+    with pytest.raises(CheckpointError, match="does not hold the tensors"):
+        load_model(directory)
+
+
+def test_a_shard_from_another_save_is_refused(tmp_path):
+    _, _, directory = _sharded(tmp_path, "a", seed=1)
+    _, _, other = _sharded(tmp_path, "b", seed=2)  # same config, same shard names, other weights
+    name = _shards(directory)[0]
+    (directory / name).write_bytes((other / name).read_bytes())
+    with pytest.raises(CheckpointError, match="belongs to another save"):
+        load_model(directory)
+
+
+def test_a_failed_sharded_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    model, config, directory = _sharded(tmp_path)
+    before = sorted(os.listdir(directory))
+    torch.manual_seed(9)
+    other = MCLanguageModel(config).eval()
+    real_replace = os.replace
+    calls = []
+
+    failing = []
+
+    def replace_failing(src, dst):
+        calls.append(dst)
+        if len(calls) == failing[0]:
+            raise OSError("disk went away")
+        return real_replace(src, dst)
+
+    # into the same layout (fails after two shards were renamed into place), and into one file (fails on
+    # config.json, after the shards were removed and model.safetensors renamed into place)
+    for target, fail_at in ((2048, 3), (None, 2)):
+        calls.clear()
+        failing[:] = [fail_at]
+        with monkeypatch.context() as patch:
+            patch.setattr(checkpoint_module.os, "replace", replace_failing)
+            with pytest.raises(OSError, match="disk went away"):
+                save_model(other, config, directory, **({"max_shard_size": target} if target else {}))
+        assert sorted(os.listdir(directory)) == before  # no temporary or backup files left
+        _assert_same_logits(model, load_model(directory)[0])
+
+
+def test_invalid_shard_size_is_refused(tmp_path):
+    model, config, _ = _saved(tmp_path)
+    for bad in (0, -1, "lots", "5XB"):
+        with pytest.raises(ValueError, match="size"):
+            save_model(model, config, tmp_path / "x", max_shard_size=bad)
+
+
+def test_leftover_backups_are_named_when_a_checkpoint_does_not_load(tmp_path):
+    _, _, directory = _saved(tmp_path)
+    os.rename(directory / WEIGHTS_NAME, directory / f".{WEIGHTS_NAME}.bak-123-abc")  # as a killed save leaves it
+    with pytest.raises(CheckpointError, match=r"\.model\.safetensors\.bak-123-abc"):
+        load_model(directory)

@@ -3,7 +3,8 @@
 Layout under ``<out_dir>/checkpoints``::
 
     step-000120/
-        model.safetensors     the weights (mcdist.checkpoint.save_model: Hugging Face layout, sha256 in header)
+        model.safetensors     the weights (mcdist.checkpoint.save_model: Hugging Face layout, sha256 in header);
+                              above train.max_shard_size: model-0000i-of-0000N.safetensors + model.safetensors.index.json
         config.json           the ModelConfig
         run_config.json       the whole RunConfig of the run that saved it
         training_state.pt     optimizer state, step, RNG states, data position, world layout, progress
@@ -39,7 +40,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from mcdist.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, _fsync_path, mcdist_version, save_model
+from mcdist.checkpoint import (CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, CheckpointError, _fsync_path, mcdist_version,
+                               save_model, weight_files)
 from mcdist.config import ConfigError, ModelConfig, RunConfig
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -114,9 +116,11 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{marker}: corrupt manifest ({error})") from error
     if not isinstance(step, int) or not isinstance(files, dict):
         raise CheckpointError(f"{marker}: corrupt manifest (expected an integer step and a files map)")
-    for name in (WEIGHTS_NAME, CONFIG_NAME, RUN_CONFIG_NAME, STATE_NAME):
+    for name in (CONFIG_NAME, RUN_CONFIG_NAME, STATE_NAME):
         if name not in files:
             raise CheckpointError(f"{marker}: the manifest does not list {name}")
+    if WEIGHTS_NAME not in files and INDEX_NAME not in files:
+        raise CheckpointError(f"{marker}: the manifest lists neither {WEIGHTS_NAME} nor a sharded {INDEX_NAME}")
     for name, expected in files.items():
         file_path = os.path.join(path, name)
         if not os.path.isfile(file_path):
@@ -237,7 +241,7 @@ def save_training_checkpoint(root: str | os.PathLike, step: int, *, model: torch
     tmp = os.path.join(root, f"{TMP_PREFIX}{step_dir_name(step)}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
     try:
-        save_model(model, run_config.model, tmp)
+        save_model(model, run_config.model, tmp, max_shard_size=run_config.train.max_shard_size)
         _write_training_state(os.path.join(tmp, STATE_NAME), state)
         _write_bytes(os.path.join(tmp, RUN_CONFIG_NAME), lambda handle: handle.write((run_config.to_json() + "\n")
                                                                                        .encode()))
@@ -347,8 +351,9 @@ def load_model_weights(path: str | os.PathLike, model: torch.nn.Module) -> None:
 
 
 def export_checkpoint(source: str | os.PathLike, destination: str | os.PathLike, *,
-                      dtype: Optional[torch.dtype] = None, verify: bool = True) -> str:
-    """Write the weights-only checkpoint (``model.safetensors`` + ``config.json``) of ``source`` to ``destination``.
+                      dtype: Optional[torch.dtype] = None, verify: bool = True,
+                      max_shard_size: Optional[int | str] = None) -> str:
+    """Write the weights-only checkpoint (weights + ``config.json``) of ``source`` to ``destination``.
 
     Args:
         source: a training checkpoint, a ``checkpoints`` folder or a run's ``out_dir`` (:func:`find_checkpoint`).
@@ -357,6 +362,7 @@ def export_checkpoint(source: str | os.PathLike, destination: str | os.PathLike,
         dtype: convert floating-point weights (e.g. ``torch.bfloat16`` for inference); ``None`` keeps them (the
             files are hard-linked when possible, so no bytes are copied).
         verify: check ``source`` against its manifest first (the trainer skips it for a checkpoint it just wrote).
+        max_shard_size: re-shard the weights (e.g. ``"2GB"``); ``None`` keeps the source's layout.
 
     Returns:
         ``destination`` as a string; ``mcdist.checkpoint.load_model(destination)`` loads it.
@@ -364,7 +370,8 @@ def export_checkpoint(source: str | os.PathLike, destination: str | os.PathLike,
     source = find_checkpoint(source) if verify else os.fspath(source)
     destination = os.path.abspath(os.fspath(destination))
     if os.path.exists(destination):
-        extra = set(os.listdir(destination)) - {WEIGHTS_NAME, CONFIG_NAME} if os.path.isdir(destination) else {""}
+        extra = ({name for name in os.listdir(destination) if name != CONFIG_NAME} - set(weight_files(destination))
+                 if os.path.isdir(destination) else {""})
         if extra:
             raise CheckpointError(f"export destination {destination!r} exists and is not a weights-only checkpoint "
                                   f"(it holds {sorted(extra)[:5]}); expected a new or an exported folder")
@@ -374,8 +381,8 @@ def export_checkpoint(source: str | os.PathLike, destination: str | os.PathLike,
     tmp = os.path.join(parent, f".{os.path.basename(destination)}{TMP_PREFIX}{tag}")
     os.makedirs(tmp)
     try:
-        if dtype is None:
-            for name in (WEIGHTS_NAME, CONFIG_NAME):
+        if dtype is None and max_shard_size is None:
+            for name in weight_files(source) + [CONFIG_NAME]:
                 try:
                     os.link(os.path.join(source, name), os.path.join(tmp, name))
                 except OSError:  # another file system, or no hard links: copy
@@ -384,7 +391,9 @@ def export_checkpoint(source: str | os.PathLike, destination: str | os.PathLike,
             from mcdist.checkpoint import load_model
 
             model, config = load_model(source, map_location="cpu")
-            save_model(model.to(dtype), config, tmp)
+            if dtype is not None:
+                model = model.to(dtype)
+            save_model(model, config, tmp, **({} if max_shard_size is None else {"max_shard_size": max_shard_size}))
         _fsync_path(tmp, directory=True)
         trash = None
         if os.path.exists(destination):

@@ -241,3 +241,46 @@ def test_export_writes_weights_and_config_only(two_steps, tmp_path, capsys):
 def test_eval_reads_the_run_config_inside_a_training_checkpoint(two_steps, capsys):
     assert main(["eval", "--checkpoint", str(two_steps / "checkpoints" / "step-000002"), "--device", "cpu"]) == 0
     assert json.loads(capsys.readouterr().out)["seq_len"] == 32
+
+
+def test_sharded_training_checkpoints_resume_and_export(two_steps, tmp_path, capsys):
+    out = tmp_path / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_training(tiny(out, "train.steps=1", "train.max_shard_size=4KB"))
+        step1 = out / "checkpoints" / "step-000001"
+        names = sorted(os.listdir(step1))
+        assert "model.safetensors.index.json" in names and "model.safetensors" not in names
+        shards = [n for n in names if n.startswith("model-")]
+        assert len(shards) >= 2
+        manifest = ckpt.verify_checkpoint(step1)
+        assert set(shards) <= set(manifest["files"])  # every shard is listed with its size and sha256
+        run_training(tiny(out, "train.max_shard_size=4KB"))  # resumes from the sharded step 1
+    finally:
+        torch.set_num_threads(threads)
+    assert losses(out) == losses(two_steps)  # same loss curve as the straight single-file run
+
+    # a damaged shard makes the checkpoint fail its manifest, naming the shard
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out / "checkpoints" / "step-000002", damaged)
+    shard = sorted(n for n in os.listdir(damaged) if n.startswith("model-"))[0]
+    with open(damaged / shard, "r+b") as handle:
+        handle.seek(-2, os.SEEK_END)
+        handle.write(b"\xff\xff")
+    with pytest.raises(CheckpointError, match=shard):
+        ckpt.verify_checkpoint(damaged)
+
+    target = tmp_path / "exported"
+    assert main(["export", "--checkpoint", str(out), "--output", str(target)]) == 0  # keeps the layout
+    files = json.loads(capsys.readouterr().out)["files"]
+    assert "model.safetensors.index.json" in files and "training_state.pt" not in files
+    trained, _ = load_model(out / "checkpoints" / "step-000002")
+    exported, _ = load_model(target)
+    assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), trained.state_dict().values()))
+    assert main(["export", "--checkpoint", str(out), "--output", str(target), "--max-shard-size", "1GB"]) == 0
+    assert json.loads(capsys.readouterr().out)["files"] == ["config.json", "model.safetensors"]  # one file again
+    exported, _ = load_model(target)
+    assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), trained.state_dict().values()))
+    assert main(["export", "--checkpoint", str(out), "--output", str(tmp_path / "x"), "--max-shard-size", "0"]) == 2
+    assert "--max-shard-size: size '0' is invalid" in capsys.readouterr().err

@@ -47,6 +47,7 @@ from mcdist.checkpoint import CheckpointError
 from mcdist.config import ConfigError, ParallelConfig, RunConfig
 from mcdist.data.mqar import IGNORE_INDEX, make_mqar_batch
 from mcdist.data.passkey import make_passkey_batch, passkey_min_seq_len, passkey_min_vocab_size
+from mcdist.data.rows import mqar_row, passkey_row
 from mcdist.data.tokens import TokenFile, TokenFileError, window_for_sample
 from mcdist.layer import at_least_float32
 from mcdist.parallel.layout import check_sequence_length, rank_pieces, shard_sequence
@@ -122,8 +123,8 @@ class RankData:
         mesh: this rank's place in the dp × sp mesh.
         record_reads: token files record every read (tests check that a rank reads only its slice).
 
-    Synthetic tasks (mqar, passkey) draw each training sample from its own generator seeded with
-    :func:`sample_seed` ``(seed, TRAIN_SPLIT, sample)``, and take this rank's pieces of it; evaluation draws
+    Synthetic tasks (mqar, passkey) draw each training sample from its own seed :func:`sample_seed`
+    ``(seed, TRAIN_SPLIT, sample)``, and only this rank's pieces of it (:mod:`mcdist.data.rows`); evaluation draws
     ``eval_batches`` whole batches from one generator seeded with ``seed + EVAL_SEED_OFFSET`` (the batches
     ``mcdist eval`` scores). Token files: sample ``i`` reads window ``window_for_sample(i)`` (every window once
     per epoch, shuffled by the seed); evaluation reads the first windows of ``val_data_path`` in order, or, with
@@ -184,13 +185,16 @@ class RankData:
         samples = range(first, first + self.local_batch)
         if self.train_file is not None:
             return self._token_rows(self.train_file, samples, True, self.seed)
-        ids, labels = [], []
-        for sample in samples:
-            generator = torch.Generator().manual_seed(sample_seed(self.seed, TRAIN_SPLIT, sample))
-            row_ids, row_labels = self._synthetic(1, generator)  # [1, T] each
-            ids.append(self._shard(row_ids))
-            labels.append(self._shard(row_labels))
-        return torch.cat(ids), torch.cat(labels)
+        rows = [self._synthetic_row(sample_seed(self.seed, TRAIN_SPLIT, sample)) for sample in samples]
+        return torch.stack([ids for ids, _ in rows]), torch.stack([labels for _, labels in rows])
+
+    def _synthetic_row(self, row_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's pieces of one training row, drawn piece by piece (:mod:`mcdist.data.rows`)."""
+        pieces = self.pieces if self.sp > 1 else None
+        vocab = self.config.model.vocab_size
+        if self.task == "mqar":
+            return mqar_row(row_seed, self.seq_len, self.config.train.num_kv_pairs, vocab, pieces)
+        return passkey_row(row_seed, self.seq_len, vocab, pieces)
 
     def eval_batches(self, num_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's part of each of the ``num_batches`` evaluation batches (the same ones at every eval)."""

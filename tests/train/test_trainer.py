@@ -118,6 +118,42 @@ def test_activation_checkpointing_gives_the_same_gradients(tmp_path):
         assert abs(a[1] - b[1]) <= 1e-12 * abs(a[1]) and abs(a[3] - b[3]) <= 1e-9 * a[3]
 
 
+
+def test_activation_checkpointing_under_sequence_parallelism(tmp_path):
+    """The recomputed blocks run their ring and all-gathers again in the backward; every rank must recompute in
+    the same order, and the step must equal the one without checkpointing."""
+    common = ["parallel.sp=2", "parallel.layout=zigzag", "train.dtype=float64", "train.steps=2",
+              "model.state_init=checkpoint"]
+    launch_local(tiny(tmp_path / "plain", *common))
+    launch_local(tiny(tmp_path / "ckpt", *common, "train.activation_checkpointing=true"))
+    plain, ckpt = curve(tmp_path / "plain"), curve(tmp_path / "ckpt")
+    assert len(plain) == len(ckpt) == 2
+    for a, b in zip(plain, ckpt):
+        assert abs(a[1] - b[1]) <= 1e-12 * abs(a[1]) and abs(a[3] - b[3]) <= 1e-9 * a[3]
+    a, b = weights(tmp_path / "plain" / "checkpoint"), weights(tmp_path / "ckpt" / "checkpoint")
+    assert max(relative_error(b[name], a[name]) for name in a) < 1e-12
+
+
+@pytest.mark.parametrize("aggregation", ["grm", "ssc", "soup"])
+def test_the_model_runs_under_bfloat16_autocast(tmp_path, aggregation):
+    """What ``train.dtype = bfloat16`` does on a GPU (torch.autocast), run with the CPU's autocast: the layer keeps
+    its states and read statistics in float32, so the loss and gradients stay close to float32's."""
+    config = tiny(tmp_path, f"model.aggregation={aggregation}", "model.top_k=1").model  # ssc: 1 of up to 3
+    torch.manual_seed(4)
+    model = MCLanguageModel(config)
+    generator = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 32, (2, 32), generator=generator)
+    labels = torch.randint(0, 32, (2, 32), generator=generator)
+    full = model(ids, labels).loss
+    full_grads = torch.autograd.grad(full, list(model.parameters()))
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels).loss
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert abs(loss.item() - full.item()) < 1e-3 * abs(full.item())
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert relative_error(torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in full_grads])) < 0.03
+
 def test_loss_falls_on_mqar(tmp_path):
     config = tiny(tmp_path, "model.d_model=32", "model.n_layers=1", "model.segment_len=16", "model.chunk_len=8",
                   "model.minibatch_len=8", "train.seq_len=48", "train.batch_size=8", "train.num_kv_pairs=4",

@@ -6,9 +6,12 @@
 Sections (each guarded: a failure is printed and recorded, the rest still runs; results are written to
 DIR/gpu.json after every section):
 1. correctness of each kernel in bf16 and fp32 against float64 PyTorch references (the kernels' own check());
+   `ssc_gather`: the same for the ssc gather read (mcdist.kernels.ssc_read) against cached_read_chunked;
 2. the MC layer with impl='triton' against impl='chunked' (outputs and gradients);
 3. the MC core (memory pass + read) forward+backward for none / grm / ssc (k = 8) beside
    scaled_dot_product_attention (flash backend) at the same B, H, T, d: milliseconds, TFLOP/s and the ratio;
+   ssc twice, with the 'blocks' and the 'gather' read (mcdist.ops.SSC_READ), plus the ssc read alone
+   (forward+backward, both kernels, same selection) and the top-k selection alone;
 4. the kernels' own benchmarks.
 Needs torch, triton, numpy; not ray, not an installed mcdist (it loads the repository in place).
 """
@@ -70,6 +73,79 @@ def timed(fn, device) -> float:
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return sorted(times)[len(times) // 2]
+
+
+# -- 1b. the ssc gather read against the PyTorch path ------------------------------------------------------------
+
+
+def ssc_gather_check(device, smoke) -> dict:
+    """ssc_read_triton (and, beside it, cached_read_triton with the same selection) against float64
+    cached_read_chunked: out, lse and the four gradients, float32 and bfloat16 inputs, random upstream gradients
+    on out and lse. Bounds: 2e-2 for bf16 (and for float32 with FP32_DOT_PRECISION = "bf16"/"tf32"), 1e-4 for
+    float32 with "tf32x3"/"ieee"."""
+    from gpu_cached_read import random_selection
+
+    from mcdist.aggregate import cached_read_chunked
+    from mcdist.kernels import cached_read
+    from mcdist.kernels.ssc_read import ssc_read_triton
+
+    if device == "cuda" and not smoke:
+        B, T, H, din, dout, dc, C, q_off, s_off, K = 2, 1000, 4, 64, 128, 64, 64, 64, 1, 4
+    else:  # the interpreter is slow: tiny shape
+        B, T, H, din, dout, dc, C, q_off, s_off, K = 1, 37, 2, 16, 32, 8, 8, 8, 1, 3
+    n = (q_off + T) // C - s_off
+    gen = torch.Generator().manual_seed(0)
+    base = [torch.randn(B, T, H, din, generator=gen), torch.randn(B, T, H, dc, generator=gen),
+            torch.randn(B, n, H, dout, din, generator=gen) / math.sqrt(din), torch.randn(B, n, H, dc, generator=gen)]
+    selected = random_selection(B, T, H, n + s_off, K, segment_len=C, device="cpu", query_offset=q_off,
+                                generator=gen).to(device)
+    g_out = torch.randn(B, T, H, dout, generator=gen, dtype=torch.float64).to(device)
+    g_lse = torch.randn(B, T, H, generator=gen, dtype=torch.float64).to(device)
+    kw = dict(segment_len=C, gate_scale=1 / math.sqrt(dc), query_offset=q_off, segment_offset=s_off,
+              selected=selected)
+    precise = cached_read.FP32_DOT_PRECISION in ("tf32x3", "ieee")
+    bounds = {"fp32": 1e-4 if precise else 2e-2, "bf16": 2e-2}
+    errors = {}
+    for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        inputs = [x.to(device=device, dtype=dtype) for x in base]
+        # the reference reads the same rounded inputs
+        ref_leaves = [x.detach().double().requires_grad_() for x in inputs]
+        ref_out, ref_lse = cached_read_chunked(*ref_leaves, **kw)
+        ref_grads = torch.autograd.grad((ref_out, ref_lse), ref_leaves, (g_out, g_lse))
+        for name, fn in (("gather", ssc_read_triton), ("blocks", cached_read.cached_read_triton)):
+            leaves = [x.clone().requires_grad_() for x in inputs]
+            out, lse = fn(*leaves, **kw)
+            grads = torch.autograd.grad((out, lse), leaves, (g_out.float(), g_lse.float()))
+            errs = {"out": relative_error(out, ref_out),
+                    "lse": relative_error(torch.where(torch.isfinite(ref_lse), lse, 0.0),
+                                          torch.where(torch.isfinite(ref_lse), ref_lse, 0.0)),
+                    "lse_inf_match": bool(torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse))),
+                    "nan": bool(any(torch.isnan(x).any() for x in (out, lse, *grads)))}
+            for gname, g, rg in zip(("dz", "du", "dstates", "dcontexts"), grads, ref_grads):
+                errs[gname] = relative_error(g, rg)
+            errors.setdefault(label, {})[name] = errs
+            print(f"ssc check {label} {name}: " + "  ".join(
+                f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}" for k, v in errs.items()), flush=True)
+    ok = all(errs["lse_inf_match"] and not errs["nan"]
+             and all(v < bounds[label] for v in errs.values() if isinstance(v, float))
+             for label, by_kernel in errors.items() for errs in by_kernel.values())
+    print(f"ssc check {'passed' if ok else 'FAILED'} (bounds {bounds})", flush=True)
+    if not ok:
+        raise AssertionError(f"ssc gather check failed: {errors}")
+    return {"ok": ok, "errors": errors, "bounds": bounds, "fp32_dot_precision": cached_read.FP32_DOT_PRECISION}
+
+
+class _ssc_read:
+    """Sets mcdist.ops.SSC_READ ('blocks' or 'gather') inside a with block."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __enter__(self):
+        self.saved, ops.SSC_READ = ops.SSC_READ, self.value
+
+    def __exit__(self, *exc):
+        ops.SSC_READ = self.saved
 
 
 # -- 2. the layer end to end -----------------------------------------------------------------------------------
@@ -179,23 +255,78 @@ def core_bench(device, smoke) -> list:
         rows.append(dict(kind="sdpa", T=T, d=d, H=H, segment_len=segment_len, ms=sdpa_ms,
                          tflops=sdpa_flops / sdpa_ms / 1e9))
         print(rows[-1], flush=True)
-        for aggregation in ("none", "grm", "ssc"):
+        for aggregation, ssc_read in (("none", "blocks"), ("grm", "blocks"), ("ssc", "blocks"), ("ssc", "gather")):
             def run():
                 leaves = [x.detach().requires_grad_() for x in (q, k, v, u)]
                 y = mc_core(*leaves, aggregation, segment_len, 8, dtype)
                 y.float().backward(upstream)
 
+            kind = f"mc-{aggregation}" + ("-gather" if ssc_read == "gather" else "")
             try:
-                ms = timed(run, device)
+                with _ssc_read(ssc_read):
+                    ms = timed(run, device)
             except Exception as error:
                 ms = float("nan")
-                print("mc failed", aggregation, T, d, repr(error), flush=True)
+                print("mc failed", kind, T, d, repr(error), flush=True)
             flops = core_flops(T, H, d, segment_len, aggregation, 8)
-            rows.append(dict(kind=f"mc-{aggregation}", T=T, d=d, H=H, segment_len=segment_len, ms=ms,
+            rows.append(dict(kind=kind, T=T, d=d, H=H, segment_len=segment_len, ms=ms,
                              tflops=flops / ms / 1e9, speedup_vs_sdpa=sdpa_ms / ms))
             print(rows[-1], flush=True)
+        rows.extend(ssc_read_bench(q, k, v, u, upstream, segment_len, dtype, sdpa_ms, device))
         if device == "cuda":
             torch.cuda.empty_cache()
+    return rows
+
+
+def ssc_read_bench(q, k, v, u, upstream, segment_len, dtype, sdpa_ms, device, top_k=8) -> list:
+    """The ssc read alone, forward+backward, with each kernel on the same states and selection; and the top-k
+    selection alone (forward only; it is not differentiated). Rows: read-ssc-blocks, read-ssc-gather, ssc-select."""
+    T, H, d = q.shape[1], q.shape[2], q.shape[3]
+    shape = dict(T=T, d=d, H=H, segment_len=segment_len)
+    try:
+        scale = 1.0 / math.sqrt(d)
+        with torch.no_grad():
+            memory = ops.linear_memory(q, k, v, None, segment_len=segment_len, chunk_len=64,
+                                       state_init="independent", impl="triton")
+            states = memory.cached_states.to(dtype)
+            closed, _ = segment_contexts(k, segment_len, "mean")
+            selected = select_top_k(u, closed, segment_len=segment_len, top_k=top_k, gate_scale=scale)
+        del memory
+    except Exception as error:
+        print("ssc read setup failed", T, d, repr(error), flush=True)
+        return [dict(kind=kind, ms=float("nan"), error=repr(error), **shape)
+                for kind in ("read-ssc-blocks", "read-ssc-gather", "ssc-select")]
+    rows = []
+    g_lse = torch.randn(upstream.shape[:3], device=device)
+    flops = 3 * 2 * H * d * d * T * min(top_k, T // segment_len)  # M z, Mᵀ dout, dout zᵀ per selected pair
+    for ssc_read in ("blocks", "gather"):
+        def run():
+            leaves = [x.detach().requires_grad_() for x in (q, u, states, closed)]
+            out, lse = ops.cached_read(*leaves, segment_len=segment_len, gate_scale=scale, selected=selected,
+                                       impl="triton")
+            torch.autograd.backward((out, lse), (upstream, g_lse))
+
+        row = dict(kind=f"read-ssc-{ssc_read}", **shape)
+        try:
+            with _ssc_read(ssc_read):
+                row["ms"] = timed(run, device)
+        except Exception as error:
+            row.update(ms=float("nan"), error=repr(error))
+            print("ssc read failed", ssc_read, T, d, repr(error), flush=True)
+        row.update(tflops=flops / row["ms"] / 1e9, speedup_vs_sdpa=sdpa_ms / row["ms"])
+        rows.append(row)
+        print(rows[-1], flush=True)
+    row = dict(kind="ssc-select", **shape)
+    try:
+        with torch.no_grad():
+            row["ms"] = timed(lambda: select_top_k(u, closed, segment_len=segment_len, top_k=top_k,
+                                                   gate_scale=scale), device)
+    except Exception as error:
+        row.update(ms=float("nan"), error=repr(error))
+        print("ssc select failed", T, d, repr(error), flush=True)
+    row.update(tflops=float("nan"), speedup_vs_sdpa=sdpa_ms / row["ms"])
+    rows.append(row)
+    print(rows[-1], flush=True)
     return rows
 
 
@@ -247,7 +378,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script itself")
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip: checks,layer,core,fla,kernels")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated sections to skip: checks,ssc_gather,layer,core,fla,kernels")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="stop starting new benchmark shapes/sections after this many seconds")
     args = parser.parse_args(argv)
@@ -283,6 +415,7 @@ def main(argv=None) -> int:
 
     section("checks", lambda: {"linear_memory": gpu_linear_memory.check(args.device),
                                "cached_read": gpu_cached_read.check(args.device)})
+    section("ssc_gather", lambda: ssc_gather_check(args.device, args.smoke))
     section("layer", lambda: layer_check(args.device, args.smoke))
     section("core", lambda: core_bench(args.device, args.smoke))
     if not args.smoke:
@@ -290,10 +423,10 @@ def main(argv=None) -> int:
     if not args.smoke:
         section("kernels", lambda: {"linear_memory": gpu_linear_memory.bench(args.device),
                                     "cached_read": gpu_cached_read.bench(args.device)})
-    print("\n%-10s %7s %4s %5s %9s %8s %8s" % ("kind", "T", "d", "C", "ms", "TFLOP/s", "vs SDPA"))
+    print("\n%-16s %7s %4s %5s %9s %8s %8s" % ("kind", "T", "d", "C", "ms", "TFLOP/s", "vs SDPA"))
     for row in report["sections"].get("core", []):
-        print("%-10s %7d %4d %5d %9.3f %8.1f %8s" % (row["kind"], row["T"], row["d"], row["segment_len"], row["ms"],
-                                                   row["tflops"], "%.2fx" % row["speedup_vs_sdpa"]
+        print("%-16s %7d %4d %5d %9.3f %8.1f %8s" % (row["kind"], row["T"], row["d"], row["segment_len"], row["ms"],
+                                                   row.get("tflops", float("nan")), "%.2fx" % row["speedup_vs_sdpa"]
                                                    if "speedup_vs_sdpa" in row else "-"))
     if report["errors"]:
         print("FAILED sections:", sorted(report["errors"]))

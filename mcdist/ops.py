@@ -16,6 +16,12 @@ import torch.nn.functional as F
 from mcdist.aggregate import cached_read_chunked, cached_read_reference
 from mcdist.memory.linear import LinearMemoryPass, linear_memory_chunked, linear_memory_reference
 
+# Triton kernel for the ssc read (`selected` given, matrix states): 'blocks' (mcdist.kernels.cached_read, loops
+# over every state for a block of tokens) or 'gather' (mcdist.kernels.ssc_read, groups the selected pairs by
+# state; work ∝ T·K). Read at call time, so it can be changed after import (docs/kernels.md, "ssc gather read").
+SSC_READ = os.environ.get("MCDIST_SSC_READ", "blocks")
+_SSC_READS = ("blocks", "gather")
+
 
 @functools.lru_cache(maxsize=None)
 def _triton_module(name: str):
@@ -68,10 +74,14 @@ def cached_read(z, u, states, contexts, *, segment_len, gate_scale, query_offset
                 selected=None, impl="auto"):
     """Partial read of a block of cached states (docs/architecture.md); see ``cached_read_chunked``."""
     impl = resolve_impl(impl, z)
+    if SSC_READ not in _SSC_READS:
+        raise ValueError(f"MCDIST_SSC_READ (mcdist.ops.SSC_READ) = {SSC_READ!r}; expected 'blocks' or 'gather'")
     kwargs = dict(segment_len=segment_len, gate_scale=gate_scale, query_offset=query_offset,
                   segment_offset=segment_offset, selected=selected)
     if impl == "reference":
         return cached_read_reference(z, u, states, contexts, **kwargs)
     if impl == "triton" and isinstance(states, torch.Tensor):
+        if selected is not None and SSC_READ == "gather":
+            return _triton_module("ssc_read").ssc_read_triton(z, u, states, contexts, **kwargs)
         return _triton_module("cached_read").cached_read_triton(z, u, states, contexts, **kwargs)
     return cached_read_chunked(z, u, states, contexts, **kwargs)

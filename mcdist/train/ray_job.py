@@ -46,6 +46,7 @@ import dataclasses
 import datetime
 import importlib.util
 import json
+import inspect
 import os
 import socket
 import time
@@ -124,8 +125,11 @@ class RayCallbacks(TrainCallbacks):
         checkpoint = None
         if self._rank() == 0:  # the trainer renamed it into place: it is complete on disk
             checkpoint = ray.train.Checkpoint.from_directory(os.path.abspath(path))
+        options = {}
+        if "checkpoint_dir_name" in inspect.signature(ray.train.report).parameters:  # Ray Train V2 only
+            options["checkpoint_dir_name"] = os.path.basename(os.path.normpath(path))
         ray.train.report(_json_safe({"kind": "checkpoint", "step": step, **metrics}), checkpoint=checkpoint,
-                         checkpoint_dir_name=os.path.basename(os.path.normpath(path)))
+                         **options)
         if self.extra is not None:
             self.extra.on_checkpoint(step, path, metrics)
 
@@ -463,8 +467,12 @@ def train_with_ray(
         resources = {"CPU": config.ray.cpus_per_worker}
         if use_gpu:
             resources["GPU"] = 1
-        scaling = ray.train.ScalingConfig(num_workers=config.ray.workers, use_gpu=use_gpu,
-                                          resources_per_worker=resources)
+        try:  # Ray Train V1 gives its coordinator actor 1 CPU by default: a 2-CPU machine then never fits 2 workers
+            scaling = ray.train.ScalingConfig(num_workers=config.ray.workers, use_gpu=use_gpu,
+                                              resources_per_worker=resources, trainer_resources={"CPU": 0})
+        except DeprecationWarning:  # Ray Train V2 refuses the field: its controller takes no CPU
+            scaling = ray.train.ScalingConfig(num_workers=config.ray.workers, use_gpu=use_gpu,
+                                              resources_per_worker=resources)
         logging_config = None
         if hasattr(ray.train, "LoggingConfig"):
             logging_config = ray.train.LoggingConfig(log_level="WARNING")

@@ -155,6 +155,15 @@ class KillOnce(TrainCallbacks):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+
+def _ray_keeps_checkpoint_names() -> bool:
+    """Ray Train V2's report takes checkpoint_dir_name (its copy is named step-N); V1 names it checkpoint_00000k."""
+    import inspect
+
+    import ray.train
+
+    return "checkpoint_dir_name" in inspect.signature(ray.train.report).parameters
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_two_worker_sp2_run_finishes_and_its_checkpoint_loads(straight_run):
@@ -164,7 +173,9 @@ def test_two_worker_sp2_run_finishes_and_its_checkpoint_loads(straight_run):
     assert [step for step, _ in curve(out_dir)] == list(range(1, 13))
     # Ray's copy of the last checkpoint verifies and holds the trainer's state at step 12
     ray_copy = result["ray_checkpoint"]
-    assert os.path.basename(ray_copy) == "step-000012" and ray_copy.startswith(str(out_dir / "ray"))
+    assert ray_copy.startswith(str(out_dir / "ray"))
+    if _ray_keeps_checkpoint_names():
+        assert os.path.basename(ray_copy) == "step-000012"
     ckpt.verify_checkpoint(ray_copy)
     assert ckpt.load_training_state(ray_copy)["step"] == 12
     # the final model reloads in one process and scores what the sp = 2 workers measured
@@ -187,7 +198,9 @@ def test_killed_worker_resumes_from_the_last_checkpoint(straight_run, tmp_path):
     assert os.path.exists(marker), "the worker was never killed"
     assert result["step"] == 12 and not result["stopped_early"]
     # restarted from Ray's copy of the step-4 checkpoint, not from scratch
-    assert result["resumed_from"] is not None and os.path.basename(result["resumed_from"]) == "step-000004"
+    assert result["resumed_from"] is not None  # which step: the steps log below (the second attempt starts at 5)
+    if _ray_keeps_checkpoint_names():
+        assert os.path.basename(result["resumed_from"]) == "step-000004"
     assert result["resumed_from"].startswith(str(out_dir / "ray"))
     with open(steps_log) as handle:
         rows = [line.split() for line in handle]

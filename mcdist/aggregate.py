@@ -26,7 +26,8 @@ from mcdist.memory.deep import mlp_read
 
 States = Union[torch.Tensor, Sequence[torch.Tensor]]
 
-__all__ = ["segment_contexts", "online_scores", "cached_read_reference", "cached_read_chunked", "select_top_k",
+__all__ = ["segment_contexts", "online_scores", "cached_read_reference", "cached_read_chunked",
+           "cached_read_backward_chunked", "select_top_k",
            "residual_read_chunked", "merge_partials", "merge_all"]
 
 
@@ -224,44 +225,73 @@ class _LinearCachedRead(torch.autograd.Function):
     def backward(ctx, grad_out, grad_lse):
         z, u, states, contexts, selected, out, lse = ctx.saved_tensors
         segment_len, gate_scale, query_offset, segment_offset = ctx.settings
-        B, T, H = z.shape[:3]
-        n = states.shape[1]
-        zt, ut, stacked, contexts_t, chosen_t = _linear_layouts(z, u, states, contexts, selected)
-        grad_out = grad_out.transpose(1, 2).contiguous()  # [B, H, T, Dout]
-        delta = (grad_out * out).sum(-1) - grad_lse.transpose(1, 2)  # [B, H, T]
-        shift = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # lse −inf: every p below is 0
-        grad_z, grad_u, grad_contexts = torch.zeros_like(zt), torch.zeros_like(ut), torch.zeros_like(contexts_t)
-        # dM_j = Σ_t p_tj dout_t z_tᵀ for a block is doutᵀ X, [Dout, nb·Din]: kept in that layout
-        grad_states = z.new_zeros(B, H, states.shape[3], n * states.shape[4])  # [B, H, Dout, N·Din]
-        din = states.shape[4]
-        outer_space, projected_space = (z.new_empty(_workspace_size(z, states, segment_len)) for _ in range(2))
-        need_z, need_u, need_states, need_contexts = ctx.needs_input_grad[:4]
-        for start, stop, visible in _query_segments(T, query_offset, segment_len, segment_offset, n):
-            if visible == 0:
-                continue
-            zq, uq, gq = zt[:, :, start:stop], ut[:, :, start:stop], grad_out[:, :, start:stop]
-            chosen = chosen_t[:, :, start:stop] if chosen_t is not None else None
-            for first, last in _state_blocks(visible):
-                block_contexts = contexts_t[..., first:last]  # [B, H, Dc, nb]
-                block_states = stacked[:, :, first:last].flatten(2, 3)  # [B, H, nb·Din, Dout]
-                scores = _block_scores(uq, block_contexts, chosen, segment_offset + first, gate_scale)
-                p = torch.exp(scores - shift[:, :, start:stop, None])  # [B, H, Tq, nb]
-                if need_states:
-                    grad_states[..., first * din:last * din] += torch.matmul(gq.transpose(-1, -2),
-                                                                             _weighted_outer(p, zq, outer_space))
-                # projected[t, j] = M_jᵀ dout_t, [B, H, Tq, nb, Din]
-                projected = torch.matmul(gq, block_states.transpose(-1, -2), out=_in_workspace(
-                    projected_space, (B, H, stop - start, (last - first) * din))).unflatten(-1, (last - first, -1))
-                if need_z:  # dz_t = Σ_j p_tj M_jᵀ dout_t
-                    grad_z[:, :, start:stop] += torch.einsum("bhtj,bhtji->bhti", p, projected)
-                if need_u or need_contexts:  # dr_tj = p_tj (⟨dout_t, M_j z_t⟩ − δ_t)
-                    agreement = torch.einsum("bhtji,bhti->bhtj", projected, zq)  # [B, H, Tq, nb]
-                    grad_scores = gate_scale * p * (agreement - delta[:, :, start:stop, None])
-                    grad_u[:, :, start:stop] += torch.matmul(grad_scores, block_contexts.transpose(-1, -2))
-                    grad_contexts[..., first:last] += torch.matmul(uq.transpose(-1, -2), grad_scores)
-        return (grad_z.transpose(1, 2) if need_z else None, grad_u.transpose(1, 2) if need_u else None,
-                grad_states.unflatten(-1, (n, din)).permute(0, 3, 1, 2, 4) if need_states else None,
-                grad_contexts.permute(0, 3, 1, 2) if need_contexts else None, None, None, None, None, None)
+        grads = _linear_read_backward(grad_out, grad_lse.transpose(1, 2), z, u, states, contexts, selected, out, lse,
+                                      segment_len, gate_scale, query_offset, segment_offset, ctx.needs_input_grad[:4])
+        return (*grads, None, None, None, None, None)
+
+
+def cached_read_backward_chunked(grad_out, grad_lse, z, u, states, contexts, out, lse, *, segment_len, gate_scale,
+                                 query_offset=0, segment_offset=0, selected=None):
+    """Gradients (dz, du, dstates, dcontexts) of a read of linear states, from the output statistics directly.
+
+    ``out`` [B, T, H, Dout] and ``lse`` [B, T, H] are those of the *whole* read the states took part in (this
+    block merged with any others), ``grad_out`` and ``grad_lse`` their gradients. The gradient of a merged read
+    with respect to one block's inputs has the block's own form with the merged (out, lse) in place of the
+    block's partial (dr_tj = p_tj(⟨dout_t, M_j z_t⟩ − δ_t), p_tj = exp(r_tj − lse_t), δ_t = ⟨dout_t, out_t⟩ −
+    dlse_t), so a ring's backward needs no recomputation of the block's partial. Arguments as for
+    :func:`cached_read_chunked`; the gradients have the dtypes of the read's inputs cast to the states' dtype.
+    """
+    _check_read_args(z, u, states, contexts, segment_len, selected)
+    if not isinstance(states, torch.Tensor):
+        raise TypeError("cached_read_backward_chunked: linear states only (a tensor [B, Nb, H, Dout, Din])")
+    dtype = states.dtype
+    return _linear_read_backward(grad_out.to(dtype), grad_lse.to(dtype).transpose(1, 2), z.to(dtype), u.to(dtype), states,
+                                 contexts.to(dtype), selected, out.to(dtype).transpose(1, 2),
+                                 lse.to(dtype).transpose(1, 2), segment_len, gate_scale, query_offset,
+                                 segment_offset, (True, True, True, True))
+
+
+def _linear_read_backward(grad_out, grad_lse, z, u, states, contexts, selected, out, lse, segment_len, gate_scale,
+                          query_offset, segment_offset, needs):
+    """grad_out [B, T, H, Dout], grad_lse [B, H, T]; out [B, H, T, Dout] and lse [B, H, T] of the whole read."""
+    B, T, H = z.shape[:3]
+    n = states.shape[1]
+    zt, ut, stacked, contexts_t, chosen_t = _linear_layouts(z, u, states, contexts, selected)
+    grad_out = grad_out.transpose(1, 2).contiguous()  # [B, H, T, Dout]
+    delta = (grad_out * out).sum(-1) - grad_lse  # [B, H, T]
+    shift = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # lse −inf: every p below is 0
+    grad_z, grad_u, grad_contexts = torch.zeros_like(zt), torch.zeros_like(ut), torch.zeros_like(contexts_t)
+    # dM_j = Σ_t p_tj dout_t z_tᵀ for a block is doutᵀ X, [Dout, nb·Din]: kept in that layout
+    grad_states = z.new_zeros(B, H, states.shape[3], n * states.shape[4])  # [B, H, Dout, N·Din]
+    din = states.shape[4]
+    outer_space, projected_space = (z.new_empty(_workspace_size(z, states, segment_len)) for _ in range(2))
+    need_z, need_u, need_states, need_contexts = needs
+    for start, stop, visible in _query_segments(T, query_offset, segment_len, segment_offset, n):
+        if visible == 0:
+            continue
+        zq, uq, gq = zt[:, :, start:stop], ut[:, :, start:stop], grad_out[:, :, start:stop]
+        chosen = chosen_t[:, :, start:stop] if chosen_t is not None else None
+        for first, last in _state_blocks(visible):
+            block_contexts = contexts_t[..., first:last]  # [B, H, Dc, nb]
+            block_states = stacked[:, :, first:last].flatten(2, 3)  # [B, H, nb·Din, Dout]
+            scores = _block_scores(uq, block_contexts, chosen, segment_offset + first, gate_scale)
+            p = torch.exp(scores - shift[:, :, start:stop, None])  # [B, H, Tq, nb]
+            if need_states:
+                grad_states[..., first * din:last * din] += torch.matmul(gq.transpose(-1, -2),
+                                                                         _weighted_outer(p, zq, outer_space))
+            # projected[t, j] = M_jᵀ dout_t, [B, H, Tq, nb, Din]
+            projected = torch.matmul(gq, block_states.transpose(-1, -2), out=_in_workspace(
+                projected_space, (B, H, stop - start, (last - first) * din))).unflatten(-1, (last - first, -1))
+            if need_z:  # dz_t = Σ_j p_tj M_jᵀ dout_t
+                grad_z[:, :, start:stop] += torch.einsum("bhtj,bhtji->bhti", p, projected)
+            if need_u or need_contexts:  # dr_tj = p_tj (⟨dout_t, M_j z_t⟩ − δ_t)
+                agreement = torch.einsum("bhtji,bhti->bhtj", projected, zq)  # [B, H, Tq, nb]
+                grad_scores = gate_scale * p * (agreement - delta[:, :, start:stop, None])
+                grad_u[:, :, start:stop] += torch.matmul(grad_scores, block_contexts.transpose(-1, -2))
+                grad_contexts[..., first:last] += torch.matmul(uq.transpose(-1, -2), grad_scores)
+    return (grad_z.transpose(1, 2) if need_z else None, grad_u.transpose(1, 2) if need_u else None,
+            grad_states.unflatten(-1, (n, din)).permute(0, 3, 1, 2, 4) if need_states else None,
+            grad_contexts.permute(0, 3, 1, 2) if need_contexts else None)
 
 
 def _workspace_size(z, states, segment_len):

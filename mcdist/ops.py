@@ -13,7 +13,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from mcdist.aggregate import cached_read_chunked, cached_read_reference
+from mcdist.aggregate import cached_read_backward_chunked, cached_read_chunked, cached_read_reference
 from mcdist.memory.linear import LinearMemoryPass, linear_memory_chunked, linear_memory_reference
 
 # Triton kernel for the ssc read (`selected` given, matrix states): 'blocks' (mcdist.kernels.cached_read, loops
@@ -85,3 +85,24 @@ def cached_read(z, u, states, contexts, *, segment_len, gate_scale, query_offset
             return _triton_module("ssc_read").ssc_read_triton(z, u, states, contexts, **kwargs)
         return _triton_module("cached_read").cached_read_triton(z, u, states, contexts, **kwargs)
     return cached_read_chunked(z, u, states, contexts, **kwargs)
+
+
+def cached_read_backward(grad_out, grad_lse, z, u, states, contexts, out, lse, *, segment_len, gate_scale,
+                         query_offset=0, segment_offset=0, selected=None, impl="auto"):
+    """(dz, du, dstates, dcontexts) of a read of linear states, given the (out, lse) of the whole read it was merged
+    into and their gradients: no recomputation of the forward (``cached_read_backward_chunked``). ``impl`` as
+    for :func:`cached_read`; 'reference' is not offered (use autograd through ``cached_read``)."""
+    impl = resolve_impl(impl, z)
+    kwargs = dict(segment_len=segment_len, gate_scale=gate_scale, query_offset=query_offset,
+                  segment_offset=segment_offset)
+    if impl == "triton":
+        module = _triton_module("cached_read")
+        module._check_args(z, u, states, contexts, selected, segment_len, query_offset, segment_offset)
+        return torch.ops.mcdist.cached_read_triton_backward(
+            grad_out, grad_lse, z, u, states, contexts, selected, out.to(torch.float32), lse.to(torch.float32),
+            int(segment_len), float(gate_scale), int(query_offset), int(segment_offset))
+    if impl == "reference":
+        raise ValueError("cached_read_backward: impl = 'reference' has no direct backward; expected 'auto', "
+                         "'chunked' or 'triton'")
+    return cached_read_backward_chunked(grad_out, grad_lse, z, u, states, contexts, out, lse, selected=selected,
+                                        **kwargs)

@@ -84,12 +84,14 @@ def all_gather_with_grad(tensor: torch.Tensor, sp: SPGroup, kind: str) -> torch.
 class RingExchange:
     """Send tensors to the next rank and receive the same shapes from the previous one, non-blocking."""
 
-    def __init__(self, tensors: List[torch.Tensor], sp: SPGroup, kind: str):
+    def __init__(self, tensors: List[torch.Tensor], sp: SPGroup, kind: str, *, tag_offset: int = 0):
         self.sending = [t.contiguous() for t in tensors]  # kept alive until the sends complete
         self.received = [torch.empty_like(t) for t in self.sending]
-        # one tag per tensor: with two ranks the next and previous rank are the same peer
-        operations = [dist.P2POp(dist.isend, t, sp.next_global, sp.group, tag) for tag, t in enumerate(self.sending)]
-        operations += [dist.P2POp(dist.irecv, r, sp.prev_global, sp.group, tag)
+        # one tag per tensor: with two ranks the next and previous rank are the same peer; two exchanges in
+        # flight at once take disjoint tags (tag_offset)
+        operations = [dist.P2POp(dist.isend, t, sp.next_global, sp.group, tag_offset + tag)
+                      for tag, t in enumerate(self.sending)]
+        operations += [dist.P2POp(dist.irecv, r, sp.prev_global, sp.group, tag_offset + tag)
                        for tag, r in enumerate(self.received)]
         self.works = dist.batch_isend_irecv(operations)
         sp.stats.add(kind, nbytes(tensors), nbytes(self.received))

@@ -196,19 +196,17 @@ def _unpack(block, deep):
     return ((block[0], block[1]) if deep else block[0]), block[-1]
 
 
-def _block_partial(z, u, block, origin: int, spec: _RingSpec):
-    """Partial read of every local query piece against the pieces of the block that came from ``origin``."""
+def _block_reads(block, origin: int, spec: _RingSpec):
+    """The reads one block (from rank ``origin``) takes part in: for every local query piece, the pieces of the
+    block that some of its tokens can see, as (offset, start, length, chosen, piece states, piece contexts,
+    state slice, first global segment index), and the local pieces that see none of the block."""
     shard = spec.shard
     C = shard.segment_len
     states, contexts = _unpack(block, spec.deep)
-    B, _, H = z.shape[:3]
-    dout = z.shape[-1] if spec.deep else states.shape[3]
-    outs, lses = [], []
     for offset, start, length in shard.local_pieces():
-        zq, uq = z[:, offset:offset + length], u[:, offset:offset + length]
         chosen = spec.selected[:, offset:offset + length] if spec.selected is not None else None
         last_segment = (start + length - 1) // C
-        partials, first = [], 0
+        reads, first = [], 0
         for state_start, state_length in shard.pieces(origin):
             n = state_length // C
             first_index = state_start // C
@@ -219,9 +217,22 @@ def _block_partial(z, u, block, origin: int, spec: _RingSpec):
             if chosen is not None and not ((chosen >= first_index) & (chosen < first_index + n)).any():
                 continue  # ssc: no token here selected any of these segments
             piece_states = (states[0][:, piece], states[1][:, piece]) if spec.deep else states[:, piece]
-            partials.append(ops.cached_read(zq, uq, piece_states, contexts[:, piece], segment_len=C,
-                                            gate_scale=spec.gate_scale, query_offset=start,
-                                            segment_offset=first_index, selected=chosen, impl=spec.impl))
+            reads.append((piece_states, contexts[:, piece], piece, first_index))
+        yield offset, start, length, chosen, reads
+
+
+def _block_partial(z, u, block, origin: int, spec: _RingSpec):
+    """Partial read of every local query piece against the pieces of the block that came from ``origin``."""
+    C = spec.shard.segment_len
+    states, contexts = _unpack(block, spec.deep)
+    B, _, H = z.shape[:3]
+    dout = z.shape[-1] if spec.deep else states.shape[3]
+    outs, lses = [], []
+    for offset, start, length, chosen, reads in _block_reads(block, origin, spec):
+        zq, uq = z[:, offset:offset + length], u[:, offset:offset + length]
+        partials = [ops.cached_read(zq, uq, piece_states, piece_contexts, segment_len=C, gate_scale=spec.gate_scale,
+                                    query_offset=start, segment_offset=first_index, selected=chosen, impl=spec.impl)
+                    for piece_states, piece_contexts, _, first_index in reads]
         if partials:
             out, lse = merge_all(partials)
         else:
@@ -230,6 +241,31 @@ def _block_partial(z, u, block, origin: int, spec: _RingSpec):
         outs.append(out)
         lses.append(lse)
     return torch.cat(outs, 1), torch.cat(lses, 1)
+
+
+def _direct_backward(spec: _RingSpec) -> bool:
+    """Linear states on the chunked or Triton path: a block's gradients come straight from the merged (out, lse)
+    (``ops.cached_read_backward``), without recomputing its partial."""
+    return not spec.deep and spec.impl in ("chunked", "triton", "auto")
+
+
+def _block_gradients(z, u, block, origin, spec, out, lse, grad_out, grad_lse):
+    """(dz, du, [dstates, dcontexts]) of the merged read with respect to one block, from the merged statistics."""
+    C = spec.shard.segment_len
+    grad_z, grad_u = torch.zeros_like(z), torch.zeros_like(u)
+    grad_block = [torch.zeros_like(t) for t in block]
+    for offset, start, length, chosen, reads in _block_reads(block, origin, spec):
+        rows = slice(offset, offset + length)
+        for piece_states, piece_contexts, piece, first_index in reads:
+            dz, du, dstates, dcontexts = ops.cached_read_backward(
+                grad_out[:, rows], grad_lse[:, rows], z[:, rows], u[:, rows], piece_states, piece_contexts,
+                out[:, rows], lse[:, rows], segment_len=C, gate_scale=spec.gate_scale, query_offset=start,
+                segment_offset=first_index, selected=chosen, impl=spec.impl)
+            grad_z[:, rows] += dz.to(z.dtype)
+            grad_u[:, rows] += du.to(u.dtype)
+            grad_block[0][:, piece] += dstates.to(block[0].dtype)
+            grad_block[-1][:, piece] += dcontexts.to(block[-1].dtype)
+    return grad_z, grad_u, grad_block
 
 
 class _RingRead(torch.autograd.Function):
@@ -256,35 +292,56 @@ class _RingRead(torch.autograd.Function):
         spec = ctx.spec
         sp = spec.shard.sp
         z, u, out, lse, *block = ctx.saved_tensors
+        grad_out = grad_out if grad_out is not None else torch.zeros_like(out)
+        grad_lse = grad_lse if grad_lse is not None else torch.zeros_like(lse)
         grad_z, grad_u = torch.zeros_like(z), torch.zeros_like(u)
         in_hand = list(block)
         accumulated = [torch.zeros_like(t) for t in block]
         for step in range(sp.size):
-            with torch.enable_grad():
-                z_leaf = z.detach().requires_grad_()
-                u_leaf = u.detach().requires_grad_()
-                leaves = [t.detach().requires_grad_() for t in in_hand]
-                part_out, part_lse = _block_partial(z_leaf, u_leaf, leaves, (sp.rank - step) % sp.size, spec)
-            finite = torch.isfinite(part_lse)
-            if bool(finite.any()):
-                weight = torch.where(finite, torch.exp(part_lse.detach() - lse), torch.zeros_like(lse))
-                g_out = grad_out * weight[..., None]
-                g_lse = weight * (grad_lse + (grad_out * (part_out.detach() - out)).sum(-1))
-                grads = torch.autograd.grad((part_out, part_lse), [z_leaf, u_leaf] + leaves, (g_out, g_lse),
-                                            allow_unused=True)
-                if grads[0] is not None:
-                    grad_z += grads[0]
-                if grads[1] is not None:
-                    grad_u += grads[1]
-                for acc, g in zip(accumulated, grads[2:]):
-                    if g is not None:
-                        acc += g
-            if step < sp.size - 1:
-                received = RingExchange(in_hand + accumulated, sp, "ring_backward").wait()
-                in_hand, accumulated = received[:len(block)], received[len(block):]
+            origin = (sp.rank - step) % sp.size
+            # the block itself does not change: its send to the next rank overlaps this step's compute; its
+            # gradient accumulator follows once this rank has added to it (tags after the block's)
+            exchange = RingExchange(in_hand, sp, "ring_backward") if step < sp.size - 1 else None
+            if _direct_backward(spec):
+                dz, du, grads = _block_gradients(z, u, in_hand, origin, spec, out, lse, grad_out, grad_lse)
+                grad_z += dz
+                grad_u += du
+                for acc, g in zip(accumulated, grads):
+                    acc += g
+            else:
+                _recomputed_block_gradients(z, u, in_hand, origin, spec, out, lse, grad_out, grad_lse, grad_z,
+                                            grad_u, accumulated)
+            if exchange is not None:
+                accumulated = RingExchange(accumulated, sp, "ring_backward", tag_offset=len(block)).wait()
+                in_hand = exchange.wait()
         if sp.size > 1:  # the block in hand belongs to the next rank: send its gradients home
             accumulated = RingExchange(accumulated, sp, "ring_backward").wait()
         return (None, grad_z, grad_u, *accumulated)
+
+
+def _recomputed_block_gradients(z, u, in_hand, origin, spec, out, lse, grad_out, grad_lse, grad_z, grad_u,
+                                accumulated):
+    """Deep states (or the reference path): recompute the block's partial under autograd and push the merge's
+    gradient through it (added into grad_z, grad_u and accumulated)."""
+    with torch.enable_grad():
+        z_leaf = z.detach().requires_grad_()
+        u_leaf = u.detach().requires_grad_()
+        leaves = [t.detach().requires_grad_() for t in in_hand]
+        part_out, part_lse = _block_partial(z_leaf, u_leaf, leaves, origin, spec)
+    finite = torch.isfinite(part_lse)
+    if not bool(finite.any()):
+        return
+    weight = torch.where(finite, torch.exp(part_lse.detach() - lse), torch.zeros_like(lse))
+    g_out = grad_out * weight[..., None]
+    g_lse = weight * (grad_lse + (grad_out * (part_out.detach() - out)).sum(-1))
+    grads = torch.autograd.grad((part_out, part_lse), [z_leaf, u_leaf] + leaves, (g_out, g_lse), allow_unused=True)
+    if grads[0] is not None:
+        grad_z += grads[0]
+    if grads[1] is not None:
+        grad_u += grads[1]
+    for acc, g in zip(accumulated, grads[2:]):
+        if g is not None:
+            acc += g
 
 
 def ring_read(z, u, states, contexts, *, shard: Shard, gate_scale: float, selected=None, impl="chunked"):

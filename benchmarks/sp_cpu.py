@@ -173,9 +173,9 @@ def _instrument(timers: _Timers) -> None:
 
     ring_init, ring_wait = comm.RingExchange.__init__, comm.RingExchange.wait
 
-    def init(self, tensors, sp, kind):
+    def init(self, tensors, sp, kind, **options):
         start = time.perf_counter()
-        ring_init(self, tensors, sp, kind)
+        ring_init(self, tensors, sp, kind, **options)
         self._bench_kind = kind
         timers.add(kind, time.perf_counter() - start)
 

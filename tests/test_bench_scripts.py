@@ -1,0 +1,36 @@
+"""Smoke tests of the benchmark scripts under benchmarks/ that the docs quote (not timings): they run end to end
+on a small case and write a complete JSON report."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_cpu_runs_the_trainer_and_reports_tokens_and_memory(tmp_path):
+    out = tmp_path / "train.json"
+    report = _load("train_cpu").main(["--cases", "4096x2", "--steps", "2", "--model", "tiny", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    (case,) = report["cases"]
+    assert (case["seq_len"], case["sp"], case["tokens_per_rank"], case["steps"]) == (4096, 2, 2048, 2)
+    assert all(math.isfinite(r) and r > 0 for r in case["tokens_per_s"])
+    assert case["step_s_median"] == pytest.approx(4096 / case["tokens_per_s_median"])
+    assert 0.1 < case["peak_rss_gib_max_over_ranks"] < 8
+    assert case["comm_bytes_per_step"]["sp_received"] > 0
+    assert all(math.isfinite(loss) for loss in case["losses"])
+
+
+def test_train_cpu_refuses_a_malformed_case():
+    with pytest.raises(SystemExit):
+        _load("train_cpu").main(["--cases", "4096by2"])

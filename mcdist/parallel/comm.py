@@ -99,4 +99,5 @@ class RingExchange:
     def wait(self) -> List[torch.Tensor]:
         for work in self.works:
             work.wait()
+        self.works, self.sending = [], []  # release the finished work objects and the sent buffers at once
         return self.received

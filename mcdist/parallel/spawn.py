@@ -28,6 +28,10 @@ def _entry(rank, fn, world_size, port, backend, collective_timeout_s, threads, a
     init_distributed(backend, timeout_s=collective_timeout_s)
     try:
         fn(rank, world_size, *args)
+        # every rank done with every operation before any tears its transport down: a gloo process that
+        # destroys its group (or exits) while a peer's operation on it is still in flight can abort in C++
+        # ("terminate called without an active exception"); skipped after a failure, where a peer may be gone
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -28,12 +28,34 @@ def _entry(rank, fn, world_size, port, backend, collective_timeout_s, threads, a
     init_distributed(backend, timeout_s=collective_timeout_s)
     try:
         fn(rank, world_size, *args)
-        # every rank done with every operation before any tears its transport down: a gloo process that
-        # destroys its group (or exits) while a peer's operation on it is still in flight can abort in C++
-        # ("terminate called without an active exception"); skipped after a failure, where a peer may be gone
-        dist.barrier()
+        _leave_together(rank, world_size, collective_timeout_s)
     finally:
         dist.destroy_process_group()
+
+
+def _leave_together(rank: int, world_size: int, timeout_s: float) -> None:
+    """Wait (through the rendezvous store, not a collective) until every rank's function has returned, before any
+    rank tears its transport down: a gloo process that destroys its group while a peer still works on it can
+    abort in C++ ("terminate called without an active exception"). A store barrier does not pair up with a
+    collective a failed peer left half-done (``dist.barrier`` would). Rank 0 holds the store, so it leaves
+    last. Best effort: any store error, or ``timeout_s``, just lets the rank go on."""
+    import torch.distributed as dist
+
+    try:
+        store = dist.distributed_c10d._get_default_store()
+
+        def wait_for(key: str) -> None:
+            deadline = time.monotonic() + timeout_s
+            while store.add(key, 0) < world_size and time.monotonic() < deadline:
+                time.sleep(0.005)
+
+        store.add("mcdist/spawn/returned", 1)
+        wait_for("mcdist/spawn/returned")
+        store.add("mcdist/spawn/leaving", 1)
+        if rank == 0:
+            wait_for("mcdist/spawn/leaving")
+    except Exception:  # a private API or a store that went away: leave as before
+        return
 
 
 def spawn(fn: Callable, world_size: int, *args, timeout_s: float = 300.0, backend: str = "gloo",

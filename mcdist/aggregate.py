@@ -245,8 +245,8 @@ def cached_read_backward_chunked(grad_out, grad_lse, z, u, states, contexts, out
     if not isinstance(states, torch.Tensor):
         raise TypeError("cached_read_backward_chunked: linear states only (a tensor [B, Nb, H, Dout, Din])")
     dtype = states.dtype
-    return _linear_read_backward(grad_out.to(dtype), grad_lse.to(dtype).transpose(1, 2), z.to(dtype), u.to(dtype), states,
-                                 contexts.to(dtype), selected, out.to(dtype).transpose(1, 2),
+    return _linear_read_backward(grad_out.to(dtype), grad_lse.to(dtype).transpose(1, 2), z.to(dtype),
+                                 u.to(dtype), states, contexts.to(dtype), selected, out.to(dtype).transpose(1, 2),
                                  lse.to(dtype).transpose(1, 2), segment_len, gate_scale, query_offset,
                                  segment_offset, (True, True, True, True))
 

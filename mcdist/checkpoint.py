@@ -272,14 +272,11 @@ def save_model(model: torch.nn.Module, config: ModelConfig, directory: str | os.
             backups.clear()
             raise
         _fsync_path(directory, directory=True)
-    finally:
-        for leftover in [tmp for tmp, _ in written] + list(backups.values()):
+    finally:  # every temporary this save may have started (also one whose write failed), and the backups
+        names = [WEIGHTS_NAME, INDEX_NAME, CONFIG_NAME] + [shard_name(i, len(plan)) for i in range(1, len(plan) + 1)]
+        for leftover in [tmp_name(name) for name in names] + list(backups.values()):
             if os.path.lexists(leftover):
                 os.unlink(leftover)
-        for name in [WEIGHTS_NAME, INDEX_NAME, CONFIG_NAME] + [shard_name(i, len(plan))
-                                                                for i in range(1, len(plan) + 1)]:
-            if os.path.lexists(tmp_name(name)):  # a write that failed before it was listed
-                os.unlink(tmp_name(name))
     return directory
 
 
@@ -357,8 +354,8 @@ def _read_weight_file(path: str, config: ModelConfig, directory: str) -> tuple[d
     return tensors, header
 
 
-def _read_weights(directory: str, config: ModelConfig) -> tuple[dict[str, torch.Tensor], dict, str]:
-    """(tensors with aliases resolved, aliases, description for errors) of either layout."""
+def _read_weights(directory: str, config: ModelConfig) -> tuple[dict[str, torch.Tensor], str]:
+    """(tensors with aliases resolved, the path to name in errors) of either layout."""
     index_path = os.path.join(directory, INDEX_NAME)
     weights_path = os.path.join(directory, WEIGHTS_NAME)
     if os.path.isfile(index_path):
@@ -400,7 +397,7 @@ def _read_weights(directory: str, config: ModelConfig) -> tuple[dict[str, torch.
         if target not in tensors:
             raise CheckpointError(f"{where}: tensor {alias!r} is stored as {target!r}, which is missing")
         tensors[alias] = tensors[target]
-    return tensors, aliases, where
+    return tensors, where
 
 
 def _backups_hint(directory: str) -> str:
@@ -434,7 +431,7 @@ def load_model(
     """
     directory = os.fspath(directory)
     config = load_config(directory)
-    tensors, _, weights_path = _read_weights(directory, config)
+    tensors, weights_path = _read_weights(directory, config)
 
     model = (model_factory or _default_factory)(config)
     stored_float_dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}

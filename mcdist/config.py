@@ -31,6 +31,7 @@ IMPLS = ("auto", "chunked", "reference", "triton")
 class ConfigError(ValueError):
     """A configuration value or key is invalid."""
 
+
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -51,7 +52,6 @@ def parse_size(value: int | str) -> int:
     if size <= 0:
         raise ValueError(f"size {value!r} is invalid; expected a positive size")
     return size
-
 
 
 def _check_choice(section: str, name: str, value: Any, choices: tuple) -> None:

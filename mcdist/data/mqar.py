@@ -38,6 +38,23 @@ def mqar_min_seq_len(num_kv_pairs: int) -> int:
     return 4 * num_kv_pairs + 2
 
 
+def check_mqar_sizes(caller: str, seq_len: int, num_kv_pairs: int, vocab_size: int) -> tuple[int, int]:
+    """(key ids, value ids) of the vocabulary; raises ValueError, naming ``caller``, when the sequence or the
+    vocabulary cannot hold ``num_kv_pairs`` pairs and their queries."""
+    if seq_len < mqar_min_seq_len(num_kv_pairs):
+        raise ValueError(
+            f"{caller}: seq_len = {seq_len} is too short for num_kv_pairs = {num_kv_pairs}; expected "
+            f"seq_len >= 4 * num_kv_pairs + 2 = {mqar_min_seq_len(num_kv_pairs)}")
+    num_key_ids = (vocab_size - NUM_SPECIAL) // 2
+    num_value_ids = vocab_size - NUM_SPECIAL - num_key_ids
+    if num_key_ids < num_kv_pairs or num_value_ids < 1:
+        raise ValueError(
+            f"{caller}: vocab_size = {vocab_size} is too small for num_kv_pairs = {num_kv_pairs}; expected "
+            f"vocab_size >= {NUM_SPECIAL + 2 * num_kv_pairs} ({NUM_SPECIAL} special ids, then disjoint halves for "
+            "keys and values)")
+    return num_key_ids, num_value_ids
+
+
 def make_mqar_batch(
     batch_size: int,
     seq_len: int,
@@ -64,17 +81,7 @@ def make_mqar_batch(
             raise ValueError(f"make_mqar_batch: {name} = {value!r} is invalid; expected a positive integer")
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"make_mqar_batch: generator must be a torch.Generator, got {type(generator).__name__}")
-    if seq_len < mqar_min_seq_len(num_kv_pairs):
-        raise ValueError(
-            f"make_mqar_batch: seq_len = {seq_len} is too short for num_kv_pairs = {num_kv_pairs}; expected "
-            f"seq_len >= 4 * num_kv_pairs + 2 = {mqar_min_seq_len(num_kv_pairs)}")
-    num_key_ids = (vocab_size - NUM_SPECIAL) // 2
-    num_value_ids = vocab_size - NUM_SPECIAL - num_key_ids
-    if num_key_ids < num_kv_pairs or num_value_ids < 1:
-        raise ValueError(
-            f"make_mqar_batch: vocab_size = {vocab_size} is too small for num_kv_pairs = {num_kv_pairs}; expected "
-            f"vocab_size >= {NUM_SPECIAL + 2 * num_kv_pairs} ({NUM_SPECIAL} special ids, then disjoint halves for "
-            "keys and values)")
+    num_key_ids, num_value_ids = check_mqar_sizes("make_mqar_batch", seq_len, num_kv_pairs, vocab_size)
 
     B, T, n = batch_size, seq_len, num_kv_pairs
     first_value_id = NUM_SPECIAL + num_key_ids

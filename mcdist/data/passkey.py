@@ -44,6 +44,16 @@ def passkey_min_vocab_size() -> int:
     return FIRST_FILLER_ID + 2
 
 
+def check_passkey_sizes(caller: str, seq_len: int, vocab_size: int, digits: int) -> None:
+    """Raise ValueError, naming ``caller``, when a sequence or the vocabulary cannot hold the task."""
+    if seq_len < passkey_min_seq_len(digits):
+        raise ValueError(f"{caller}: seq_len = {seq_len} is too short for a {digits}-digit passkey; "
+                         f"expected seq_len >= 2 * digits + 4 = {passkey_min_seq_len(digits)}")
+    if vocab_size < passkey_min_vocab_size():
+        raise ValueError(f"{caller}: vocab_size = {vocab_size} is too small; expected at least "
+                         f"{passkey_min_vocab_size()} (specials, ten digits, two filler ids)")
+
+
 def make_passkey_batch(
     batch_size: int,
     seq_len: int,
@@ -71,12 +81,7 @@ def make_passkey_batch(
         raise ValueError(f"make_passkey_batch: batch_size = {batch_size!r} is invalid; expected a positive integer")
     if not isinstance(digits, int) or digits <= 0:
         raise ValueError(f"make_passkey_batch: digits = {digits!r} is invalid; expected a positive integer")
-    if seq_len < passkey_min_seq_len(digits):
-        raise ValueError(f"make_passkey_batch: seq_len = {seq_len} is too short for a {digits}-digit passkey; "
-                         f"expected seq_len >= 2 * digits + 4 = {passkey_min_seq_len(digits)}")
-    if vocab_size < passkey_min_vocab_size():
-        raise ValueError(f"make_passkey_batch: vocab_size = {vocab_size} is too small; expected at least "
-                         f"{passkey_min_vocab_size()} (specials, ten digits, two filler ids)")
+    check_passkey_sizes("make_passkey_batch", seq_len, vocab_size, digits)
     if depth is not None and not 0.0 <= depth <= 1.0:
         raise ValueError(f"make_passkey_batch: depth = {depth!r} is invalid; expected a number in [0, 1] or None")
 

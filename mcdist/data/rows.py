@@ -22,9 +22,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from mcdist.data.mqar import BOS_ID, IGNORE_INDEX, NUM_SPECIAL, SEP_ID, mqar_min_seq_len
-from mcdist.data.passkey import (FIRST_DIGIT_ID, FIRST_FILLER_ID, PASSKEY_DIGITS, QUERY_ID, passkey_min_seq_len,
-                                 passkey_min_vocab_size)
+from mcdist.data.mqar import BOS_ID, IGNORE_INDEX, NUM_SPECIAL, SEP_ID, check_mqar_sizes
+from mcdist.data.passkey import FIRST_DIGIT_ID, FIRST_FILLER_ID, PASSKEY_DIGITS, QUERY_ID, check_passkey_sizes
 
 FILLER_BLOCK = 65536
 _MASK64 = (1 << 64) - 1
@@ -109,19 +108,12 @@ def mqar_row(row_seed: int, seq_len: int, num_kv_pairs: int, vocab_size: int,
     Returns:
         ``(input_ids, labels)``, int64 ``[sum of lengths]`` each.
     """
-    if seq_len < mqar_min_seq_len(num_kv_pairs):
-        raise ValueError(f"mqar_row: seq_len = {seq_len} is too short for num_kv_pairs = {num_kv_pairs}; expected "
-                         f"seq_len >= 4 * num_kv_pairs + 2 = {mqar_min_seq_len(num_kv_pairs)}")
-    num_key_ids = (vocab_size - NUM_SPECIAL) // 2
-    if num_key_ids < num_kv_pairs or vocab_size - NUM_SPECIAL - num_key_ids < 1:
-        raise ValueError(f"mqar_row: vocab_size = {vocab_size} is too small for num_kv_pairs = {num_kv_pairs}; "
-                         f"expected vocab_size >= {NUM_SPECIAL + 2 * num_kv_pairs}")
+    num_key_ids, num_value_ids = check_mqar_sizes("mqar_row", seq_len, num_kv_pairs, vocab_size)
     pieces = _check_pieces(pieces, seq_len)
     n = num_kv_pairs
     generator = torch.Generator().manual_seed(mix_seed(row_seed, 0))
     keys = torch.randperm(num_key_ids, generator=generator)[:n] + NUM_SPECIAL  # [n] distinct
-    values = torch.randint(0, vocab_size - NUM_SPECIAL - num_key_ids, (n,), generator=generator) \
-        + NUM_SPECIAL + num_key_ids
+    values = torch.randint(0, num_value_ids, (n,), generator=generator) + NUM_SPECIAL + num_key_ids
     query_start = 2 * n + 2
     slots = _distinct(generator, n, (seq_len - query_start) // 2)
     key_positions = query_start + 2 * slots  # [n]
@@ -146,12 +138,7 @@ def mqar_row(row_seed: int, seq_len: int, num_kv_pairs: int, vocab_size: int,
 def passkey_row(row_seed: int, seq_len: int, vocab_size: int, pieces: Optional[Pieces] = None, *,
                 digits: int = PASSKEY_DIGITS) -> tuple[torch.Tensor, torch.Tensor]:
     """The pieces of one passkey row (layout of :mod:`mcdist.data.passkey`, depth uniform), concatenated."""
-    if seq_len < passkey_min_seq_len(digits):
-        raise ValueError(f"passkey_row: seq_len = {seq_len} is too short for a {digits}-digit passkey; expected "
-                         f"seq_len >= {passkey_min_seq_len(digits)}")
-    if vocab_size < passkey_min_vocab_size():
-        raise ValueError(f"passkey_row: vocab_size = {vocab_size} is too small; expected at least "
-                         f"{passkey_min_vocab_size()}")
+    check_passkey_sizes("passkey_row", seq_len, vocab_size, digits)
     pieces = _check_pieces(pieces, seq_len)
     k = digits
     generator = torch.Generator().manual_seed(mix_seed(row_seed, 0))

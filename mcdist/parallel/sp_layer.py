@@ -249,11 +249,11 @@ def _direct_backward(spec: _RingSpec) -> bool:
     return not spec.deep and spec.impl in ("chunked", "triton", "auto")
 
 
-def _block_gradients(z, u, block, origin, spec, out, lse, grad_out, grad_lse):
-    """(dz, du, [dstates, dcontexts]) of the merged read with respect to one block, from the merged statistics."""
+def _block_gradients(z, u, block, origin, spec, out, lse, grad_out, grad_lse, grad_z, grad_u, accumulated):
+    """Linear states: the merged read's gradients with respect to one block, from the merged statistics (added
+    into grad_z, grad_u and the block's accumulator)."""
     C = spec.shard.segment_len
-    grad_z, grad_u = torch.zeros_like(z), torch.zeros_like(u)
-    grad_block = [torch.zeros_like(t) for t in block]
+    grad_states, grad_contexts = accumulated
     for offset, start, length, chosen, reads in _block_reads(block, origin, spec):
         rows = slice(offset, offset + length)
         for piece_states, piece_contexts, piece, first_index in reads:
@@ -263,9 +263,8 @@ def _block_gradients(z, u, block, origin, spec, out, lse, grad_out, grad_lse):
                 segment_offset=first_index, selected=chosen, impl=spec.impl)
             grad_z[:, rows] += dz.to(z.dtype)
             grad_u[:, rows] += du.to(u.dtype)
-            grad_block[0][:, piece] += dstates.to(block[0].dtype)
-            grad_block[-1][:, piece] += dcontexts.to(block[-1].dtype)
-    return grad_z, grad_u, grad_block
+            grad_states[:, piece] += dstates.to(grad_states.dtype)
+            grad_contexts[:, piece] += dcontexts.to(grad_contexts.dtype)
 
 
 class _RingRead(torch.autograd.Function):
@@ -302,15 +301,8 @@ class _RingRead(torch.autograd.Function):
             # the block itself does not change: its send to the next rank overlaps this step's compute; its
             # gradient accumulator follows once this rank has added to it (tags after the block's)
             exchange = RingExchange(in_hand, sp, "ring_backward") if step < sp.size - 1 else None
-            if _direct_backward(spec):
-                dz, du, grads = _block_gradients(z, u, in_hand, origin, spec, out, lse, grad_out, grad_lse)
-                grad_z += dz
-                grad_u += du
-                for acc, g in zip(accumulated, grads):
-                    acc += g
-            else:
-                _recomputed_block_gradients(z, u, in_hand, origin, spec, out, lse, grad_out, grad_lse, grad_z,
-                                            grad_u, accumulated)
+            gradients = _block_gradients if _direct_backward(spec) else _recomputed_block_gradients
+            gradients(z, u, in_hand, origin, spec, out, lse, grad_out, grad_lse, grad_z, grad_u, accumulated)
             if exchange is not None:
                 accumulated = RingExchange(accumulated, sp, "ring_backward", tag_offset=len(block)).wait()
                 in_hand = exchange.wait()

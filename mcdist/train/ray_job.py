@@ -45,8 +45,8 @@ import contextlib
 import dataclasses
 import datetime
 import importlib.util
-import json
 import inspect
+import json
 import os
 import socket
 import time

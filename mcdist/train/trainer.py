@@ -37,7 +37,7 @@ import os
 import sys
 import tempfile
 import time
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -305,6 +305,22 @@ def _all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
     return tensor
+
+
+def _on_rank_0(rank: int, device: torch.device, action: Callable[[], object], failure: str) -> None:
+    """Run ``action`` on rank 0 only (a save), and make every rank raise if it failed: rank 0 its own error, the
+    others ``RuntimeError(failure)``; otherwise they would wait forever at the next collective."""
+    error = None
+    if rank == 0:
+        try:
+            action()
+        except Exception as caught:
+            error = caught
+    ok = _all_reduce(torch.tensor([0.0 if error else 1.0], device=device), dist.ReduceOp.MIN)
+    if error is not None:
+        raise error
+    if float(ok[0]) < 1:
+        raise RuntimeError(failure)
 
 
 def _peak_memory_bytes(device: torch.device) -> int:
@@ -603,8 +619,8 @@ def run_training(config: RunConfig, *, callbacks: Optional[TrainCallbacks] = Non
 
     def save(step: int, metrics: dict) -> str:
         nonlocal last_checkpoint, last_saved_step
-        path, error = os.path.join(root, ckpt.step_dir_name(step)), None
-        if rank == 0:
+
+        def write() -> None:
             state = {"format_version": ckpt.STATE_FORMAT_VERSION, "step": step,
                      "optimizer": optimizer.state_dict(), "rng": ckpt.rng_state(),
                      "data": {"task": cfg.task, "samples_per_step": cfg.grad_accum * cfg.batch_size,
@@ -614,16 +630,11 @@ def run_training(config: RunConfig, *, callbacks: Optional[TrainCallbacks] = Non
                                "world_size": mesh.dp * mesh.sp},
                      "progress": {"elapsed_s": elapsed_before + (time.perf_counter() - session_start),
                                   "tokens_seen": tokens_seen, "loss": last_loss, "eval": evaluation}}
-            try:
-                path = ckpt.save_training_checkpoint(root, step, model=model, run_config=config, state=state,
-                                                     keep_last=cfg.keep_last)
-            except Exception as failure:  # every rank must learn of it, or the others would wait forever
-                error = failure
-        ok = _all_reduce(torch.tensor([0.0 if error else 1.0], device=device), dist.ReduceOp.MIN)
-        if error is not None:
-            raise error
-        if float(ok[0]) < 1:
-            raise RuntimeError(f"rank 0 failed to save the checkpoint of step {step} under {root}")
+            ckpt.save_training_checkpoint(root, step, model=model, run_config=config, state=state,
+                                          keep_last=cfg.keep_last)
+
+        _on_rank_0(rank, device, write, f"rank 0 failed to save the checkpoint of step {step} under {root}")
+        path = os.path.join(root, ckpt.step_dir_name(step))  # what save_training_checkpoint renamed into place
         last_checkpoint, last_saved_step = path, step
         reporter.checkpoint(step, path, metrics)
         return path
@@ -715,17 +726,9 @@ def run_training(config: RunConfig, *, callbacks: Optional[TrainCallbacks] = Non
             save(done, {"step": done, "loss": last_loss, **evaluation})
         final_model = None
         if done >= cfg.steps:
-            final_model, error = os.path.join(cfg.out_dir, FINAL_MODEL_DIR), None
-            if rank == 0:
-                try:
-                    ckpt.export_checkpoint(last_checkpoint, final_model, verify=False)
-                except Exception as failure:  # tell every rank, as for a failed save
-                    error = failure
-            ok = _all_reduce(torch.tensor([0.0 if error else 1.0], device=device), dist.ReduceOp.MIN)
-            if error is not None:
-                raise error
-            if float(ok[0]) < 1:
-                raise RuntimeError(f"rank 0 failed to write the final weights to {final_model}")
+            final_model = os.path.join(cfg.out_dir, FINAL_MODEL_DIR)
+            _on_rank_0(rank, device, lambda: ckpt.export_checkpoint(last_checkpoint, final_model, verify=False),
+                       f"rank 0 failed to write the final weights to {final_model}")
     finally:
         reporter.close()
 

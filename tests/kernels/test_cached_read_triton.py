@@ -8,19 +8,18 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import importlib.util  # noqa: E402
-import math  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from mcdist.kernels.cached_read import cached_read_triton  # noqa: E402
+from read_inputs import DEVICE, make_inputs, random_selection, rel_err  # noqa: E402
 from mcdist.kernels.merge import merge_all, merge_partials  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="needs CUDA or the Triton interpreter")
 
-DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -60,42 +59,6 @@ def reference_read(z, u, states, contexts, *, segment_len, gate_scale, query_off
         lses.append(torch.where(seen, peak + torch.log(total), float("-inf")))
         outs.append((weight[..., None] * read).sum(-2) / total[..., None])
     return torch.stack(outs, 1), torch.stack(lses, 1)
-
-
-def rel_err(x, ref):
-    """||x − ref|| / ||ref|| over finite reference entries; infinities must match exactly; NaN fails."""
-    x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
-    assert not torch.isnan(x).any(), "NaN in result"
-    finite = torch.isfinite(ref)
-    assert torch.equal(torch.isfinite(x), finite) and torch.equal(x[~finite], ref[~finite]), "infinities differ"
-    denom = ref[finite].norm().item()
-    return (x[finite] - ref[finite]).norm().item() / max(denom, 1e-30)
-
-
-def make_inputs(seed, B, T, H, din, dout, dc, n, *, state_dtype=torch.float32, tied=False):
-    gen = torch.Generator().manual_seed(seed)
-    z = torch.randn(B, T, H, din, generator=gen)
-    u = torch.randn(B, T, H, dc, generator=gen)
-    states = torch.randn(B, n, H, dout, din, generator=gen) / math.sqrt(din)
-    contexts = torch.randn(B, n, H, dc, generator=gen)
-    if tied:
-        contexts = contexts[:, :1].expand(B, n, H, dc).clone()
-    return [x.to(DEVICE) for x in (z, u, states.to(state_dtype), contexts)]
-
-
-def random_selection(seed, B, T, H, k, n_total, *, segment_len, query_offset=0, with_future=False):
-    """[B, T, H, k] int64: random distinct earlier segments per token, −1 padding; optional invalid entries."""
-    gen = torch.Generator().manual_seed(seed)
-    selected = torch.full((B, T, H, k), -1, dtype=torch.int64)
-    for t in range(T):
-        own = (query_offset + t) // segment_len
-        for bi in range(B):
-            for h in range(H):
-                earlier = torch.randperm(max(own, 0), generator=gen)[:k]
-                selected[bi, t, h, :len(earlier)] = earlier
-                if with_future and len(earlier) < k:
-                    selected[bi, t, h, len(earlier)] = own + int(torch.randint(0, 3, (1,), generator=gen))
-    return selected.to(DEVICE)
 
 
 def run_both(inputs, seed, **kw):
@@ -140,8 +103,8 @@ def test_cached_read_matches_reference(case):
     inputs = make_inputs(seed, B, T, H, din, dout, dc, n, tied=tied)
     selected = None
     if k is not None:
-        selected = random_selection(seed, B, T, H, k, n, segment_len=segment_len,
-                                    query_offset=extra.get("query_offset", 0), with_future=with_future)
+        selected = random_selection(seed, B, T, H, k, segment_len=segment_len,
+                                    query_offset=extra.get("query_offset", 0), with_invalid=with_future).to(DEVICE)
         if k >= n:  # K >= N: some tokens select every visible state; repeat an index to test duplicates too
             selected[..., -1] = selected[..., 0]
     kw = dict(segment_len=segment_len, gate_scale=0.75, selected=selected, **extra)
@@ -205,7 +168,7 @@ def test_split_and_merge_equals_full_read(use_selected):
     B, T, H, din, dout, dc, n, segment_len, split = 1, 47, 2, 16, 16, 8, 7, 6, 3
     seed = 21 + use_selected
     inputs = make_inputs(seed, B, T, H, din, dout, dc, n)
-    selected = random_selection(seed, B, T, H, 2, n, segment_len=segment_len) if use_selected else None
+    selected = random_selection(seed, B, T, H, 2, segment_len=segment_len).to(DEVICE) if use_selected else None
     kw = dict(segment_len=segment_len, gate_scale=0.9, selected=selected)
     gen = torch.Generator().manual_seed(seed)
     g_out = torch.randn(B, T, H, dout, generator=gen).to(DEVICE)
@@ -236,7 +199,7 @@ def test_against_aggregate_paths():
         pytest.skip("mcdist.aggregate has no cached_read_chunked / cached_read_reference yet")
     B, T, H, din, dout, dc, n, segment_len = 1, 27, 2, 16, 32, 8, 5, 5
     inputs = make_inputs(5, B, T, H, din, dout, dc, n)
-    selected = random_selection(5, B, T, H, 2, n, segment_len=segment_len, query_offset=5)
+    selected = random_selection(5, B, T, H, 2, segment_len=segment_len, query_offset=5).to(DEVICE)
     for sel in (None, selected):
         kw = dict(segment_len=segment_len, gate_scale=0.6, query_offset=5, segment_offset=1, selected=sel)
         leaves = [x.clone().requires_grad_() for x in inputs]
@@ -274,7 +237,7 @@ def test_custom_op_under_torch_compile():
 def test_custom_op_passes_opcheck():
     """Schema, fake tensor, autograd registration and AOT dispatch of mcdist::cached_read_triton."""
     z, u, states, contexts = make_inputs(10, 1, 20, 1, 16, 16, 8, 3)
-    selected = random_selection(10, 1, 20, 1, 2, 3, segment_len=6)
+    selected = random_selection(10, 1, 20, 1, 2, segment_len=6).to(DEVICE)
     for sel in (None, selected):
         args = (z.requires_grad_(), u.requires_grad_(), states.requires_grad_(), contexts.requires_grad_(), sel,
                 6, 1.0, 0, 0)

@@ -12,13 +12,13 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import importlib  # noqa: E402
 import importlib.util  # noqa: E402
-import math  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from mcdist import ops  # noqa: E402
+from read_inputs import DEVICE, make_inputs, random_selection, rel_err  # noqa: E402
 from mcdist.aggregate import cached_read_chunked, cached_read_reference  # noqa: E402
 from mcdist.kernels import ssc_read  # noqa: E402
 from mcdist.kernels.cached_read import cached_read_triton  # noqa: E402
@@ -27,49 +27,12 @@ from mcdist.kernels.ssc_read import ssc_read_triton  # noqa: E402
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="needs CUDA or the Triton interpreter")
 
-DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 NAMES = ("z", "u", "cached_states", "contexts")
 
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     monkeypatch.setattr(ssc_read, "POISON_BUFFERS", True)
-
-
-def rel_err(x, ref):
-    """||x − ref|| / ||ref|| over finite reference entries; infinities must match exactly; NaN fails."""
-    x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
-    assert not torch.isnan(x).any(), "NaN in result"
-    finite = torch.isfinite(ref)
-    assert torch.equal(torch.isfinite(x), finite) and torch.equal(x[~finite], ref[~finite]), "infinities differ"
-    return (x[finite] - ref[finite]).norm().item() / max(ref[finite].norm().item(), 1e-30)
-
-
-def make_inputs(seed, B, T, H, din, dout, dc, n, *, state_dtype=torch.float32, tied=False):
-    gen = torch.Generator().manual_seed(seed)
-    z = torch.randn(B, T, H, din, generator=gen)
-    u = torch.randn(B, T, H, dc, generator=gen)
-    states = torch.randn(B, n, H, dout, din, generator=gen) / math.sqrt(din)
-    contexts = torch.randn(B, n, H, dc, generator=gen)
-    if tied:
-        contexts = contexts[:, :1].expand(B, n, H, dc).clone()
-    return [x.to(DEVICE) for x in (z, u, states.to(state_dtype), contexts)]
-
-
-def random_selection(seed, B, T, H, k, *, segment_len, query_offset=0, with_invalid=False):
-    """[B, T, H, k] int64: random distinct earlier global segments per token, −1 padding; with_invalid adds
-    future indices in the padding."""
-    gen = torch.Generator().manual_seed(seed)
-    selected = torch.full((B, T, H, k), -1, dtype=torch.int64)
-    for t in range(T):
-        own = (query_offset + t) // segment_len
-        for bi in range(B):
-            for h in range(H):
-                earlier = torch.randperm(own, generator=gen)[:k]
-                selected[bi, t, h, :len(earlier)] = earlier
-                if with_invalid and len(earlier) < k:
-                    selected[bi, t, h, len(earlier)] = own + int(torch.randint(0, 3, (1,), generator=gen))
-    return selected
 
 
 CASES = {

@@ -7,7 +7,9 @@ Sections (each guarded: a failure is printed and recorded, the rest still runs; 
 DIR/gpu.json after every section):
 1. correctness of each kernel in bf16 and fp32 against float64 PyTorch references (the kernels' own check());
    `ssc_gather`: the same for the ssc gather read (mcdist.kernels.ssc_read) against cached_read_chunked;
-2. the MC layer with impl='triton' against impl='chunked' (outputs and gradients);
+2. the MC layer with impl='triton' against impl='chunked' (outputs and gradients); `train`: the trainer itself on
+   the GPU (one process): bf16 + Triton beside the chunked path, a resumed run beside a straight one, and the
+   tokens/s and peak memory of a d_model 1024 model at 32K tokens;
 3. the MC core (memory pass + read) forward+backward for none / grm / ssc (k = 8) beside
    scaled_dot_product_attention (flash backend) at the same B, H, T, d: milliseconds, TFLOP/s and the ratio;
    ssc twice, with the 'blocks' and the 'gather' read (mcdist.ops.SSC_READ), plus the ssc read alone
@@ -182,6 +184,69 @@ def layer_check(device, smoke) -> list:
             print("layer", row, flush=True)
             rows.append(row)
     return rows
+
+
+# -- 2b. the trainer on this GPU ----------------------------------------------------------------------------------
+
+
+def _train_config(out_dir, device, steps, extra=()):
+    from mcdist.config import RunConfig
+
+    small = ["model.vocab_size=64", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.memory=gated",
+             "model.aggregation=grm", "model.segment_len=64", "model.chunk_len=16", "train.task=mqar",
+             "train.seq_len=512", "train.num_kv_pairs=16", "train.batch_size=16", "train.lr=3e-3",
+             "train.warmup_steps=10", f"train.steps={steps}", f"train.eval_every={steps}", "train.eval_batches=4",
+             "train.log_every=1", "train.progress=false", "train.resume=auto", f"train.device={device}",
+             f"train.dtype={'bfloat16' if device == 'cuda' else 'float32'}", f"train.out_dir={out_dir}"]
+    return RunConfig().with_overrides([*small, *extra])
+
+
+def _train_losses(out_dir) -> list:
+    with open(os.path.join(out_dir, "metrics.jsonl")) as handle:
+        return [entry["loss"] for entry in map(json.loads, handle) if entry["kind"] == "train"]
+
+
+def train_check(device, smoke) -> dict:
+    """The trainer itself on this device, one process (no Ray): bf16 autocast with the Triton kernels beside the
+    chunked PyTorch path on the same data, a run stopped half-way and resumed from its checkpoint beside the
+    straight run, and the throughput and peak memory of a larger model at a long sequence."""
+    import tempfile
+
+    from mcdist.train.trainer import StopAtStep, run_training
+
+    steps = 6 if smoke else 60
+    result = {"steps": steps}
+    with tempfile.TemporaryDirectory() as folder:
+        runs = {}
+        for name, extra in (("triton", ["model.impl=auto"]), ("chunked", ["model.impl=chunked"])):
+            out = os.path.join(folder, name)
+            start = time.time()
+            final = run_training(_train_config(out, device, steps, extra))
+            runs[name] = _train_losses(out)
+            result[name] = dict(loss_first=runs[name][0], loss_last=runs[name][-1], eval_loss=final["eval_loss"],
+                                eval_accuracy=final["eval_accuracy"], tokens_per_s=final["tokens_per_s"],
+                                wall_s=time.time() - start)
+        # bf16 rounding differs between the two paths, so the curves drift apart slowly; report how far
+        result["max_loss_gap_triton_vs_chunked"] = max(abs(a - b) for a, b in zip(runs["triton"], runs["chunked"]))
+        out = os.path.join(folder, "resumed")
+        config = _train_config(out, device, steps, ["model.impl=auto", f"train.checkpoint_every={steps // 2}"])
+        run_training(config, callbacks=StopAtStep(steps // 2))
+        run_training(config)
+        resumed = _train_losses(out)
+        result["resume_max_loss_gap"] = max(abs(a - b) for a, b in zip(resumed, runs["triton"]))
+        result["loss_fell"] = runs["triton"][-1] < runs["triton"][0]
+        if not smoke:  # throughput at a long sequence: d = 64 heads, C = 256, activation checkpointing
+            out = os.path.join(folder, "large")
+            big = ["model.vocab_size=8192", "model.d_model=1024", "model.n_heads=16", "model.segment_len=256", "model.chunk_len=64",
+                   "train.seq_len=32768", "train.batch_size=1", "train.num_kv_pairs=64", "train.warmup_steps=1",
+                   "train.activation_checkpointing=true", "train.eval_batches=1"]
+            torch.cuda.reset_peak_memory_stats()
+            final = run_training(_train_config(out, device, 4, big))
+            result["large"] = dict(seq_len=32768, d_model=1024, heads=16, tokens_per_s=final["tokens_per_s"],
+                                   peak_memory_gib=final["peak_memory_bytes"] / 2 ** 30,
+                                   loss=final["loss"], num_params=final["num_params"])
+    print("train", result, flush=True)
+    return result
 
 
 # -- 4. MC core vs SDPA ------------------------------------------------------------------------------------------
@@ -379,7 +444,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script itself")
     parser.add_argument("--skip", default="",
-                        help="comma-separated sections to skip: checks,ssc_gather,layer,core,fla,kernels")
+                        help="comma-separated sections to skip: checks,ssc_gather,layer,train,core,fla,kernels")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="stop starting new benchmark shapes/sections after this many seconds")
     args = parser.parse_args(argv)
@@ -417,6 +482,7 @@ def main(argv=None) -> int:
                                "cached_read": gpu_cached_read.check(args.device)})
     section("ssc_gather", lambda: ssc_gather_check(args.device, args.smoke))
     section("layer", lambda: layer_check(args.device, args.smoke))
+    section("train", lambda: train_check(args.device, args.smoke))
     section("core", lambda: core_bench(args.device, args.smoke))
     if not args.smoke:
         section("fla", lambda: fla_compare(args.device))

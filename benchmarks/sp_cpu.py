@@ -37,8 +37,8 @@ By default every case runs in fresh processes, so the peak RSS of a rank is the 
 writes partial results after each set. ``--quick``: L = 16,384 on P = 2 for the four main cases and
 L/P = 8,192 for the scaling pair (about 20 s on an idle 2-core machine).
 
-Communication time: the benchmark wraps ``RingExchange.__init__``/``wait`` and the all-gathers in timers
-(instrumentation in this process only; the library is unchanged). ``comm_wait_s`` is the time a rank spent
+Communication time: the benchmark wraps ``Exchange.__init__``/``wait`` (the ring's point-to-point messages) and
+the all-gathers in timers (instrumentation in this process only; the library is unchanged). ``comm_wait_s`` is the time a rank spent
 blocked there: the non-overlapped (exposed) communication plus any wait for a slower peer. With more ranks than
 cores (4 ranks on 2 cores here) the peers time-share the cores and the waits are mostly imbalance.
 """
@@ -171,11 +171,11 @@ def _instrument(timers: _Timers) -> None:
     """Wrap the ring exchange and the all-gathers of mcdist.parallel in timers (this process only)."""
     from mcdist.parallel import comm, sp_layer
 
-    ring_init, ring_wait = comm.RingExchange.__init__, comm.RingExchange.wait
+    ring_init, ring_wait = comm.Exchange.__init__, comm.Exchange.wait
 
-    def init(self, tensors, sp, kind, **options):
+    def init(self, sends, receives, sp, kind):
         start = time.perf_counter()
-        ring_init(self, tensors, sp, kind, **options)
+        ring_init(self, sends, receives, sp, kind)
         self._bench_kind = kind
         timers.add(kind, time.perf_counter() - start)
 
@@ -185,7 +185,7 @@ def _instrument(timers: _Timers) -> None:
         timers.add(self._bench_kind, time.perf_counter() - start)
         return out
 
-    comm.RingExchange.__init__, comm.RingExchange.wait = init, wait
+    comm.Exchange.__init__, comm.Exchange.wait = init, wait
     gather = comm.all_gather_tensor
 
     def timed_gather(tensor, sp, kind):

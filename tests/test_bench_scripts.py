@@ -34,3 +34,12 @@ def test_train_cpu_runs_the_trainer_and_reports_tokens_and_memory(tmp_path):
 def test_train_cpu_refuses_a_malformed_case():
     with pytest.raises(SystemExit):
         _load("train_cpu").main(["--cases", "4096by2"])
+
+
+def test_gpu_script_train_section_runs_on_cpu():
+    """benchmarks/gpu.py's `train` section (the trainer on the lent GPU) at its smoke size here: the resumed run
+    retraces the straight one, and the loss falls."""
+    result = _load("gpu").train_check("cpu", smoke=True)
+    assert result["resume_max_loss_gap"] == 0.0
+    assert result["loss_fell"]
+    assert all(math.isfinite(result[name]["eval_loss"]) for name in ("triton", "chunked"))

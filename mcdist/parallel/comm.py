@@ -1,4 +1,4 @@
-"""Communication for sequence parallelism: autograd-aware all-gather, the ring exchange, byte accounting."""
+"""Communication for sequence parallelism: autograd-aware all-gather, point-to-point exchanges, byte accounting."""
 
 from __future__ import annotations
 
@@ -43,14 +43,6 @@ class SPGroup:
     ranks: tuple  # global ranks of the group, in group order
     stats: CommStats = field(default_factory=CommStats)
 
-    @property
-    def next_global(self) -> int:
-        return self.ranks[(self.rank + 1) % self.size]
-
-    @property
-    def prev_global(self) -> int:
-        return self.ranks[(self.rank - 1) % self.size]
-
 
 def all_gather_tensor(tensor: torch.Tensor, sp: SPGroup, kind: str) -> torch.Tensor:
     """[P, *tensor.shape]: every rank's tensor (equal shapes), no autograd."""
@@ -81,22 +73,25 @@ def all_gather_with_grad(tensor: torch.Tensor, sp: SPGroup, kind: str) -> torch.
     return _AllGather.apply(sp, kind, tensor)
 
 
-class RingExchange:
-    """Send tensors to the next rank and receive the same shapes from the previous one, non-blocking."""
+class Exchange:
+    """Non-blocking point-to-point sends and receives inside one SP group, posted together.
 
-    def __init__(self, tensors: List[torch.Tensor], sp: SPGroup, kind: str, *, tag_offset: int = 0):
-        self.sending = [t.contiguous() for t in tensors]  # kept alive until the sends complete
-        self.received = [torch.empty_like(t) for t in self.sending]
-        # one tag per tensor: with two ranks the next and previous rank are the same peer; two exchanges in
-        # flight at once take disjoint tags (tag_offset)
-        operations = [dist.P2POp(dist.isend, t, sp.next_global, sp.group, tag_offset + tag)
-                      for tag, t in enumerate(self.sending)]
-        operations += [dist.P2POp(dist.irecv, r, sp.prev_global, sp.group, tag_offset + tag)
-                       for tag, r in enumerate(self.received)]
-        self.works = dist.batch_isend_irecv(operations)
-        sp.stats.add(kind, nbytes(tensors), nbytes(self.received))
+    ``sends``: (tensor, peer, tag); ``receives``: (buffer, peer, tag); peers are ranks inside the group. Empty
+    tensors are not posted (both sides know the sizes: they follow from the layout). A message is matched by
+    (peer, tag), so two messages between the same pair in flight at once need different tags.
+    """
+
+    def __init__(self, sends: List[tuple], receives: List[tuple], sp: SPGroup, kind: str):
+        self.sending = [(t.contiguous(), peer, tag) for t, peer, tag in sends if t.numel()]  # alive until sent
+        self.received = [buffer for buffer, _, _ in receives]
+        operations = [dist.P2POp(dist.isend, t, sp.ranks[peer], sp.group, tag) for t, peer, tag in self.sending]
+        operations += [dist.P2POp(dist.irecv, buffer, sp.ranks[peer], sp.group, tag)
+                       for buffer, peer, tag in receives if buffer.numel()]
+        self.works = dist.batch_isend_irecv(operations) if operations else []
+        sp.stats.add(kind, nbytes([t for t, _, _ in self.sending]), nbytes(self.received))
 
     def wait(self) -> List[torch.Tensor]:
+        """The receive buffers, filled, in the order given."""
         for work in self.works:
             work.wait()
         self.works, self.sending = [], []  # release the finished work objects and the sent buffers at once

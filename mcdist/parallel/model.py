@@ -50,7 +50,7 @@ def expected_read_bytes(config, seq_len: int, sp: int, rank: int, layout: str, b
                         bytes_per_value: int = 4) -> dict:
     """SPEC §7.5's figure for one layer on one rank: the cached states of the segments before this rank's last
     token (× H × state size), plus one state per rank for the prefix under ``checkpoint``; and what the ring
-    moves (every other rank's block once in the forward)."""
+    brings this rank in the forward: exactly those states, with their contexts (``RingPlan``)."""
     C, H, D = config.segment_len, config.n_heads, config.dim_head
     state = D * D if not config.is_deep else 2 * config.expansion * D * D
     last_token = max(start + length for start, length in rank_pieces(seq_len, sp, rank, layout)) - 1
@@ -58,7 +58,7 @@ def expected_read_bytes(config, seq_len: int, sp: int, rank: int, layout: str, b
     earlier = last_token // C - (own - 1)  # segments before the last one that other ranks hold
     prefix = state if config.state_init == "checkpoint" else 0  # the state prefix exists only under checkpoint
     spec = batch * H * bytes_per_value * (earlier * state + prefix)
-    ring = batch * H * bytes_per_value * (sp - 1) * own * (state + D)
+    ring = batch * H * bytes_per_value * earlier * (state + D)
     return {"spec_7_5": spec, "ring_forward": ring}
 
 

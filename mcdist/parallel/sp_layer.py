@@ -14,6 +14,7 @@ rank's data:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -25,7 +26,7 @@ from mcdist.aggregate import (merge_all, merge_partials, online_scores, residual
                               select_top_k)
 from mcdist.layer import MemoryResult, Projections
 from mcdist.memory.deep import apply_minibatch_weights, deep_memory_chunked, deep_online_read
-from mcdist.parallel.comm import RingExchange, SPGroup, all_gather_tensor, all_gather_with_grad
+from mcdist.parallel.comm import Exchange, SPGroup, all_gather_tensor, all_gather_with_grad
 from mcdist.parallel.layout import check_sequence_length, rank_pieces
 
 
@@ -182,6 +183,85 @@ def _deep_checkpoint_pass(layer, p: Projections, shard: Shard) -> MemoryResult:
 # -- the ring read -------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class RingPlan:
+    """Which of every rank's cached states travel on which hop of the ring (SPEC §7.5).
+
+    Rank o's block (its cached states and contexts, in local order) visits the ranks o + d, o + 2d, ... (hops
+    1 .. P−1, d = ``direction``). On hop h it carries only its first ``carry[o][h]`` states: those the rank of
+    that hop or a later one can see (a state is visible to a rank iff its segment precedes the rank's last
+    token's segment). Every layout here orders a block's states by position, so what any rank needs is a prefix.
+    ``carry[o][0]`` is the whole block (the owner reads it) and ``carry[o][P]`` is 0. The direction is the one
+    that moves fewer states: zigzag runs r → r−1 (a rank's late piece is wanted only by lower ranks, so it stops
+    at rank 0), contiguous runs r → r+1 (a block stops at the last rank); either way every rank receives exactly
+    the states it reads.
+    """
+
+    size: int
+    direction: int
+    carry: tuple
+
+    def origin(self, rank: int, step: int) -> int:
+        """Owner of the block ``rank`` holds at ``step`` (hop ``step`` of that block)."""
+        return (rank - step * self.direction) % self.size
+
+    def hop(self, origin: int, step: int) -> int:
+        """Rank that holds ``origin``'s block at ``step``."""
+        return (origin + step * self.direction) % self.size
+
+    def next(self, rank: int) -> int:
+        return (rank + self.direction) % self.size
+
+    def previous(self, rank: int) -> int:
+        return (rank - self.direction) % self.size
+
+
+@functools.lru_cache(maxsize=64)
+def ring_plan(seq_len: int, size: int, layout: str, segment_len: int) -> RingPlan:
+    """The :class:`RingPlan` of one sequence layout (a pure function of it: every rank computes the same)."""
+    C = segment_len
+    pieces = [rank_pieces(seq_len, size, rank, layout) for rank in range(size)]
+    last_segment = [max((start + length - 1) // C for start, length in own) for own in pieces]
+
+    def needed(origin: int, reader: int) -> int:
+        """Length of the shortest prefix of ``origin``'s block holding every state ``reader`` can see."""
+        prefix, position = 0, 0
+        for start, length in pieces[origin]:
+            first, n = start // C, length // C
+            visible = min(n, max(0, last_segment[reader] - first))
+            if visible:
+                prefix = position + visible
+            position += n
+        return prefix
+
+    best = None
+    for direction in (1, -1):
+        carry = []
+        for origin in range(size):
+            row = [sum(length for _, length in pieces[origin]) // C] + [0] * size
+            for step in range(size - 1, 0, -1):  # what this hop or a later one needs
+                row[step] = max(row[step + 1], needed(origin, (origin + step * direction) % size))
+            carry.append(tuple(row))
+        moved = sum(sum(row[1:size]) for row in carry)
+        if best is None or moved < best[0]:
+            best = (moved, RingPlan(size, direction, tuple(carry)))
+    return best[1]
+
+
+def _plan_of(shard: Shard) -> RingPlan:
+    return ring_plan(shard.seq_len, shard.sp.size, shard.layout, shard.segment_len)
+
+
+def _head(tensors, n: int) -> list:
+    """The first n states of each block tensor ([B, N, ...])."""
+    return [t[:, :n] for t in tensors]
+
+
+def _empty_states(tensors, n: int) -> list:
+    """Receive buffers for n states shaped like each block tensor."""
+    return [t.new_empty((t.shape[0], n, *t.shape[2:])) for t in tensors]
+
+
 @dataclass
 class _RingSpec:
     shard: Shard
@@ -203,16 +283,17 @@ def _block_reads(block, origin: int, spec: _RingSpec):
     shard = spec.shard
     C = shard.segment_len
     states, contexts = _unpack(block, spec.deep)
+    in_hand = contexts.shape[1]  # the ring carries only the leading states some rank ahead can see (RingPlan)
     for offset, start, length in shard.local_pieces():
         chosen = spec.selected[:, offset:offset + length] if spec.selected is not None else None
         last_segment = (start + length - 1) // C
         reads, first = [], 0
         for state_start, state_length in shard.pieces(origin):
-            n = state_length // C
+            n = min(state_length // C, in_hand - first)
             first_index = state_start // C
             piece = slice(first, first + n)
             first += n
-            if first_index > last_segment:
+            if n <= 0 or first_index > last_segment:
                 continue  # every state of this piece lies after every token here
             if chosen is not None and not ((chosen >= first_index) & (chosen < first_index + n)).any():
                 continue  # ssc: no token here selected any of these segments
@@ -268,17 +349,26 @@ def _block_gradients(z, u, block, origin, spec, out, lse, grad_out, grad_lse, gr
 
 
 class _RingRead(torch.autograd.Function):
-    """Read every rank's cached states: P−1 ring steps forward; backward runs the ring again and brings the
-    gradients of each block's states and contexts home."""
+    """Read every rank's cached states: P−1 ring steps forward (each block trimmed to what ranks ahead can see,
+    :class:`RingPlan`); backward runs the ring again and brings the gradients of each block's states and contexts
+    home, each part as soon as no rank ahead adds to it."""
 
     @staticmethod
     def forward(ctx, spec: _RingSpec, z, u, *block):
         sp = spec.shard.sp
+        plan = _plan_of(spec.shard)
         in_hand = [t.detach() for t in block]
         out = lse = None
         for step in range(sp.size):
-            exchange = RingExchange(in_hand, sp, "ring") if step < sp.size - 1 else None  # overlaps the compute
-            part = _block_partial(z, u, in_hand, (sp.rank - step) % sp.size, spec)
+            origin = plan.origin(sp.rank, step)
+            exchange = None
+            if step < sp.size - 1:  # posted before the compute, which it overlaps
+                arriving = plan.carry[plan.origin(sp.rank, step + 1)][step + 1]
+                exchange = Exchange(
+                    [(t, plan.next(sp.rank), tag) for tag, t in enumerate(_head(in_hand, plan.carry[origin][step + 1]))],
+                    [(t, plan.previous(sp.rank), tag) for tag, t in enumerate(_empty_states(in_hand, arriving))],
+                    sp, "ring")
+            part = _block_partial(z, u, in_hand, origin, spec)
             out, lse = part if out is None else merge_partials((out, lse), part)
             if exchange is not None:
                 in_hand = exchange.wait()
@@ -290,25 +380,50 @@ class _RingRead(torch.autograd.Function):
     def backward(ctx, grad_out, grad_lse):
         spec = ctx.spec
         sp = spec.shard.sp
+        plan = _plan_of(spec.shard)
+        rank = sp.rank
         z, u, out, lse, *block = ctx.saved_tensors
+        k = len(block)
         grad_out = grad_out if grad_out is not None else torch.zeros_like(out)
         grad_lse = grad_lse if grad_lse is not None else torch.zeros_like(lse)
         grad_z, grad_u = torch.zeros_like(z), torch.zeros_like(u)
+        gradients = _block_gradients if _direct_backward(spec) else _recomputed_block_gradients
+        own = [torch.zeros_like(t) for t in block]  # this rank's block gradients, gathered as they come home
         in_hand = list(block)
         accumulated = [torch.zeros_like(t) for t in block]
+        # Tags: the block 0..k−1, its accumulator k..2k−1, finished parts on their way home 2k..3k−1.
         for step in range(sp.size):
-            origin = (sp.rank - step) % sp.size
-            # the block itself does not change: its send to the next rank overlaps this step's compute; its
-            # gradient accumulator follows once this rank has added to it (tags after the block's)
-            exchange = RingExchange(in_hand, sp, "ring_backward") if step < sp.size - 1 else None
-            gradients = _block_gradients if _direct_backward(spec) else _recomputed_block_gradients
+            origin = plan.origin(rank, step)
+            onward = plan.carry[origin][step + 1]  # states the next hop still reads or passes on
+            last = step == sp.size - 1
+            arriving = 0 if last else plan.carry[plan.origin(rank, step + 1)][step + 1]
+            block_exchange = None
+            if not last:  # the block does not change: its send overlaps this step's compute
+                block_exchange = Exchange(
+                    [(t, plan.next(rank), tag) for tag, t in enumerate(_head(in_hand, onward))],
+                    [(t, plan.previous(rank), tag) for tag, t in enumerate(_empty_states(in_hand, arriving))],
+                    sp, "ring_backward")
             gradients(z, u, in_hand, origin, spec, out, lse, grad_out, grad_lse, grad_z, grad_u, accumulated)
-            if exchange is not None:
-                accumulated = RingExchange(accumulated, sp, "ring_backward", tag_offset=len(block)).wait()
-                in_hand = exchange.wait()
-        if sp.size > 1:  # the block in hand belongs to the next rank: send its gradients home
-            accumulated = RingExchange(accumulated, sp, "ring_backward").wait()
-        return (None, grad_z, grad_u, *accumulated)
+            sends = [(t, plan.next(rank), k + tag) for tag, t in enumerate(_head(accumulated, onward))]
+            finished = [t[:, onward:] for t in accumulated]  # no rank ahead adds to these states any more
+            if step == 0:
+                for mine, part in zip(own, finished):
+                    mine[:, onward:] += part
+            else:
+                sends += [(t, origin, 2 * k + tag) for tag, t in enumerate(finished)]
+            receives = [(t, plan.previous(rank), k + tag) for tag, t in enumerate(_empty_states(accumulated, arriving))]
+            home_from, home_to = plan.carry[rank][step + 1], plan.carry[rank][step]
+            if step > 0:  # the part of this rank's block that hop `step` finished
+                receives += [(t, plan.hop(rank, step), 2 * k + tag)
+                             for tag, t in enumerate(_empty_states(own, home_to - home_from))]
+            received = Exchange(sends, receives, sp, "ring_backward").wait()
+            if step > 0:
+                for mine, part in zip(own, received[len(received) - k:]):
+                    mine[:, home_from:home_to] += part
+            if not last:
+                accumulated = received[:k]
+                in_hand = block_exchange.wait()
+        return (None, grad_z, grad_u, *own)
 
 
 def _recomputed_block_gradients(z, u, in_hand, origin, spec, out, lse, grad_out, grad_lse, grad_z, grad_u,

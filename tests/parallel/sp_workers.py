@@ -70,7 +70,9 @@ def layer_cases_worker(rank, world, layouts, dtype_name, out_path):
         dist.all_reduce(errors, op=dist.ReduceOp.MAX)
         results["-".join([layout, memory, aggregation, state_init])] = errors.tolist()
         if (memory, aggregation, state_init) == ("linear", "grm", "independent"):
-            results[f"bytes-{layout}"] = received  # what rank 0's ring moved for this layer
+            every_rank = [None] * world
+            dist.all_gather_object(every_rank, received)
+            results[f"bytes-{layout}"] = every_rank  # what each rank received for this layer
     if rank == 0:
         with open(out_path, "w") as handle:
             json.dump(results, handle)

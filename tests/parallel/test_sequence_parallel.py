@@ -73,13 +73,24 @@ def test_training_step_equals_one_process(step_results, case):
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 @pytest.mark.parametrize("world", [2, 4])
 def test_ring_bytes_equal_the_analytical_count(layer_results, world, layout):
+    """SPEC §7.5: each rank receives exactly the other ranks' states it can see (with their contexts), no more."""
     received = layer_results(world, "float64")[f"bytes-{layout}"]
-    # layer_case: B = 2, H = 2, D = 4, C = 4, L = 2·world·C·2 -> n_local = 4 segments per rank, float64
-    B, H, D, n_local = 2, 2, 4, 4
-    block = n_local * B * H * (D * D + D) * 8  # states + contexts
-    assert received["ring"] == (world - 1) * block
-    # backward: the block again with its gradient for P−1 steps, then the gradient home once
-    assert received["ring_backward"] == (world - 1) * 2 * block + block
+    # layer_case: B = 2, H = 2, D = 4, C = 4, L = 2·world·C·2, float64
+    B, H, D, C = 2, 2, 4, 4
+    state = B * H * (D * D + D) * 8  # one state + its context
+    seq_len = 2 * world * C * 2
+    segments = [[index for start, length in rank_pieces(seq_len, world, rank, layout)
+                 for index in range(start // C, (start + length) // C)] for rank in range(world)]
+    last = [max((start + length - 1) // C for start, length in rank_pieces(seq_len, world, rank, layout))
+            for rank in range(world)]
+    for rank in range(world):
+        others = [j for owner in range(world) if owner != rank for j in segments[owner]]
+        visible = sum(j < last[rank] for j in others)
+        read_by_another = sum(any(j < last[o] for o in range(world) if o != rank) for j in segments[rank])
+        assert received[rank].get("ring", 0) == visible * state, rank
+        # backward: the block again and its gradient accumulator, then the finished gradients of this rank's
+        # own states that other ranks read, coming home
+        assert received[rank].get("ring_backward", 0) == (2 * visible + read_by_another) * state, rank
 
 
 def test_failing_rank_is_named_and_nobody_hangs(tmp_path):

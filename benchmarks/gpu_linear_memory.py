@@ -2,10 +2,13 @@
 
     python benchmarks/gpu_linear_memory.py [--check-only | --bench-only] [--json PATH]
 
-``check(device)`` compares the kernel (float32 and bfloat16 inputs) against a float64 chunked reference: outputs,
-cached states, final state and every gradient, printing relative errors. ``bench(device)`` times forward and
-forward + backward with ``triton.testing.do_bench`` for B = 1, H = 16, D ∈ {64, 128}, T ∈ {8K, 32K, 128K},
-C = 256, c = 64, bfloat16, linear and gated memory; about a minute of GPU time, most of it Triton compilation.
+Both state walks of the kernel (``mcdist.kernels.linear_memory.WALKS``: the sequential walk and the two-level
+scan) run side by side. ``check(device)`` compares each (float32 and bfloat16 inputs) against a float64 chunked
+reference: outputs, cached states, final state and every gradient, printing relative errors, and the two walks
+against each other. ``bench(device)`` times forward and forward + backward of both walks with
+``triton.testing.do_bench`` for B = 1, H = 16, D ∈ {64, 128}, T ∈ {8K, 32K, 128K}, C = 256, c = 64, bfloat16,
+linear and gated memory, and prints a table with the ratio scan / sequential; about a minute of GPU time, most
+of it Triton compilation.
 
 On a machine without a GPU, ``check("cpu")`` runs the same logic under the Triton interpreter at a tiny shape
 (the environment variable TRITON_INTERPRET=1 is set before triton is imported when ``--device cpu`` is given, or
@@ -15,6 +18,7 @@ must be set by the caller when importing this module).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -26,11 +30,24 @@ if __name__ == "__main__" and "--device" in sys.argv and sys.argv[sys.argv.index
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from mcdist.kernels import linear_memory as lm  # noqa: E402
 from mcdist.kernels.linear_memory import linear_memory_triton  # noqa: E402
 
 # Expected bounds on relative errors (printed beside the numbers; check() does not raise). fp32 inputs use
 # 3-pass TF32 products (~fp32); bf16 inputs are rounded once and multiplied in TF32.
 BOUNDS = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+# The two walks see the same rounded inputs and differ only in the order of float32 sums.
+WALK_BOUND = 1e-4
+
+
+@contextlib.contextmanager
+def walk(name):
+    """Runs the kernel with the state walk ``name`` ("sequential" or "scan") inside a with block."""
+    saved, lm.WALK = lm.WALK, name
+    try:
+        yield
+    finally:
+        lm.WALK = saved
 
 
 def chunked_reference(q, k, v, log_decay, segment_len, chunk_len, state_init, initial_state):
@@ -77,14 +94,16 @@ def _rel(x, ref):
 
 
 def check(device) -> dict:
-    """Relative errors of the kernel against the float64 reference, for float32 and bfloat16 inputs.
+    """Relative errors of both walks against the float64 reference, and against each other, fp32 and bf16 inputs.
 
     Args:
         device: "cuda" (B=2, T=1024, H=4, D=64 and 128, C=256, c=64) or "cpu" (the Triton interpreter must be on;
             B=1, T=64, H=2, D=16, C=32, c=16).
     Returns:
-        {"<dtype>/<memory>/<state_init>/D<d>/<name>": relative error} for online_out, cached_states,
-        final_state, dq, dk, dv, dlog_decay, dinitial_state; plus "<...>/ok": all within BOUNDS[dtype].
+        {"<walk>/<dtype>/<memory>/<state_init>/D<d>/<name>": relative error} for online_out, cached_states,
+        final_state, dq, dk, dv, dlog_decay, dinitial_state; "<walk>/<...>/ok": all within BOUNDS[dtype];
+        "walks/<...>/max_rel_diff": the largest relative difference between the two walks over the same outputs
+        and gradients, and "walks/<...>/ok": within WALK_BOUND.
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -108,25 +127,36 @@ def check(device) -> dict:
             leaves = {n: x for n, x in zip(("q", "k", "v", "log_decay", "initial_state"),
                                             (q, k, v, log_decay, initial)) if x is not None}
             ref_in = {n: x.to(device).requires_grad_() for n, x in leaves.items()}
-            ker_in = {n: (x.to(device, dtype if n in ("q", "k", "v") else torch.float32)).requires_grad_()
-                      for n, x in leaves.items()}
             ref = chunked_reference(ref_in["q"], ref_in["k"], ref_in["v"], ref_in.get("log_decay"), segment_len,
                                     chunk_len, state_init, ref_in.get("initial_state"))
-            out = linear_memory_triton(ker_in["q"], ker_in["k"], ker_in["v"], ker_in.get("log_decay"),
-                                       segment_len=segment_len, chunk_len=chunk_len, state_init=state_init,
-                                       initial_state=ker_in.get("initial_state"))
             upstream = [torch.randn(r.shape, generator=gen, dtype=torch.float64).to(device) for r in ref]
             ref_grads = torch.autograd.grad(ref, list(ref_in.values()), upstream)
-            grads = torch.autograd.grad(out, list(ker_in.values()), [u.to(o.dtype) for u, o in zip(upstream, out)])
             tag = f"{str(dtype).replace('torch.', '')}/{'gated' if gated else 'linear'}/{state_init}/D{D}"
-            errors = {"online_out": _rel(out[0], ref[0]), "cached_states": _rel(out[1], ref[1]),
-                      "final_state": _rel(out[2], ref[2])}
-            errors.update({f"d{n}": _rel(g, r) for n, g, r in zip(ker_in, grads, ref_grads)})
-            ok = all(e <= BOUNDS[dtype] for e in errors.values())  # NaN compares False
-            print(f"[check] {tag}: " + "  ".join(f"{n} {e:.2e}" for n, e in errors.items())
-                  + f"  (bound {BOUNDS[dtype]:.0e}) {'ok' if ok else 'FAIL'}", flush=True)
-            results.update({f"{tag}/{n}": e for n, e in errors.items()})
-            results[f"{tag}/ok"] = ok
+            values = {}
+            for name in lm.WALKS:
+                ker_in = {n: (x.to(device, dtype if n in ("q", "k", "v") else torch.float32)).requires_grad_()
+                          for n, x in leaves.items()}
+                with walk(name):
+                    out = linear_memory_triton(ker_in["q"], ker_in["k"], ker_in["v"], ker_in.get("log_decay"),
+                                               segment_len=segment_len, chunk_len=chunk_len, state_init=state_init,
+                                               initial_state=ker_in.get("initial_state"))
+                    grads = torch.autograd.grad(out, list(ker_in.values()),
+                                                [u.to(o.dtype) for u, o in zip(upstream, out)])
+                values[name] = list(out) + list(grads)
+                errors = {"online_out": _rel(out[0], ref[0]), "cached_states": _rel(out[1], ref[1]),
+                          "final_state": _rel(out[2], ref[2])}
+                errors.update({f"d{n}": _rel(g, r) for n, g, r in zip(ker_in, grads, ref_grads)})
+                ok = all(e <= BOUNDS[dtype] for e in errors.values())  # NaN compares False
+                print(f"[check] {name:10s} {tag}: " + "  ".join(f"{n} {e:.2e}" for n, e in errors.items())
+                      + f"  (bound {BOUNDS[dtype]:.0e}) {'ok' if ok else 'FAIL'}", flush=True)
+                results.update({f"{name}/{tag}/{n}": e for n, e in errors.items()})
+                results[f"{name}/{tag}/ok"] = ok
+            diff = max(_rel(x, y) for x, y in zip(values["scan"], values["sequential"]))
+            ok = diff <= WALK_BOUND
+            print(f"[check] scan vs sequential {tag}: max relative difference {diff:.2e} (bound {WALK_BOUND:.0e}) "
+                  f"{'ok' if ok else 'FAIL'}", flush=True)
+            results[f"walks/{tag}/max_rel_diff"] = diff
+            results[f"walks/{tag}/ok"] = ok
     return results
 
 
@@ -141,12 +171,13 @@ def _flops(B, T, H, D, chunk_len, backward):
 
 
 def bench(device) -> list:
-    """Forward and forward+backward times (ms) and TFLOP/s, bf16, B=1, H=16, C=256, c=64.
+    """Forward and forward+backward times (ms) and TFLOP/s of both walks, bf16, B=1, H=16, C=256, c=64.
 
     Args:
         device: a CUDA device.
     Returns:
-        A list of {"D", "T", "memory", "fwd_ms", "fwd_tflops", "fwd_bwd_ms", "fwd_bwd_tflops"} records.
+        A list of {"D", "T", "memory", "<walk>": {"fwd_ms", "fwd_tflops", "fwd_bwd_ms", "fwd_bwd_tflops"} for each
+        walk, "fwd_ratio", "fwd_bwd_ratio" (scan / sequential time)} records; also printed as a table.
     """
     from triton.testing import do_bench
 
@@ -177,21 +208,38 @@ def bench(device) -> list:
                     outs = linear_memory_triton(q, k, v, log_decay, **kwargs)
                     torch.autograd.backward(outs, upstream)
 
-                fwd_ms = do_bench(forward, warmup=10, rep=40)
-                fwd_bwd_ms = do_bench(forward_backward, warmup=10, rep=40, grad_to_none=leaves)
-                record = {
-                    "D": D, "T": T, "memory": "gated" if gated else "linear",
-                    "fwd_ms": fwd_ms, "fwd_tflops": _flops(B, T, H, D, chunk_len, False) / fwd_ms * 1e-9,
-                    "fwd_bwd_ms": fwd_bwd_ms,
-                    "fwd_bwd_tflops": _flops(B, T, H, D, chunk_len, True) / fwd_bwd_ms * 1e-9,
-                }
-                print(f"[bench] D={D:3d} T={T:6d} {record['memory']:6s}  fwd {fwd_ms:8.3f} ms "
-                      f"{record['fwd_tflops']:6.1f} TFLOP/s   fwd+bwd {fwd_bwd_ms:8.3f} ms "
-                      f"{record['fwd_bwd_tflops']:6.1f} TFLOP/s", flush=True)
+                record = {"D": D, "T": T, "memory": "gated" if gated else "linear"}
+                for name in lm.WALKS:
+                    with walk(name):
+                        fwd_ms = do_bench(forward, warmup=10, rep=40)
+                        fwd_bwd_ms = do_bench(forward_backward, warmup=10, rep=40, grad_to_none=leaves)
+                    record[name] = {
+                        "fwd_ms": fwd_ms, "fwd_tflops": _flops(B, T, H, D, chunk_len, False) / fwd_ms * 1e-9,
+                        "fwd_bwd_ms": fwd_bwd_ms,
+                        "fwd_bwd_tflops": _flops(B, T, H, D, chunk_len, True) / fwd_bwd_ms * 1e-9,
+                    }
+                    print(f"[bench] D={D:3d} T={T:6d} {record['memory']:6s} {name:10s}  fwd {fwd_ms:8.3f} ms "
+                          f"{record[name]['fwd_tflops']:6.1f} TFLOP/s   fwd+bwd {fwd_bwd_ms:8.3f} ms "
+                          f"{record[name]['fwd_bwd_tflops']:6.1f} TFLOP/s", flush=True)
+                record["fwd_ratio"] = record["scan"]["fwd_ms"] / record["sequential"]["fwd_ms"]
+                record["fwd_bwd_ratio"] = record["scan"]["fwd_bwd_ms"] / record["sequential"]["fwd_bwd_ms"]
                 records.append(record)
                 del q, k, v, log_decay, leaves, upstream
                 torch.cuda.empty_cache()
+    print(walk_table(records), flush=True)
     return records
+
+
+def walk_table(records) -> str:
+    """The bench records as a table: ms of each walk and the ratio scan / sequential (< 1: the scan is faster)."""
+    lines = ["   D       T memory  |  fwd seq ms  fwd scan ms  scan/seq |  f+b seq ms  f+b scan ms  scan/seq",
+             "-" * 98]
+    for r in records:
+        seq, scan = r["sequential"], r["scan"]
+        lines.append(f"{r['D']:4d} {r['T']:7d} {r['memory']:6s} | {seq['fwd_ms']:11.3f} {scan['fwd_ms']:12.3f} "
+                     f"{r['fwd_ratio']:9.2f} | {seq['fwd_bwd_ms']:11.3f} {scan['fwd_bwd_ms']:12.3f} "
+                     f"{r['fwd_bwd_ratio']:9.2f}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:

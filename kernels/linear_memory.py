@@ -16,6 +16,11 @@ sequential walks, so D = 64 and D = 128 both fit):
     linear_memory_bwd_kernel_dqk   parallel over chunks: dq, dk, and the per-token terms of dlog_decay
     linear_memory_bwd_kernel_dv    parallel over chunks: dv
 
+With ``WALK = "scan"`` the two sequential walks are replaced by a two-level scan (docs/kernels.md, "Two-level
+scan"): ``linear_memory_kernel_chunk_term`` (parallel over chunks: each chunk's own term, a tl.dot) then
+``linear_memory_fwd_kernel_scan`` / ``linear_memory_bwd_kernel_scan`` (sequential over chunks but elementwise,
+over flat blocks of the state: no dot in the loop).
+
 The public op is :func:`linear_memory_triton`; it is registered as the custom op
 ``mcdist::linear_memory_triton`` (with a fake implementation and an autograd formula) so that
 ``torch.compile`` treats it as one opaque node.
@@ -23,6 +28,7 @@ The public op is :func:`linear_memory_triton`; it is registered as the custom op
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -41,6 +47,16 @@ _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # D = 128 the walk runs 256 programs instead of 64). Tests lower both to exercise several tiles at small D.
 _MAX_BLOCK_D = 64
 _MAX_STATE_BLOCK_D = 32
+
+# How the chunk-start states are carried across chunks (forward, and the state gradient in the backward):
+# "sequential" walks the chunks with one tl.dot per step (the measured default); "scan" computes every chunk's
+# own term in parallel and then carries the state with an elementwise loop (docs/kernels.md, "Two-level scan").
+# Read at every launch, so a script may assign it; MCDIST_LINEAR_WALK sets it at import.
+WALK = os.environ.get("MCDIST_LINEAR_WALK", "sequential")
+WALKS = ("sequential", "scan")
+# Largest flat block of the D×D state per program of the scan's elementwise loop: 512 floats (4 per thread at
+# 4 warps) at D = 128, 32 programs per (batch, head); 256 at D = 64, 16 programs. Tests lower it.
+_MAX_SCAN_BLOCK = 512
 
 
 def _interpreting() -> bool:
@@ -378,6 +394,178 @@ def linear_memory_bwd_kernel_dv(
     tl.store(dv_ptr + row[:, None] * D + offs_v[None, :], dv, mask=mask_v[None, :])
 
 
+@triton.jit
+def linear_memory_kernel_chunk_term(
+    x_ptr,  # [B, T, H, D] keys (forward) or queries (backward): the columns of the term
+    y_ptr,  # [B, T, H, D] values (forward) or output gradients (backward): its rows
+    gc_ptr,  # [B, T, H] float32
+    term_ptr,  # [B, NT, H, D, D] float32 out: chunk n's term, in slot n + 1 (forward) or n - 1 (REVERSE)
+    edge_ptr,  # [B, H, D, D] float32 out: the term that has no slot (the last chunk's, or the first's if REVERSE)
+    T,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    NK: tl.constexpr,
+    USE_DECAY: tl.constexpr,
+    REVERSE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Phase A of the scan walks, parallel over chunks: each chunk's own contribution to the carried state.
+
+    Forward: E_n = Vᵀ (K ⊙ e^{Γ−γ}), the chunk's end state from a zero start. REVERSE: L_n = dOᵀ (Q ⊙ e^{γ}),
+    the part of the start-state gradient read by the chunk's own tokens. The term goes where the scan will write
+    the value computed from it (S_{n+1}, resp. dE_{n-1}), so that the scan's in-place step is a load, then a
+    store that depends on it.
+    """
+    i_n = tl.program_id(0).to(tl.int64)
+    i_k = tl.program_id(1) % NK
+    i_v = tl.program_id(1) // NK
+    i_bh = tl.program_id(2).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    num_chunks = T // CHUNK
+
+    offs_t = tl.arange(0, CHUNK)
+    offs_k = i_k * BK + tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mask_k = offs_k < D
+    mask_v = offs_v < D
+    mask_state = mask_v[:, None] & mask_k[None, :]
+    state_offs = offs_v[:, None] * D + offs_k[None, :]
+    row = (i_b * T + i_n * CHUNK + offs_t) * H + i_h  # [CHUNK]
+
+    x = tl.load(x_ptr + row[:, None] * D + offs_k[None, :], mask=mask_k[None, :], other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + row[:, None] * D + offs_v[None, :], mask=mask_v[None, :], other=0.0).to(tl.float32)
+    if USE_DECAY:
+        gc = tl.load(gc_ptr + row)
+        if REVERSE:
+            x = x * tl.exp(gc)[:, None]
+        else:
+            g_last = tl.load(gc_ptr + (i_b * T + i_n * CHUNK + CHUNK - 1) * H + i_h)
+            x = x * tl.exp(g_last - gc)[:, None]
+    term = tl.dot(tl.trans(y), x, input_precision=DOT_PRECISION)  # [BV, BK]
+
+    if REVERSE:
+        i_dest = i_n - 1
+    else:
+        i_dest = i_n + 1
+    if (i_dest >= 0) & (i_dest < num_chunks):
+        tl.store(term_ptr + ((i_b * num_chunks + i_dest) * H + i_h) * D * D + state_offs, term, mask=mask_state)
+    else:
+        tl.store(edge_ptr + i_bh * D * D + state_offs, term, mask=mask_state)
+
+
+@triton.jit
+def linear_memory_fwd_kernel_scan(
+    gc_ptr,  # [B, T, H] float32
+    init_ptr,  # [B, H, D, D] float32 (read only when HAS_INIT)
+    h_ptr,  # [B, NT, H, D, D] float32 in: E_n in slot n + 1; out: state at the start of every chunk
+    cached_ptr,  # [B, N, H, D, D] float32 out: state at the end of every segment
+    final_ptr,  # [B, H, D, D] float32 in: E of the last chunk; out: the final state
+    T,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    CHUNK: tl.constexpr,
+    CHUNKS_PER_SEGMENT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    USE_DECAY: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+    INDEPENDENT: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """Phase B of the forward scan: S_{n+1} = e^{Γ_n} S_n + E_n, elementwise on a flat block of the state.
+
+    No dot and no dependence of the loads on the carried state, so the loop's loads are prefetched STAGES deep.
+    """
+    i_blk = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    num_chunks = T // CHUNK
+    num_segments = tl.cdiv(num_chunks, CHUNKS_PER_SEGMENT)
+
+    offs = i_blk * BLOCK + tl.arange(0, BLOCK)  # flat index into one [D, D] state
+    mask = offs < D * D
+    final = final_ptr + i_bh * D * D + offs
+
+    state = tl.zeros([BLOCK], dtype=tl.float32)
+    if HAS_INIT:
+        state = tl.load(init_ptr + i_bh * D * D + offs, mask=mask, other=0.0)
+    tl.store(h_ptr + (i_b * num_chunks * H + i_h) * D * D + offs, state, mask=mask)
+    end = state
+    for i_n in tl.range(0, num_chunks, num_stages=STAGES):
+        has_next = i_n + 1 < num_chunks
+        nxt = h_ptr + ((i_b * num_chunks + i_n + 1) * H + i_h) * D * D + offs
+        term = tl.load(tl.where(has_next, nxt, final), mask=mask, other=0.0)  # E_n
+        if USE_DECAY:
+            state = state * tl.exp(tl.load(gc_ptr + (i_b * T + i_n * CHUNK + CHUNK - 1) * H + i_h))
+        end = state + term
+        is_end = ((i_n + 1) % CHUNKS_PER_SEGMENT == 0) | ~has_next
+        tl.store(cached_ptr + ((i_b * num_segments + i_n // CHUNKS_PER_SEGMENT) * H + i_h) * D * D + offs, end,
+                 mask=mask & is_end)
+        state = end
+        if INDEPENDENT:
+            state = tl.where((i_n + 1) % CHUNKS_PER_SEGMENT == 0, 0.0, end)
+        tl.store(nxt, state, mask=mask & has_next)
+    tl.store(final, end, mask=mask)
+
+
+@triton.jit
+def linear_memory_bwd_kernel_scan(
+    gc_ptr,  # [B, T, H] float32
+    dcached_ptr,  # [B, N, H, D, D] float32
+    dfinal_ptr,  # [B, H, D, D] float32
+    dh_ptr,  # [B, NT, H, D, D] float32 in: L_n in slot n - 1; out: gradient of the state at every chunk end
+    dinit_ptr,  # [B, H, D, D] float32 in: L_0; out: gradient of initial_state (written only when not INDEPENDENT)
+    T,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    CHUNK: tl.constexpr,
+    CHUNKS_PER_SEGMENT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    USE_DECAY: tl.constexpr,
+    INDEPENDENT: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """Phase B of the reverse scan: dS_n = e^{Γ_n} dE_n + L_n, dE_{n-1} = dS_n (+ dcached), elementwise."""
+    i_blk = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    num_chunks = T // CHUNK
+    num_segments = tl.cdiv(num_chunks, CHUNKS_PER_SEGMENT)
+
+    offs = i_blk * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < D * D
+    dinit = dinit_ptr + i_bh * D * D + offs
+
+    # dE of the last chunk, which ends the last segment.
+    carry = tl.load(dfinal_ptr + i_bh * D * D + offs, mask=mask, other=0.0)
+    carry += tl.load(dcached_ptr + ((i_b * num_segments + num_segments - 1) * H + i_h) * D * D + offs, mask=mask,
+                     other=0.0)
+    tl.store(dh_ptr + ((i_b * num_chunks + num_chunks - 1) * H + i_h) * D * D + offs, carry, mask=mask)
+    for i_rev in tl.range(0, num_chunks, num_stages=STAGES):
+        i_n = num_chunks - 1 - i_rev
+        has_prev = i_n > 0
+        prv = dh_ptr + ((i_b * num_chunks + i_n - 1) * H + i_h) * D * D + offs
+        term = tl.load(tl.where(has_prev, prv, dinit), mask=mask, other=0.0)  # L_n
+        if USE_DECAY:
+            carry = carry * tl.exp(tl.load(gc_ptr + (i_b * T + i_n * CHUNK + CHUNK - 1) * H + i_h))
+        carry += term  # dS_n
+        starts = i_n % CHUNKS_PER_SEGMENT == 0
+        if INDEPENDENT:
+            carry = tl.where(starts, 0.0, carry)
+        # Chunk n - 1 ends segment n / CHUNKS_PER_SEGMENT - 1 when chunk n starts a segment.
+        carry += tl.load(dcached_ptr + ((i_b * num_segments + i_n // CHUNKS_PER_SEGMENT - 1) * H + i_h) * D * D
+                         + offs, mask=mask & starts & has_prev, other=0.0)
+        tl.store(prv, carry, mask=mask & has_prev)  # dE_{n-1}
+
+    if not INDEPENDENT:
+        tl.store(dinit, carry, mask=mask)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Host side
 # ---------------------------------------------------------------------------------------------------------------
@@ -389,6 +577,17 @@ def _block_d(D: int) -> int:
 
 def _state_block_d(D: int) -> int:
     return min(_MAX_STATE_BLOCK_D, _block_d(D))
+
+
+def _scan_block(D: int) -> int:
+    return min(_MAX_SCAN_BLOCK, max(256, triton.next_power_of_2(D * D) // 16))
+
+
+def _walk() -> str:
+    if WALK not in WALKS:
+        raise ValueError(f"MCDIST_LINEAR_WALK (mcdist.kernels.linear_memory.WALK) = {WALK!r}; expected one of "
+                         f"{WALKS}")
+    return WALK
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -405,28 +604,48 @@ def _chunk_cumsum(log_decay: torch.Tensor, chunk_len: int) -> torch.Tensor:
 # registers (the dq/dk kernel spills 60 bytes at D = 128) and shared memory stays under 128 KiB.
 _LAUNCH_SEQUENTIAL = dict(num_warps=4, num_stages=2)
 _LAUNCH_PARALLEL = dict(num_warps=8, num_stages=2)
+# The scan's kernels (same check, docs/kernels.md "Two-level scan"): no spills, at most 32 KiB of shared memory.
+_LAUNCH_TERM = dict(num_warps=4, num_stages=1)
+_LAUNCH_SCAN = dict(num_warps=4)
+_SCAN_STAGES = 4  # iterations of the scan's elementwise loop in flight (tl.range prefetches its loads)
 
 
 def _forward_states(k, v, gc, initial_state, segment_len, chunk_len, independent):
-    """Runs the sequential state kernel; returns (chunk_states, cached_states, final_state)."""
+    """Runs the state walk chosen by WALK; returns (chunk_states, cached_states, final_state)."""
     B, T, H, D = k.shape
     num_chunks = T // chunk_len
     num_segments = -(-T // segment_len)
-    block = _state_block_d(D)
-    tiles = triton.cdiv(D, block)
     nan = float("nan")
     chunk_states = torch.full((B, num_chunks, H, D, D), nan, device=k.device, dtype=torch.float32)
     cached_states = torch.full((B, num_segments, H, D, D), nan, device=k.device, dtype=torch.float32)
     final_state = torch.full((B, H, D, D), nan, device=k.device, dtype=torch.float32)
     use_decay = gc is not None
     has_init = initial_state is not None
-    linear_memory_fwd_kernel_h[(tiles, tiles, B * H)](
-        k, v, gc if use_decay else k, initial_state if has_init else k,
-        chunk_states, cached_states, final_state,
-        T, H=H, D=D, CHUNK=chunk_len, CHUNKS_PER_SEGMENT=segment_len // chunk_len, BK=block, BV=block,
-        USE_DECAY=use_decay, HAS_INIT=has_init, INDEPENDENT=independent,
-        DOT_PRECISION=_dot_precision(k.dtype), **_LAUNCH_SEQUENTIAL,
-    )
+    if _walk() == "scan":
+        block = _block_d(D)
+        nk = triton.cdiv(D, block)
+        linear_memory_kernel_chunk_term[(num_chunks, nk * nk, B * H)](
+            k, v, gc if use_decay else k, chunk_states, final_state,
+            T, H=H, D=D, CHUNK=chunk_len, BK=block, BV=block, NK=nk, USE_DECAY=use_decay, REVERSE=False,
+            DOT_PRECISION=_dot_precision(k.dtype), **_LAUNCH_TERM,
+        )
+        scan_block = _scan_block(D)
+        linear_memory_fwd_kernel_scan[(triton.cdiv(D * D, scan_block), B * H)](
+            gc if use_decay else k, initial_state if has_init else k, chunk_states, cached_states, final_state,
+            T, H=H, D=D, CHUNK=chunk_len, CHUNKS_PER_SEGMENT=segment_len // chunk_len, BLOCK=scan_block,
+            USE_DECAY=use_decay, HAS_INIT=has_init, INDEPENDENT=independent, STAGES=_SCAN_STAGES,
+            **_LAUNCH_SCAN,
+        )
+    else:
+        block = _state_block_d(D)
+        tiles = triton.cdiv(D, block)
+        linear_memory_fwd_kernel_h[(tiles, tiles, B * H)](
+            k, v, gc if use_decay else k, initial_state if has_init else k,
+            chunk_states, cached_states, final_state,
+            T, H=H, D=D, CHUNK=chunk_len, CHUNKS_PER_SEGMENT=segment_len // chunk_len, BK=block, BV=block,
+            USE_DECAY=use_decay, HAS_INIT=has_init, INDEPENDENT=independent,
+            DOT_PRECISION=_dot_precision(k.dtype), **_LAUNCH_SEQUENTIAL,
+        )
     return chunk_states, cached_states, final_state
 
 
@@ -461,14 +680,27 @@ def _backward(q, k, v, log_decay, initial_state, d_out, d_cached, d_final, segme
 
     d_chunk_end = torch.full_like(chunk_states, nan)  # [B, NT, H, D, D]
     d_initial = torch.full((B, H, D, D), nan, device=q.device, dtype=torch.float32)
-    state_block = _state_block_d(D)
-    state_tiles = triton.cdiv(D, state_block)
-    linear_memory_bwd_kernel_dh[(state_tiles, state_tiles, B * H)](
-        q, d_out, gc if use_decay else q, d_cached, d_final, d_chunk_end, d_initial,
-        T, H=H, D=D, CHUNK=chunk_len, CHUNKS_PER_SEGMENT=segment_len // chunk_len, BK=state_block,
-        BV=state_block, USE_DECAY=use_decay, INDEPENDENT=independent, DOT_PRECISION=precision,
-        **_LAUNCH_SEQUENTIAL,
-    )
+    if _walk() == "scan":
+        linear_memory_kernel_chunk_term[(num_chunks, nk * nv, B * H)](
+            q, d_out, gc if use_decay else q, d_chunk_end, d_initial,
+            T, H=H, D=D, CHUNK=chunk_len, BK=block, BV=block, NK=nk, USE_DECAY=use_decay, REVERSE=True,
+            DOT_PRECISION=precision, **_LAUNCH_TERM,
+        )
+        scan_block = _scan_block(D)
+        linear_memory_bwd_kernel_scan[(triton.cdiv(D * D, scan_block), B * H)](
+            gc if use_decay else q, d_cached, d_final, d_chunk_end, d_initial,
+            T, H=H, D=D, CHUNK=chunk_len, CHUNKS_PER_SEGMENT=segment_len // chunk_len, BLOCK=scan_block,
+            USE_DECAY=use_decay, INDEPENDENT=independent, STAGES=_SCAN_STAGES, **_LAUNCH_SCAN,
+        )
+    else:
+        state_block = _state_block_d(D)
+        state_tiles = triton.cdiv(D, state_block)
+        linear_memory_bwd_kernel_dh[(state_tiles, state_tiles, B * H)](
+            q, d_out, gc if use_decay else q, d_cached, d_final, d_chunk_end, d_initial,
+            T, H=H, D=D, CHUNK=chunk_len, CHUNKS_PER_SEGMENT=segment_len // chunk_len, BK=state_block,
+            BV=state_block, USE_DECAY=use_decay, INDEPENDENT=independent, DOT_PRECISION=precision,
+            **_LAUNCH_SEQUENTIAL,
+        )
 
     dq = torch.full(q.shape, nan, device=q.device, dtype=torch.float32)
     dk = torch.full(q.shape, nan, device=q.device, dtype=torch.float32)
@@ -689,10 +921,15 @@ def linear_memory_triton(
         cached_states: ``[B, N, H, D, D]`` float32, N = ceil(T / segment_len), the state at each segment end.
         final_state: ``[B, H, D, D]`` float32, the state after the last token.
 
+    The chunk-start states are carried by the walk that ``WALK`` names (``MCDIST_LINEAR_WALK``): "sequential"
+    (default) or "scan"; both give the same results up to float32 rounding.
+
     Raises:
-        ValueError: on shapes, dtypes, devices or lengths that do not fit (the message names the values).
+        ValueError: on shapes, dtypes, devices or lengths that do not fit (the message names the values), or a
+            ``WALK`` other than "sequential" and "scan".
     """
     _validate(q, k, v, log_decay, segment_len, chunk_len, state_init, initial_state)
+    _walk()
     if log_decay is not None:
         log_decay = log_decay.float().contiguous()
     if initial_state is not None:

@@ -2,6 +2,8 @@
 
 import os
 import re
+import subprocess
+import sys
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
 
@@ -106,7 +108,61 @@ def test_matches_token_loop(case, state_init, gated, monkeypatch):
         assert rel_err(grads[name], ref_grads[name]) < FP32_BOUND, f"d{name}"
 
 
-def test_checkpoint_without_initial_state_starts_from_zeros():
+# Scan walk: each case once, so that together they cover linear and gated, both state_init, initial_state given,
+# a partial last segment, one chunk per segment, several term tiles and several (and ragged) blocks of the
+# elementwise loop (the scan block is lowered to 128 floats: 2, 8 and 4.5 blocks at D = 16, 32, 24).
+SCAN_CASES = [
+    ("D16-partial-last-segment", "checkpoint", True),
+    ("D16-partial-last-segment", "independent", False),
+    ("D32-8-segments", "independent", True),
+    ("D24-ragged-tiles", "checkpoint", False),
+]
+WALKS_AGREE = 1e-6  # both walks run the same products; only the order of float32 sums differs
+
+
+@pytest.mark.parametrize("case_id,state_init,gated", SCAN_CASES,
+                         ids=[f"{c[0]}-{c[1]}-{'gated' if c[2] else 'linear'}" for c in SCAN_CASES])
+def test_scan_walk_matches_token_loop_and_sequential_walk(case_id, state_init, gated, monkeypatch):
+    _, B, T, H, D, segment_len, chunk_len, max_block, max_state_block = next(c for c in CASES if c[0] == case_id)
+    monkeypatch.setattr(lm, "_MAX_BLOCK_D", max_block)
+    monkeypatch.setattr(lm, "_MAX_STATE_BLOCK_D", max_state_block)
+    monkeypatch.setattr(lm, "_MAX_SCAN_BLOCK", 128)
+    q, k, v, log_decay, initial = make_inputs(B, T, H, D, gated, state_init, seed=T + D + 1)
+    results = {}
+    for walk in lm.WALKS:
+        monkeypatch.setattr(lm, "WALK", walk)
+        results[walk] = run_both(q, k, v, log_decay, initial, segment_len, chunk_len, state_init)
+
+    out, ref, grads, ref_grads = results["scan"]
+    for name, x, r in zip(("online_out", "cached_states", "final_state"), out, ref):
+        assert rel_err(x, r) < FP32_BOUND, name
+    assert set(grads) == set(ref_grads)
+    for name in ref_grads:
+        assert rel_err(grads[name], ref_grads[name]) < FP32_BOUND, f"d{name}"
+    seq_out, _, seq_grads, _ = results["sequential"]
+    for x, y in zip(out + tuple(grads.values()), seq_out + tuple(seq_grads.values())):
+        assert rel_err(x, y) < WALKS_AGREE
+
+
+def test_walk_from_environment_and_bad_value(monkeypatch):
+    """MCDIST_LINEAR_WALK sets WALK at import; a value outside WALKS raises when the op is called."""
+    env = dict(os.environ, MCDIST_LINEAR_WALK="scan", TRITON_INTERPRET="1")
+    code = "from mcdist.kernels import linear_memory as lm; print(lm.WALK)"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "scan"
+    assert lm.WALK == os.environ.get("MCDIST_LINEAR_WALK", "sequential")
+
+    monkeypatch.setattr(lm, "WALK", "tree")
+    args = _good_args()
+    q, k, v, log_decay = args.pop("q"), args.pop("k"), args.pop("v"), args.pop("log_decay")
+    with pytest.raises(ValueError, match=re.escape("MCDIST_LINEAR_WALK (mcdist.kernels.linear_memory.WALK) = 'tree'; "
+                                                   "expected one of ('sequential', 'scan')")):
+        linear_memory_triton(q, k, v, log_decay, **args)
+
+
+@pytest.mark.parametrize("walk", ["sequential", "scan"])
+def test_checkpoint_without_initial_state_starts_from_zeros(walk, monkeypatch):
+    monkeypatch.setattr(lm, "WALK", walk)
     q, k, v, log_decay, _ = make_inputs(1, 64, 2, 16, True, "checkpoint", with_initial=False, seed=3)
     out, ref, grads, ref_grads = run_both(q, k, v, log_decay, None, 32, 16, "checkpoint")
     for x, r in zip(out, ref):
@@ -115,8 +171,10 @@ def test_checkpoint_without_initial_state_starts_from_zeros():
         assert rel_err(grads[name], ref_grads[name]) < FP32_BOUND, f"d{name}"
 
 
-def test_gradient_from_online_out_only():
+@pytest.mark.parametrize("walk", ["sequential", "scan"])
+def test_gradient_from_online_out_only(walk, monkeypatch):
     """Unused outputs give no gradient tensors to the backward; they must count as zeros."""
+    monkeypatch.setattr(lm, "WALK", walk)
     q, k, v, log_decay, initial = make_inputs(1, 48, 1, 16, True, "checkpoint", seed=5)
     leaves = [x.clone().requires_grad_() for x in (q, k, v, log_decay, initial)]
     out, _, _ = linear_memory_triton(*leaves[:4], segment_len=16, chunk_len=16, state_init="checkpoint",
@@ -229,7 +287,7 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
 
 
 def test_gpu_benchmark_check_runs_on_cpu():
-    """benchmarks/gpu_linear_memory.py: check() under the interpreter at its tiny CPU shape."""
+    """benchmarks/gpu_linear_memory.py: check() of both walks under the interpreter at its tiny CPU shape."""
     import importlib.util
     from pathlib import Path
 
@@ -238,5 +296,10 @@ def test_gpu_benchmark_check_runs_on_cpu():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     results = module.check("cpu")
-    oks = [v for key, v in results.items() if key.endswith("/ok")]
-    assert len(oks) == 3 and all(oks), results
+    oks = {key: v for key, v in results.items() if key.endswith("/ok")}
+    assert len(oks) == 9 and all(oks.values()), results  # 3 cases × (sequential, scan, their agreement)
+    assert {key.split("/")[0] for key in oks} == {"sequential", "scan", "walks"}
+    timing = {"fwd_ms": 1.0, "fwd_tflops": 1.0, "fwd_bwd_ms": 4.0, "fwd_bwd_tflops": 1.0}
+    table = module.walk_table([{"D": 64, "T": 8192, "memory": "gated", "sequential": timing, "scan": timing,
+                                "fwd_ratio": 0.5, "fwd_bwd_ratio": 0.25}])
+    assert "0.50" in table and "0.25" in table

@@ -9,7 +9,8 @@ DIR/gpu.json after every section):
    `ssc_gather`: the same for the ssc gather read (mcdist.kernels.ssc_read) against cached_read_chunked;
 2. the MC layer with impl='triton' against impl='chunked' (outputs and gradients); `train`: the trainer itself on
    the GPU (one process): bf16 + Triton beside the chunked path, a resumed run beside a straight one, and the
-   tokens/s and peak memory of a d_model 1024 model at 32K tokens;
+   tokens/s and peak memory of a d_model 1024 model at 32K tokens; `infer`: decoding (mcdist.infer) against the
+   full forward in float32, and prefill / decode-per-token / full-forward times at a 32K prompt in bf16;
 3. the MC core (memory pass + read) forward+backward for none / grm / ssc (k = 8) beside
    scaled_dot_product_attention (flash backend) at the same B, H, T, d: milliseconds, TFLOP/s and the ratio;
    ssc twice, with the 'blocks' and the 'gather' read (mcdist.ops.SSC_READ), plus the ssc read alone
@@ -249,6 +250,66 @@ def train_check(device, smoke) -> dict:
     return result
 
 
+# -- 2c. inference on this GPU --------------------------------------------------------------------------------------
+
+
+def infer_check(device, smoke) -> dict:
+    """mcdist.infer.Session on this device: decode (Triton read) against the full forward in float32, then the
+    prefill time, the decode time per token and one full forward's time (the next token without a cache) in bf16
+    autocast for a d_model 1024 model at a long prompt."""
+    from mcdist.infer import Session
+    from mcdist.model import MCLanguageModel
+
+    def synchronize():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    result = {}
+    torch.manual_seed(0)
+    small = ModelConfig(vocab_size=64, d_model=64 if smoke else 256, n_heads=4, memory="gated", aggregation="grm",
+                        segment_len=16 if smoke else 64, chunk_len=16)
+    model = MCLanguageModel(small).to(device)
+    ids = torch.randint(0, 64, (2, 48 if smoke else 300), device=device)
+    prompt = ids.shape[1] * 2 // 3
+    with torch.no_grad():
+        full = model(ids).logits
+    session = Session(model)
+    steps = [session.prefill(ids[:, :prompt])] + [session.decode(ids[:, t]) for t in range(prompt, ids.shape[1] - 1)]
+    result["fp32_decode_vs_forward"] = relative_error(torch.stack(steps, 1), full[:, prompt - 1:-1])
+    rows = []
+    for aggregation in ("grm", "none"):
+        torch.manual_seed(0)
+        config = ModelConfig(vocab_size=8192, d_model=128 if smoke else 1024, n_heads=2 if smoke else 16,
+                             aggregation=aggregation, segment_len=16 if smoke else 256, chunk_len=16 if smoke else 64)
+        model = MCLanguageModel(config).to(device)
+        length, tokens = (64, 4) if smoke else (32768, 32)
+        ids = torch.randint(0, 8192, (1, length + tokens), device=device)
+        with torch.no_grad(), torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            session = Session(model)
+            synchronize()
+            start = time.perf_counter()
+            session.prefill(ids[:, :length])
+            synchronize()
+            prefill_s = time.perf_counter() - start
+            per_token = []
+            for t in range(length, length + tokens):
+                start = time.perf_counter()
+                session.decode(ids[:, t])
+                synchronize()
+                per_token.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            model(ids[:, :length + 1])
+            synchronize()
+            forward_s = time.perf_counter() - start
+        decode_ms = sorted(per_token)[len(per_token) // 2] * 1e3
+        rows.append(dict(aggregation=aggregation, prompt=length, d_model=config.d_model, heads=config.n_heads,
+                         segment_len=config.segment_len, prefill_s=prefill_s, decode_ms=decode_ms,
+                         forward_next_token_s=forward_s, forward_over_decode=forward_s * 1e3 / decode_ms))
+    result["speed"] = rows
+    print("infer", result, flush=True)
+    return result
+
+
 # -- 4. MC core vs SDPA ------------------------------------------------------------------------------------------
 
 
@@ -444,7 +505,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script itself")
     parser.add_argument("--skip", default="",
-                        help="comma-separated sections to skip: checks,ssc_gather,layer,train,core,fla,kernels")
+                        help="comma-separated sections to skip: checks,ssc_gather,layer,train,infer,core,fla,kernels")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="stop starting new benchmark shapes/sections after this many seconds")
     args = parser.parse_args(argv)
@@ -483,6 +544,7 @@ def main(argv=None) -> int:
     section("ssc_gather", lambda: ssc_gather_check(args.device, args.smoke))
     section("layer", lambda: layer_check(args.device, args.smoke))
     section("train", lambda: train_check(args.device, args.smoke))
+    section("infer", lambda: infer_check(args.device, args.smoke))
     section("core", lambda: core_bench(args.device, args.smoke))
     if not args.smoke:
         section("fla", lambda: fla_compare(args.device))

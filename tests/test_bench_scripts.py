@@ -43,3 +43,19 @@ def test_gpu_script_train_section_runs_on_cpu():
     assert result["resume_max_loss_gap"] == 0.0
     assert result["loss_fell"]
     assert all(math.isfinite(result[name]["eval_loss"]) for name in ("triton", "chunked"))
+
+
+def test_gpu_script_infer_section_runs_on_cpu():
+    """benchmarks/gpu.py's `infer` section at its smoke size: decoding matches the full forward."""
+    result = _load("gpu").infer_check("cpu", smoke=True)
+    assert result["fp32_decode_vs_forward"] < 1e-5
+    assert [row["aggregation"] for row in result["speed"]] == ["grm", "none"]
+    assert all(row["decode_ms"] > 0 and row["prefill_s"] > 0 for row in result["speed"])
+
+
+def test_infer_cpu_benchmark_reports_decode_beside_the_forward(tmp_path):
+    out = tmp_path / "infer.json"
+    assert _load("infer_cpu").main(["--lengths", "512", "--tokens", "2", "--aggregations", "grm",
+                                    "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["prompt"] == 512 and row["cached_states"] == 2 and row["max_logit_diff"] < 1e-5

@@ -177,7 +177,8 @@ def _deep_checkpoint_pass(layer, p: Projections, shard: Shard) -> MemoryResult:
         minibatch.append(weights)
         cached.append(tuple(w[:, start // C:(start + length) // C] for w in run.cached_states))
         online.append(deep_online_read(p.q[:, offset:offset + length], weights, b))
-    return MemoryResult(torch.cat(online, 1), _cat_states(cached), None, _cat_states(minibatch))
+    # run.final_state is the running state after this rank's last token (inference keeps it: mcdist.infer)
+    return MemoryResult(torch.cat(online, 1), _cat_states(cached), run.final_state, _cat_states(minibatch))
 
 
 # -- the ring read -------------------------------------------------------------------------------------------
@@ -461,7 +462,7 @@ def ring_read(z, u, states, contexts, *, shard: Shard, gate_scale: float, select
 # -- aggregation ---------------------------------------------------------------------------------------------
 
 
-def _global_contexts(closed: torch.Tensor, shard: Shard) -> torch.Tensor:
+def global_contexts(closed: torch.Tensor, shard: Shard) -> torch.Tensor:
     """Contexts of every segment of the sequence [B, N, H, D] (no gradient: used to select only)."""
     gathered = all_gather_tensor(closed.detach(), shard.sp, "contexts")  # [P, B, n_local, H, D]
     C = shard.segment_len
@@ -515,7 +516,7 @@ def sp_aggregate(layer, p: Projections, memory: MemoryResult, shard: Shard, impl
     r_online = online_scores(p.u, running, cfg.scale)
     selected = None
     if cfg.aggregation == "ssc":
-        every = _global_contexts(closed, shard)
+        every = global_contexts(closed, shard)
         selected = torch.cat([select_top_k(p.u[:, offset:offset + length], every, segment_len=C, top_k=cfg.top_k,
                                            gate_scale=cfg.scale, query_offset=start)
                               for offset, start, length in shard.local_pieces()], 1)

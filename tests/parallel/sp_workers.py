@@ -151,3 +151,38 @@ def failing_worker(rank, world, out_dir):
     except Exception as error:  # record what each rank saw
         with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as handle:
             handle.write(f"{type(error).__name__}: {error}")
+
+
+def inference_worker(rank, world, cases, out_path):
+    """For each (layout, memory, aggregation, state_init, prompt_len, new_tokens): the largest difference between
+    the next-token logits of an SP Session (prefill + decode) and one process's full forward, over every step."""
+    from mcdist.infer import Session
+    from mcdist.model import MCLanguageModel
+
+    results = {}
+    for layout, memory, aggregation, state_init, prompt_len, new_tokens in cases:
+        torch.manual_seed(0)
+        config = ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, memory=memory,
+                             aggregation=aggregation, state_init=state_init, segment_len=4, chunk_len=2,
+                             minibatch_len=2, top_k=2, inner_lr=0.1)
+        model = MCLanguageModel(config).double()
+        ids = torch.randint(0, 32, (2, prompt_len + new_tokens), generator=torch.Generator().manual_seed(1))
+        full = model(ids, impl="chunked").logits
+        session = Session(model, sp=SPGroup(dist.group.WORLD, rank, world, tuple(range(world))), layout=layout,
+                          impl="chunked")
+        steps = [session.prefill(ids[:, :prompt_len])]
+        steps += [session.decode(ids[:, t]) for t in range(prompt_len, prompt_len + new_tokens - 1)]
+        error = max(float((got - full[:, prompt_len - 1 + i]).abs().max()) for i, got in enumerate(steps))
+        counts = [torch.zeros(len(session.caches), dtype=torch.float64) for _ in range(world)]
+        dist.all_gather(counts, torch.tensor([float(len(cache.segments)) for cache in session.caches],
+                                             dtype=torch.float64))
+        held = torch.stack(counts)  # [rank, layer]
+        every = torch.tensor([error], dtype=torch.float64)
+        dist.all_reduce(every, op=dist.ReduceOp.MAX)
+        results["-".join(map(str, (layout, memory, aggregation, state_init, prompt_len, new_tokens)))] = {
+            "error": float(every), "held": held.sum(0).tolist(),
+            "imbalance": float((held.max(0).values - held.min(0).values).max()),
+            "closed": [cache.position // config.segment_len for cache in session.caches]}
+    if rank == 0:
+        with open(out_path, "w") as handle:
+            json.dump(results, handle)

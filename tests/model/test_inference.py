@@ -1,0 +1,112 @@
+"""Inference in one process (SPEC §8): prefill + decode equals the full forward; generation; bad calls."""
+
+import itertools
+
+import pytest
+import torch
+
+from mcdist.config import AGGREGATIONS, MEMORY_KINDS, STATE_INITS, ModelConfig
+from mcdist.infer import Session, generate, sample_next
+from mcdist.model import MCLanguageModel
+
+
+def tiny_model(memory="gated", aggregation="grm", state_init="checkpoint", **overrides):
+    torch.manual_seed(0)
+    fields = dict(vocab_size=32, d_model=16, n_layers=2, n_heads=2, memory=memory, aggregation=aggregation,
+                  state_init=state_init, segment_len=4, chunk_len=2, minibatch_len=2, top_k=2, inner_lr=0.1)
+    return MCLanguageModel(ModelConfig(**{**fields, **overrides})).double()
+
+
+def session_logits(model, ids, prompt_len, **options):
+    """Next-token logits after the prompt and after each later token, from a Session."""
+    session = Session(model, **options)
+    steps = [session.prefill(ids[:, :prompt_len])]
+    steps += [session.decode(ids[:, t]) for t in range(prompt_len, ids.shape[1] - 1)]
+    return torch.stack(steps, 1), session
+
+
+@pytest.mark.parametrize("memory,aggregation,state_init", list(itertools.product(MEMORY_KINDS, AGGREGATIONS,
+                                                                                  STATE_INITS)))
+def test_prefill_and_decode_equal_the_full_forward(memory, aggregation, state_init):
+    model = tiny_model(memory, aggregation, state_init)
+    ids = torch.randint(0, 32, (2, 19))
+    full = model(ids, impl="chunked").logits
+    # prompts: one token; mid-segment and mid-mini-batch; one segment end; just past it
+    for prompt_len in (1, 7, 8, 9):
+        got, session = session_logits(model, ids, prompt_len, impl="chunked")
+        torch.testing.assert_close(got, full[:, prompt_len - 1:-1], rtol=1e-10, atol=1e-10)
+        assert session.position == ids.shape[1] - 1
+        assert [cache.position for cache in session.caches] == [ids.shape[1] - 1] * 2
+        assert [len(cache.segments) for cache in session.caches] == [(ids.shape[1] - 1) // 4] * 2
+
+
+def test_decode_never_rereads_the_prompt():
+    """The cache after a long prompt holds one state per closed segment plus fixed-size running state."""
+    model = tiny_model("linear", "grm")
+    session = Session(model, impl="chunked")
+    session.prefill(torch.randint(0, 32, (1, 43)))
+    cache = session.caches[0]
+    assert cache.states.shape[1] == 10 and cache.contexts.shape[1] == 10
+    assert cache.state.shape == (1, 2, 8, 8) and cache.pending is None
+
+
+def test_triton_kernels_decode_under_the_interpreter():
+    model = tiny_model("gated", "ssc", segment_len=16, chunk_len=16).float()  # the kernel's smallest chunk
+    ids = torch.randint(0, 32, (1, 36))
+    full = model(ids, impl="chunked").logits
+    got, _ = session_logits(model, ids, 20, impl="triton")  # the prompt ends mid-segment; two segments close
+    torch.testing.assert_close(got, full[:, 19:-1], rtol=1e-4, atol=1e-5)
+
+
+def test_greedy_generation_equals_argmax_of_the_full_forward():
+    model = tiny_model("titans", "soup")
+    prompt = torch.randint(0, 32, (2, 6))
+    new = generate(Session(model, impl="chunked"), prompt, 7)
+    sequence = prompt
+    for _ in range(7):  # the independent reference: the whole sequence again for every token
+        next_token = model(sequence, impl="chunked").logits[:, -1].argmax(-1)
+        sequence = torch.cat([sequence, next_token[:, None]], 1)
+    assert torch.equal(new, sequence[:, 6:])
+
+
+def test_sampling_is_reproducible_and_respects_top_k():
+    model = tiny_model()
+    prompt = torch.randint(0, 32, (3, 5))
+    first = generate(Session(model), prompt, 6, temperature=1.0, top_k=3, seed=11)
+    again = generate(Session(model), prompt, 6, temperature=1.0, top_k=3, seed=11)
+    assert torch.equal(first, again)
+    logits = torch.randn(4, 32)
+    allowed = torch.topk(logits, 3).indices
+    for seed in range(20):
+        token = sample_next(logits, temperature=2.0, top_k=3, generator=torch.Generator().manual_seed(seed))
+        assert all(token[b] in allowed[b] for b in range(4))
+
+
+def test_generation_stops_when_every_sequence_produced_eos():
+    model = tiny_model()
+    prompt = torch.randint(0, 32, (1, 5))
+    greedy = generate(Session(model), prompt, 8)
+    eos = int(greedy[0, 2])
+    stopped = generate(Session(model), prompt, 8, eos_id=eos)
+    first = int((greedy[0] == eos).nonzero()[0])
+    assert torch.equal(stopped, greedy[:, :first + 1])
+
+
+def test_bad_calls_are_refused():
+    model = tiny_model()
+    session = Session(model)
+    with pytest.raises(RuntimeError, match="prefill"):
+        session.decode(torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"\[B, L\]"):
+        session.prefill(torch.zeros(2, 0, dtype=torch.long))
+    session.prefill(torch.randint(0, 32, (2, 3)))
+    with pytest.raises(ValueError, match="B = 2"):
+        session.decode(torch.tensor([1, 2, 3]))
+    with pytest.raises(RuntimeError, match="already"):
+        session.prefill(torch.randint(0, 32, (2, 3)))
+    with pytest.raises(ValueError, match="layout"):
+        Session(model, layout="diagonal")
+    with pytest.raises(ValueError, match="temperature"):
+        sample_next(torch.randn(1, 4), temperature=-1.0)
+    with pytest.raises(ValueError, match="segmentation"):
+        Session(tiny_model(segmentation="logarithmic"))

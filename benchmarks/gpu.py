@@ -238,7 +238,8 @@ def train_check(device, smoke) -> dict:
         result["loss_fell"] = runs["triton"][-1] < runs["triton"][0]
         if not smoke:  # throughput at a long sequence: d = 64 heads, C = 256, activation checkpointing
             out = os.path.join(folder, "large")
-            big = ["model.vocab_size=8192", "model.d_model=1024", "model.n_heads=16", "model.segment_len=256", "model.chunk_len=64",
+            big = ["model.vocab_size=8192", "model.d_model=1024", "model.n_heads=16", "model.segment_len=256",
+                   "model.chunk_len=64",
                    "train.seq_len=32768", "train.batch_size=1", "train.num_kv_pairs=64", "train.warmup_steps=1",
                    "train.activation_checkpointing=true", "train.eval_batches=1"]
             torch.cuda.reset_peak_memory_stats()

@@ -38,12 +38,12 @@ def measure(aggregation: str, length: int, tokens: int) -> dict:
     ids = torch.randint(0, model.config.vocab_size, (1, length + tokens))
     session = Session(model, impl="chunked")
     start = time.perf_counter()
-    logits = session.prefill(ids[:, :length])
+    session.prefill(ids[:, :length])
     prefill_s = time.perf_counter() - start
     per_token = []
     for t in range(length, length + tokens):
         start = time.perf_counter()
-        logits = session.decode(ids[:, t])
+        session.decode(ids[:, t])
         per_token.append(time.perf_counter() - start)
     with torch.no_grad():
         start = time.perf_counter()

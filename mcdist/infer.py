@@ -41,6 +41,9 @@ from mcdist.memory.linear import state_dtype
 
 __all__ = ["LayerCache", "Session", "generate", "sample_next"]
 
+# Cached states per group of the split read on the Triton path (decoding: one token per sequence).
+SPLIT_STATES = 16
+
 
 @dataclass
 class LayerCache:
@@ -93,24 +96,64 @@ class _Reader:
         self.group, self.impl = group, impl
 
     def read(self, z, u, states, contexts, segment_len, gate_scale, selected=None):
-        """(out [B, 1, H, Dout], lse [B, 1, H]) over every closed segment (``selected``: global indices)."""
+        """(out [B, 1, H, Dout], lse [B, 1, H]) over every closed segment (``selected``: positions among these
+        states, −1 for none)."""
         n = contexts.shape[1]
         B, _, H = z.shape[:3]
         dout = z.shape[-1] if isinstance(states, tuple) else states.shape[3]
         if n:
-            out, lse = ops.cached_read(z, u, states, contexts, segment_len=segment_len, gate_scale=gate_scale,
-                                       query_offset=n * segment_len, selected=selected, impl=self.impl)
+            out, lse = self._local_read(z, u, states, contexts, segment_len, gate_scale, selected)
         else:
             dtype = contexts.dtype
             out = z.new_zeros(B, 1, H, dout, dtype=dtype)
             lse = z.new_full((B, 1, H), float("-inf"), dtype=dtype)
         if self.group is None:
             return out, lse
-        outs = [torch.empty_like(out) for _ in range(self.group.size)]
-        lses = [torch.empty_like(lse) for _ in range(self.group.size)]
-        dist.all_gather(outs, out.contiguous(), group=self.group.group)
-        dist.all_gather(lses, lse.contiguous(), group=self.group.group)
-        return merge_all(list(zip(outs, lses)))
+        packed = torch.cat([out, lse[..., None].to(out.dtype)], -1).contiguous()  # one message per token
+        every = [torch.empty_like(packed) for _ in range(self.group.size)]
+        dist.all_gather(every, packed, group=self.group.group)
+        return merge_all([(part[..., :-1], part[..., -1].to(lse.dtype)) for part in every])
+
+    def _local_read(self, z, u, states, contexts, segment_len, gate_scale, selected):
+        """This rank's states. On the Triton path, one token would give the kernel only B·H programs, each walking
+        all n states; so the states are cut into groups of SPLIT_STATES read side by side as a batch of B·S
+        (flash-decoding), the remainder by one more call, and the partials merged."""
+        n = contexts.shape[1]
+        read = dict(segment_len=segment_len, gate_scale=gate_scale, impl=self.impl)
+        g = SPLIT_STATES
+        S = n // g
+        if self.impl != "triton" or isinstance(states, tuple) or S < 2:
+            return ops.cached_read(z, u, states, contexts, query_offset=n * segment_len, selected=selected, **read)
+        B = z.shape[0]
+
+        def grouped(t):  # [B, S·g, ...] -> [B·S, g, ...] (a view)
+            return t[:, :S * g].reshape(B * S, g, *t.shape[2:])
+
+        def copied(t):  # [B, 1, ...] -> [B·S, 1, ...]
+            return t.unsqueeze(1).expand(B, S, *t.shape[1:]).reshape(B * S, *t.shape[1:])
+
+        def shifted(first, count, copies):  # selection relative to states [first, first + count)
+            if selected is None:
+                return None
+            local = selected.unsqueeze(1) - first.view(1, -1, 1, 1, 1)
+            local = torch.where((selected.unsqueeze(1) >= 0) & (local >= 0) & (local < count), local, -1)
+            return local.reshape(B * copies, *selected.shape[1:])
+
+        starts = torch.arange(S, device=z.device) * g
+        out, lse = ops.cached_read(copied(z), copied(u), grouped(states), grouped(contexts),
+                                   query_offset=g * segment_len, selected=shifted(starts, g, S), **read)
+        out, lse = out.view(B, S, *out.shape[1:]), lse.view(B, S, *lse.shape[1:])
+        if n > S * g:
+            rest = ops.cached_read(z, u, states[:, S * g:], contexts[:, S * g:],
+                                   query_offset=(n - S * g) * segment_len,
+                                   selected=shifted(starts.new_tensor([S * g]), n - S * g, 1), **read)
+            out, lse = torch.cat([out, rest[0][:, None]], 1), torch.cat([lse, rest[1][:, None]], 1)
+        top = lse.amax(1, keepdim=True)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # no (−∞) − (−∞)
+        weights = torch.exp(lse - top)  # 0 for a group that nobody selected
+        total = weights.sum(1)
+        merged = (out * weights[..., None]).sum(1) / torch.where(total > 0, total, torch.ones_like(total))[..., None]
+        return merged, torch.log(total) + top.squeeze(1)
 
     def total(self, z, states, segment_len):
         """Σ over every closed segment of M_i(z) (``residual``)."""

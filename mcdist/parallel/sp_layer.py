@@ -365,8 +365,9 @@ class _RingRead(torch.autograd.Function):
             exchange = None
             if step < sp.size - 1:  # posted before the compute, which it overlaps
                 arriving = plan.carry[plan.origin(sp.rank, step + 1)][step + 1]
+                leaving = _head(in_hand, plan.carry[origin][step + 1])
                 exchange = Exchange(
-                    [(t, plan.next(sp.rank), tag) for tag, t in enumerate(_head(in_hand, plan.carry[origin][step + 1]))],
+                    [(t, plan.next(sp.rank), tag) for tag, t in enumerate(leaving)],
                     [(t, plan.previous(sp.rank), tag) for tag, t in enumerate(_empty_states(in_hand, arriving))],
                     sp, "ring")
             part = _block_partial(z, u, in_hand, origin, spec)

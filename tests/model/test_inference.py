@@ -110,3 +110,22 @@ def test_bad_calls_are_refused():
         sample_next(torch.randn(1, 4), temperature=-1.0)
     with pytest.raises(ValueError, match="segmentation"):
         Session(tiny_model(segmentation="logarithmic"))
+
+
+@pytest.mark.parametrize("with_selection", [False, True])
+def test_split_triton_read_equals_the_chunked_read(monkeypatch, with_selection):
+    """Decoding's Triton read cuts the states into groups read as one batch (flash-decoding) plus a remainder."""
+    from mcdist import infer
+
+    monkeypatch.setattr(infer, "SPLIT_STATES", 4)
+    g = torch.Generator().manual_seed(3)
+    B, H, D, n = 2, 2, 16, 11  # two groups of 4 and a remainder of 3
+    z, u = torch.randn(B, 1, H, D, generator=g), torch.randn(B, 1, H, D, generator=g)
+    states, contexts = torch.randn(B, n, H, D, D, generator=g), torch.randn(B, n, H, D, generator=g)
+    selected = None
+    if with_selection:  # some tokens select nothing in a whole group; −1 slots; duplicates
+        selected = torch.tensor([[[[0, 9, 9, -1], [5, 6, 10, 2]]], [[[1, -1, -1, -1], [3, 8, 7, 4]]]])
+    got = infer._Reader(None, "triton").read(z, u, states, contexts, 4, 0.5, selected)
+    want = infer._Reader(None, "chunked").read(z, u, states, contexts, 4, 0.5, selected)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)

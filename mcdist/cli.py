@@ -1,4 +1,4 @@
-"""The ``mcdist`` command: ``train``, ``eval``, ``compare``, ``bench``, ``data prepare`` and ``export``.
+"""The ``mcdist`` command: ``train``, ``eval``, ``generate``, ``compare``, ``bench``, ``data prepare`` and ``export``.
 
 ``python -m mcdist.cli ...`` is the same as ``mcdist ...``. A run is described by a RunConfig file (JSON, or
 TOML when the name ends in ``.toml``) plus ``--set section.key=value`` overrides, applied in order. Errors
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 from mcdist.config import ConfigError, ParallelConfig, RunConfig, parse_size
@@ -52,6 +53,39 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batches", type=int, default=None, help="batches to score (default train.eval_batches)")
     evaluate.add_argument("--seed", type=int, default=None,
                           help="data seed (default: the training run's evaluation seed)")
+
+    generate = commands.add_parser("generate", help="continue prompts with a saved model (prefill, then decode)")
+    generate.add_argument("--checkpoint", required=True, metavar="DIR",
+                          help="folder written by `mcdist train` (out_dir/checkpoint) or save_model")
+    generate.add_argument("--prompt-ids", action="append", default=[], metavar="IDS",
+                          help='a prompt as token ids, "1,2,3" (repeatable)')
+    generate.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                          help="a prompt as text, encoded by --tokenizer (repeatable)")
+    generate.add_argument("--prompt-file", default=None, metavar="FILE",
+                          help='one prompt per line: token ids ("1 2 3"), or text with --tokenizer')
+    generate.add_argument("--tokenizer", default=None, metavar="byte|tokenizer.json",
+                          help="encodes text prompts; the output then also holds the continuation as text")
+    generate.add_argument("--max-new-tokens", type=int, required=True, metavar="N", help="tokens to add per prompt")
+    generate.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 (default): greedy")
+    generate.add_argument("--top-k", type=int, default=0, metavar="K",
+                          help="sample among the K most likely tokens (default 0: all)")
+    generate.add_argument("--seed", type=int, default=0, help="seed of each prompt's sampling (default 0)")
+    generate.add_argument("--eos-id", type=int, default=None, metavar="I",
+                          help="end a prompt's continuation at this id (kept as its last id)")
+    generate.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    generate.add_argument("--sp", type=int, default=1, metavar="P",
+                          help="sequence-parallel ranks per prompt: P local processes (gloo, CPU), or P Ray "
+                               "workers with --ray (default 1)")
+    generate.add_argument("--layout", choices=["zigzag", "contiguous"], default="zigzag",
+                          help="how a prompt is sharded over the ranks (default zigzag)")
+    generate.add_argument("--ray", action="store_true", help="run the ranks as Ray Train workers")
+    generate.add_argument("--address", default=None, metavar="ADDR",
+                          help="with --ray: the Ray cluster (host:port, ray://host:port or auto); default: the Ray "
+                               "of this machine if one runs, else a local one started for the run")
+    generate.add_argument("--workers-cpus", type=int, default=None, metavar="N",
+                          help="with --ray: CPUs per Ray worker (default 1)")
+    generate.add_argument("--out", default=None, metavar="FILE.jsonl",
+                          help="also write the JSON lines to FILE (atomically)")
 
     compare = commands.add_parser("compare", help="train one model per aggregation on the same task")
     add_config_args(compare, "RunConfig file shared by every run")
@@ -221,6 +255,121 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _parse_ids(text: str, where: str) -> list[int]:
+    items = [item for item in re.split(r"[,\s]+", text.strip()) if item]
+    if not items:
+        raise UsageError(f"{where} {text!r} holds no token ids; expected integers such as \"1,2,3\"")
+    ids = []
+    for item in items:
+        try:
+            ids.append(int(item))
+        except ValueError:
+            raise UsageError(f"{where} {text!r}: {item!r} is not a token id; expected integers such as "
+                             "\"1,2,3\"") from None
+    return ids
+
+
+def _read_prompts(args, tokenizer) -> list[list[int]]:
+    """The prompts of ``--prompt-ids``, ``--prompt`` or ``--prompt-file`` (exactly one of them) as token ids."""
+    given = [flag for flag, value in (("--prompt-ids", args.prompt_ids), ("--prompt", args.prompt),
+                                      ("--prompt-file", args.prompt_file)) if value]
+    if len(given) != 1:
+        raise UsageError(f"{' and '.join(given)} given together; expected one of them" if given else
+                         "no prompt; expected --prompt-ids, --prompt or --prompt-file")
+    if args.prompt_ids:
+        return [_parse_ids(text, "--prompt-ids") for text in args.prompt_ids]
+    if args.prompt:
+        if tokenizer is None:
+            raise UsageError("--prompt needs --tokenizer (byte or a tokenizer.json) to encode the text; give "
+                             "token ids with --prompt-ids")
+        return [tokenizer.encode(text).tolist() for text in args.prompt]
+    path = args.prompt_file
+    if not os.path.isfile(path):
+        raise UsageError(f"prompt file {path!r} does not exist")
+    prompts = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            prompts.append(tokenizer.encode(line).tolist() if tokenizer is not None else
+                           _parse_ids(line, f"{path}:{number}:"))
+    if not prompts:
+        raise UsageError(f"prompt file {path!r} holds no prompt; expected one per line")
+    return prompts
+
+
+def _decode(tokenizer, ids: list[int]) -> str:
+    """The text of ``ids``; an id past the tokenizer's vocabulary (a model may have more) reads as U+FFFD."""
+    pieces, run = [], []
+    for token in ids:
+        if token < tokenizer.vocab_size:
+            run.append(token)
+        else:
+            pieces += [tokenizer.decode(run), "\ufffd"]
+            run = []
+    return "".join(pieces + [tokenizer.decode(run)])
+
+
+def _cmd_generate(args) -> int:
+    from mcdist.checkpoint import load_config
+    from mcdist.config import write_text_atomic
+    from mcdist.infer_job import check_request, generate_from_checkpoint, generate_local, generate_with_ray
+
+    if args.sp < 1:
+        raise UsageError(f"--sp = {args.sp} is invalid; expected a positive integer")
+    if args.workers_cpus is not None and args.workers_cpus < 1:
+        raise UsageError(f"--workers-cpus = {args.workers_cpus} is invalid; expected a positive integer")
+    if not args.ray and (args.address is not None or args.workers_cpus is not None):
+        raise UsageError("--address and --workers-cpus need --ray")
+    if args.sp > 1 and not args.ray and args.device not in ("auto", "cpu"):
+        raise UsageError(f"--device {args.device} with --sp {args.sp}: the local processes run on the CPU (gloo); "
+                         "use --ray for GPUs")
+    if args.out is not None and os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out!r} is a folder; expected a file name")
+    tokenizer = None
+    if args.tokenizer is not None:
+        from mcdist.data.prepare import load_tokenizer
+
+        try:
+            tokenizer = load_tokenizer(args.tokenizer)
+        except (ImportError, ValueError) as error:
+            raise UsageError(str(error)) from error
+    prompts = _read_prompts(args, tokenizer)
+    checkpoint = os.fspath(args.checkpoint)
+    request = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   seed=args.seed, eos_id=args.eos_id, layout=args.layout)
+    # with --ray the checkpoint may live only on the cluster's filesystem: the workers check it there
+    vocab_size = load_config(checkpoint).vocab_size if not args.ray or os.path.isdir(checkpoint) else None
+    try:
+        prompts = check_request(prompts, vocab_size=vocab_size, **request)
+        if args.ray:
+            from mcdist.train.ray_job import RayConnectionError
+
+            try:
+                new_ids = generate_with_ray(checkpoint, prompts, workers=args.sp, address=args.address,
+                                            device=args.device, cpus_per_worker=args.workers_cpus or 1,
+                                            log=lambda line: print(line, file=sys.stderr), **request)
+            except (RayConnectionError, ImportError) as error:
+                raise UsageError(str(error)) from error
+        elif args.sp > 1:
+            new_ids = generate_local(checkpoint, prompts, nprocs=args.sp, **request)
+        else:
+            new_ids = generate_from_checkpoint(checkpoint, prompts, device=args.device, **request)
+    except ValueError as error:  # the request does not fit the model, or the model cannot be loaded
+        raise UsageError(str(error)) from error
+    records = []
+    for prompt, new in zip(prompts, new_ids):
+        record = {"prompt_ids": prompt, "new_ids": new}
+        if tokenizer is not None:
+            record["text"] = _decode(tokenizer, new)
+        records.append(json.dumps(record) + "\n")
+    if args.out is not None:
+        write_text_atomic(args.out, "".join(records))
+    sys.stdout.write("".join(records))
+    return 0
+
+
 def _cmd_compare(args) -> int:
     from mcdist.train import train
 
@@ -332,8 +481,8 @@ def main(argv: list[str] | None = None) -> int:
             args = parser.parse_args(argv)
     except SystemExit as stop:  # argparse already printed its message
         return int(stop.code or 0)
-    handlers = {"train": _cmd_train, "eval": _cmd_eval, "compare": _cmd_compare, "bench": _cmd_bench,
-                "data": _cmd_data, "export": _cmd_export}
+    handlers = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate, "compare": _cmd_compare,
+                "bench": _cmd_bench, "data": _cmd_data, "export": _cmd_export}
     try:
         return handlers[args.command](args)
     except (ConfigError, CheckpointError, UsageError, FileNotFoundError) as error:

@@ -3,7 +3,9 @@
 :func:`train_with_ray` connects to Ray (or starts a local instance), then runs a ``TorchTrainer`` whose
 ``ray.workers`` workers each call ``run_training`` on one rank of the ``dp × sp`` mesh. Ray Train creates the
 process group (gloo on CPUs, NCCL on GPUs) before the trainer runs; ``init_distributed`` sees it initialised
-and leaves it alone.
+and leaves it alone. The plumbing (connecting: ``_RaySession``; ``wants_gpu``, ``scaling_config``,
+``ray_run_config``, ``run_workers`` and the result file, ``write_text``) also serves
+:func:`mcdist.infer_job.generate_with_ray`.
 
 What Ray sees of a run (:class:`RayCallbacks`, called on every rank because ``ray.train.report`` is a barrier
 across the workers):
@@ -189,11 +191,11 @@ def _train_loop_per_worker(loop_config: dict) -> None:
                              step_lines_of=config.train.steps if bar_is_off else None)
     result = _json_safe(run_training(config, callbacks=callbacks))
     if ray.train.get_context().get_world_rank() == 0 and loop_config.get("result_uri"):
-        _write_text(loop_config["result_uri"], json.dumps(result, sort_keys=True))
+        write_text(loop_config["result_uri"], json.dumps(result, sort_keys=True))
     ray.train.report({"kind": "result", **result})
 
 
-def _write_text(uri: str, text: str) -> None:
+def write_text(uri: str, text: str) -> None:
     """Write ``text`` to a local path or a pyarrow filesystem URI (s3://, gs://) in the Ray storage path."""
     import pyarrow.fs
 
@@ -313,15 +315,15 @@ def _skip_state_api_warnings() -> None:
 
 
 class _RaySession:
-    """``ray.init`` as ``ray.address`` says; ``close`` shuts down only what this session started or joined."""
+    """``ray.init`` as ``address`` says (``ray.address``: ``""``, ``"auto"``, ``host:port``, ``ray://host:port``); a
+    local Ray started here gets ``num_cpus``. ``close`` shuts down only what this session started or joined."""
 
-    def __init__(self, config: RunConfig, log: Callable[[str], None]):
+    def __init__(self, address: str, num_cpus: int, log: Callable[[str], None]):
         _skip_state_api_warnings()
         import ray
 
         self.owned = False
         self.description = "the Ray already initialised in this process"
-        address = config.ray.address
         if ray.is_initialized():
             if address not in ("", "auto"):
                 check_reachable(address)  # a named cluster that does not answer fails as it does without Ray
@@ -333,7 +335,6 @@ class _RaySession:
                 _connect(existing, common)
                 self.description = f"the running Ray at {existing}"
             else:
-                num_cpus = config.ray.workers * config.ray.cpus_per_worker
                 # include_dashboard left to Ray: its default is a headless API server on 127.0.0.1 (no web
                 # UI without the dashboard's extra packages); with False, Ray Train's placement-group cleaner
                 # cannot query actor states and logs a warning every second
@@ -356,13 +357,17 @@ class _RaySession:
             ray.shutdown()
 
 
+def _session_for(config: RunConfig, log: Callable[[str], None]) -> _RaySession:
+    return _RaySession(config.ray.address, config.ray.workers * config.ray.cpus_per_worker, log)
+
+
 @contextlib.contextmanager
 def ray_session(config: RunConfig, log: Optional[Callable[[str], None]] = print) -> Iterator[str]:
     """Connect to (or start) Ray as ``config.ray`` says for the ``with`` block; yields a description of it.
 
     Runs of :func:`train_with_ray` inside the block reuse this Ray (a local one is started once, not per run).
     """
-    session = _RaySession(config, log or (lambda line: None))
+    session = _session_for(config, log or (lambda line: None))
     try:
         yield session.description
     finally:
@@ -404,14 +409,17 @@ def run_name(config: RunConfig) -> str:
     return base + datetime.datetime.now().strftime("-%Y%m%d-%H%M%S")
 
 
-def _use_gpu(config: RunConfig) -> bool:
-    if config.ray.use_gpu or config.train.device.startswith("cuda"):
+def wants_gpu(use_gpu: bool, device: str, workers: int) -> bool:
+    """One GPU per worker when ``use_gpu`` is true or ``device`` is ``cuda...``, or when ``device`` is ``auto`` and the
+    cluster has at least one GPU per worker; never when ``device`` is ``cpu`` (and ``use_gpu`` false). Needs Ray
+    connected."""
+    if use_gpu or device.startswith("cuda"):
         return True
-    if config.train.device != "auto":
+    if device != "auto":
         return False
     import ray
 
-    return ray.cluster_resources().get("GPU", 0) >= config.ray.workers
+    return ray.cluster_resources().get("GPU", 0) >= workers
 
 
 def _supported(cls, **kwargs) -> dict:
@@ -420,6 +428,82 @@ def _supported(cls, **kwargs) -> dict:
         known = {field.name for field in dataclasses.fields(cls)}
         return {key: value for key, value in kwargs.items() if key in known}
     return kwargs
+
+
+def require_ray_train(command: str) -> None:
+    """Raise an ImportError naming ``command`` and how to install Ray Train when it cannot be imported."""
+    try:
+        importlib.import_module("ray.train.torch")
+    except ImportError as error:
+        raise ImportError(f"{command} needs Ray Train ({error}); install it with "
+                          "`pip install 'mcdist[ray]'` (make setup does)") from error
+
+
+def scaling_config(workers: int, use_gpu: bool, cpus_per_worker: int):
+    """Ray Train's ScalingConfig for ``workers`` workers of ``cpus_per_worker`` CPUs (+ 1 GPU each with ``use_gpu``),
+    in the form this Ray takes."""
+    import ray.train
+
+    resources = {"CPU": cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1
+    try:  # Ray Train V1 gives its coordinator actor 1 CPU by default: a 2-CPU machine then never fits 2 workers
+        return ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources,
+                                       trainer_resources={"CPU": 0})
+    except DeprecationWarning:  # Ray Train V2 refuses the field: its controller takes no CPU
+        return ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources)
+
+
+def ray_run_config(storage_path: str, name: str, max_failures: int, keep_last: Optional[int] = None):
+    """Ray Train's RunConfig: the run ``<storage_path>/<name>``, ``max_failures`` restarts, the last ``keep_last``
+    reported checkpoints kept (``None``: Ray's default), the workers' environment (:data:`WORKER_ENV`) and Ray
+    Train's logs at WARNING; fields this Ray lacks are left out."""
+    import ray.train
+
+    logging_config = None
+    if hasattr(ray.train, "LoggingConfig"):
+        logging_config = ray.train.LoggingConfig(log_level="WARNING")
+    options = dict(storage_path=storage_path, name=name,
+                   failure_config=ray.train.FailureConfig(max_failures=max_failures),
+                   worker_runtime_env={"env_vars": dict(WORKER_ENV)}, logging_config=logging_config)
+    if keep_last is not None:
+        options["checkpoint_config"] = ray.train.CheckpointConfig(num_to_keep=keep_last)
+    return ray.train.RunConfig(**_supported(ray.train.RunConfig, **options))
+
+
+def run_workers(loop: Callable[[dict], None], loop_config: dict, *, workers: int, use_gpu: bool,
+                cpus_per_worker: int, backend: str, timeout_s: float, storage_path: str, name: str,
+                max_failures: int, keep_last: Optional[int] = None,
+                failures_label: Optional[str] = None) -> tuple[object, Optional[str]]:
+    """Run ``loop(loop_config)`` on ``workers`` Ray Train workers, one per rank of a process group (``backend``,
+    collectives time out after ``timeout_s``), and wait for it. Ray must be connected.
+
+    ``loop_config["result_uri"]`` is set to ``<storage_path>/<name>/mcdist_result.json`` (a previous job's is
+    deleted first): rank 0 writes its result there with :func:`write_text`, since Ray keeps only the metrics
+    reported with a checkpoint. ``failures_label`` names the setting behind ``max_failures`` in the error.
+
+    Returns:
+        ``(result, text)``: Ray's Result and the text of the result file (``None`` when nothing wrote it).
+
+    Raises:
+        RuntimeError: the run failed (after up to ``max_failures`` restarts); the message carries the workers' error.
+    """
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    result_uri = f"{storage_path.rstrip('/')}/{name}/{RESULT_NAME}"
+    _delete(result_uri)  # a previous job's, under the same name
+    trainer = TorchTrainer(loop, train_loop_config={**loop_config, "result_uri": result_uri},
+                           scaling_config=scaling_config(workers, use_gpu, cpus_per_worker),
+                           run_config=ray_run_config(storage_path, name, max_failures, keep_last),
+                           torch_config=TorchConfig(backend=backend, timeout_s=int(timeout_s)))
+    try:
+        result = trainer.fit()
+    except Exception as error:  # TrainingFailedError: the workers' error is in the message
+        after = f" (after up to {failures_label} = {max_failures} restarts)" if failures_label else ""
+        raise RuntimeError(f"the Ray run {name!r} failed{after}: {error}") from error
+    if getattr(result, "error", None) is not None:  # older Rays return the error instead of raising it
+        raise RuntimeError(f"the Ray run {name!r} failed: {result.error}")
+    return result, _read_text(result_uri)
 
 
 def train_with_ray(
@@ -448,59 +532,27 @@ def train_with_ray(
     say = log or (lambda line: None)
     check_workers(config)
     check_run(config)
-    try:
-        import ray
-        import ray.train
-        from ray.train.torch import TorchConfig, TorchTrainer
-    except ImportError as error:
-        raise ImportError(f"mcdist train --ray needs Ray Train ({error}); install it with "
-                          "`pip install 'mcdist[ray]'` (make setup does)") from error
+    require_ray_train("mcdist train --ray")
 
     start = time.perf_counter()
-    session = _RaySession(config, say)
+    session = _session_for(config, say)
     try:
-        use_gpu = _use_gpu(config)
+        use_gpu = wants_gpu(config.ray.use_gpu, config.train.device, config.ray.workers)
         backend = config.parallel.backend
         if backend == "auto":
             backend = "nccl" if use_gpu else "gloo"
         storage_path, name = _storage_path(config), run_name(config)
-        resources = {"CPU": config.ray.cpus_per_worker}
-        if use_gpu:
-            resources["GPU"] = 1
-        try:  # Ray Train V1 gives its coordinator actor 1 CPU by default: a 2-CPU machine then never fits 2 workers
-            scaling = ray.train.ScalingConfig(num_workers=config.ray.workers, use_gpu=use_gpu,
-                                              resources_per_worker=resources, trainer_resources={"CPU": 0})
-        except DeprecationWarning:  # Ray Train V2 refuses the field: its controller takes no CPU
-            scaling = ray.train.ScalingConfig(num_workers=config.ray.workers, use_gpu=use_gpu,
-                                              resources_per_worker=resources)
-        logging_config = None
-        if hasattr(ray.train, "LoggingConfig"):
-            logging_config = ray.train.LoggingConfig(log_level="WARNING")
-        run_config = ray.train.RunConfig(**_supported(
-            ray.train.RunConfig, storage_path=storage_path, name=name,
-            failure_config=ray.train.FailureConfig(max_failures=config.ray.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.train.keep_last),
-            worker_runtime_env={"env_vars": dict(WORKER_ENV)}, logging_config=logging_config))
-        result_uri = f"{storage_path.rstrip('/')}/{name}/{RESULT_NAME}"
-        _delete(result_uri)  # a previous job's, under the same name
-        loop_config = {"config": config.to_dict(), "driver_cwd": os.getcwd(), "callbacks": callbacks,
-                       "result_uri": result_uri}
-        trainer = TorchTrainer(_train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
-                               run_config=run_config,
-                               torch_config=TorchConfig(backend=backend, timeout_s=int(config.parallel.timeout_s)))
+        loop_config = {"config": config.to_dict(), "driver_cwd": os.getcwd(), "callbacks": callbacks}
         say(f"ray: {config.ray.workers} worker(s) (dp {config.parallel.dp} × sp {config.parallel.sp}), "
             f"{'1 GPU' if use_gpu else 'no GPU'} + {config.ray.cpus_per_worker} CPU each, {backend}; run "
             f"{os.path.join(storage_path, name)}")
-        try:
-            result = trainer.fit()
-        except Exception as error:  # TrainingFailedError: the workers' error is in the message
-            raise RuntimeError(f"the Ray run {name!r} failed (after up to ray.max_failures = "
-                               f"{config.ray.max_failures} restarts): {error}") from error
-        if getattr(result, "error", None) is not None:  # older Rays return the error instead of raising it
-            raise RuntimeError(f"the Ray run {name!r} failed: {result.error}")
+        result, text = run_workers(_train_loop_per_worker, loop_config, workers=config.ray.workers,
+                                   use_gpu=use_gpu, cpus_per_worker=config.ray.cpus_per_worker, backend=backend,
+                                   timeout_s=config.parallel.timeout_s, storage_path=storage_path, name=name,
+                                   max_failures=config.ray.max_failures, keep_last=config.train.keep_last,
+                                   failures_label="ray.max_failures")
     finally:
         session.close()
-    text = _read_text(result_uri)  # Ray keeps only the metrics reported with a checkpoint
     metrics = json.loads(text) if text else dict(result.metrics or {})
     metrics.pop("kind", None)
     metrics["ray_run_dir"] = result.path

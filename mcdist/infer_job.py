@@ -1,0 +1,320 @@
+"""Generate from a saved model: in this process, on local processes under sequence parallelism, or through Ray.
+
+Each prompt gets its own :class:`mcdist.infer.Session` (prompts may differ in length): the prompt is prefilled,
+then ``max_new_tokens`` tokens are decoded (fewer when ``eos_id`` comes, which is then the last new id). Each
+prompt samples with a generator seeded by ``seed``, so a prompt's continuation does not depend on the prompts
+beside it. Greedy decoding (``temperature = 0``) is deterministic.
+
+* :func:`generate_from_checkpoint`: one process, or every rank of an initialised process group (pass the
+  group's :class:`~mcdist.parallel.comm.SPGroup`; every rank returns the same ids).
+* :func:`generate_local`: ``nprocs`` gloo processes on this machine's CPUs (:func:`mcdist.parallel.spawn.spawn`).
+* :func:`generate_with_ray`: one Ray Train worker per rank (Ray sets up the process group: gloo on CPUs, NCCL on
+  GPUs), connected as ``mcdist train --ray`` connects (:mod:`mcdist.train.ray_job`).
+
+Every rank loads the model from ``model_dir`` itself, so the folder must be readable at the same path on every
+machine that runs a rank (one machine, or a shared filesystem). A rank that cannot load it reports the error to
+the others, and the driver raises it, naming the rank's node.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import operator
+import os
+import shutil
+import tempfile
+import uuid
+from typing import Callable, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from mcdist.checkpoint import CheckpointError, load_config, load_model
+from mcdist.config import write_text_atomic
+
+__all__ = ["check_request", "generate_from_checkpoint", "generate_local", "generate_with_ray",
+           "generate_with_model"]
+
+LAYOUTS = ("zigzag", "contiguous")
+REQUEST_KEYS = ("max_new_tokens", "temperature", "top_k", "seed", "eos_id", "layout")  # what check_request takes
+RESULT_FILE = "generated.json"
+
+
+def check_request(prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
+                  top_k: int = 0, seed: int = 0, eos_id: Optional[int] = None, layout: str = "zigzag",
+                  vocab_size: Optional[int] = None) -> List[List[int]]:
+    """The prompts as lists of ints, after checking the request; ``vocab_size`` (the model's) also bounds the ids.
+
+    Raises:
+        ValueError: naming the offending value (an empty prompt, an id outside ``[0, vocab_size)``, a negative
+            ``max_new_tokens`` ...).
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens = {max_new_tokens!r} is invalid; expected an integer >= 0")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature = {temperature!r} is invalid; expected a finite number >= 0 (0 = greedy)")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k = {top_k!r} is invalid; expected an integer >= 0 (0 = every token)")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed = {seed!r} is invalid; expected an integer")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout = {layout!r} is invalid; expected 'zigzag' or 'contiguous'")
+    bound = "" if vocab_size is None else f" [0, {vocab_size}) (the model's vocabulary)"
+    if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, int) or eos_id < 0 or (
+            vocab_size is not None and eos_id >= vocab_size)):
+        raise ValueError(f"eos_id = {eos_id!r} is invalid; expected a token id in{bound or ' [0, vocab)'}")
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise ValueError(f"prompts = {prompts!r} is invalid; expected a non-empty list of token id lists")
+    checked = []
+    for number, prompt in enumerate(prompts):
+        if isinstance(prompt, (str, bytes)) or not hasattr(prompt, "__len__") or len(prompt) == 0:
+            raise ValueError(f"prompt {number} = {prompt!r} is invalid; expected a non-empty list of token ids")
+        ids = []
+        for position, value in enumerate(prompt):
+            try:
+                token = -1 if isinstance(value, bool) else operator.index(value)
+            except TypeError:
+                token = -1
+            if token < 0 or (vocab_size is not None and token >= vocab_size):
+                raise ValueError(f"prompt {number}: token id {value!r} at position {position} is invalid; expected "
+                                 f"an integer in{bound or ' [0, vocab)'}")
+            ids.append(token)
+        checked.append(ids)
+    return checked
+
+
+def _resolve_device(device: str, sp) -> torch.device:
+    from mcdist.train.simple import resolve_device
+
+    if device == "auto" and sp is not None and sp.size > 1:  # the tensors the collectives take
+        device = "cuda" if dist.get_backend(sp.group) == "nccl" else "cpu"
+    return resolve_device(device)
+
+
+def generate_with_model(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
+                        top_k: int = 0, seed: int = 0, eos_id: Optional[int] = None, impl: Optional[str] = None,
+                        sp=None, layout: str = "zigzag") -> List[List[int]]:
+    """The new ids of each prompt from ``model`` (an MCLanguageModel, on the device the ids should go to); one
+    :class:`~mcdist.infer.Session` per prompt. Arguments as :func:`generate_from_checkpoint`."""
+    from mcdist.infer import Session, generate
+
+    prompts = check_request(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                            seed=seed, eos_id=eos_id, layout=layout, vocab_size=model.config.vocab_size)
+    device = next(model.parameters()).device
+    results = []
+    for prompt in prompts:
+        session = Session(model, sp=sp, layout=layout, impl=impl)
+        ids = torch.tensor([prompt], dtype=torch.int64, device=device)  # [1, L]
+        new = generate(session, ids, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
+                       eos_id=eos_id)  # [1, n]
+        results.append(new[0].tolist())
+    return results
+
+
+def generate_from_checkpoint(model_dir: str | os.PathLike, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                             temperature: float = 0.0, top_k: int = 0, seed: int = 0, eos_id: Optional[int] = None,
+                             device: str = "auto", impl: Optional[str] = None, sp=None,
+                             layout: str = "zigzag") -> List[List[int]]:
+    """Load the model saved in ``model_dir`` and continue each prompt.
+
+    Args:
+        model_dir: a folder written by :func:`mcdist.checkpoint.save_model` (``mcdist train``'s ``out_dir/checkpoint``).
+        prompts: token id lists, each non-empty, ids in ``[0, vocab_size)``; lengths may differ.
+        max_new_tokens: tokens to decode per prompt (>= 0).
+        temperature, top_k: sampling (``temperature = 0``: greedy; ``top_k = 0``: every token).
+        seed: seeds each prompt's sampling generator.
+        eos_id: stop a prompt's continuation after this id (kept as its last new id).
+        device: ``auto`` (CUDA when available; under ``sp``, CUDA with an NCCL group, else CPU), ``cpu``, ``cuda:N``.
+        impl: kernel choice (``auto``, ``chunked``, ``triton``); default the model config's.
+        sp: the :class:`~mcdist.parallel.comm.SPGroup` of an initialised process group to spread each prompt over;
+            every rank calls with the same arguments and gets the same result. ``None``: this process alone.
+        layout: how a prompt is sharded under ``sp`` (``zigzag`` or ``contiguous``).
+
+    Returns:
+        The new ids of each prompt, in order.
+
+    Raises:
+        ValueError: a bad request (naming the value). CheckpointError: ``model_dir`` is missing or corrupt (naming
+            the path).
+    """
+    model_dir = os.fspath(model_dir)
+    check_request(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
+                  eos_id=eos_id, layout=layout)  # before the load: the cheap checks first
+    model, _ = load_model(model_dir, map_location=_resolve_device(device, sp))
+    return generate_with_model(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                               seed=seed, eos_id=eos_id, impl=impl, sp=sp, layout=layout)
+
+
+# -- every rank of a process group -------------------------------------------------------------------------------
+
+
+def _generate_on_rank(model_dir: str, prompts, options: dict, sp, where: str) -> dict:
+    """This rank's part of a distributed generation: ``{"new_ids": ...}``, or ``{"error", "type"}`` when a rank
+    (any: their errors are gathered first, so none waits in a collective for a rank that gave up) cannot load
+    the model or finds the request invalid for it."""
+    model, problem = None, None
+    try:
+        model, _ = load_model(model_dir, map_location=_resolve_device(options.pop("device"), sp))
+        check_request(prompts, vocab_size=model.config.vocab_size, **{key: options[key] for key in REQUEST_KEYS})
+    except (CheckpointError, ValueError) as error:
+        problem = {"error": f"{error}{where}", "type": type(error).__name__}
+    problems = [None] * sp.size
+    dist.all_gather_object(problems, problem, group=sp.group)
+    first = next((item for item in problems if item is not None), None)
+    if first is not None:
+        return first
+    return {"new_ids": generate_with_model(model, prompts, sp=sp, **options)}
+
+
+def _unpack(payload: Optional[dict], what: str) -> List[List[int]]:
+    if payload is None:
+        raise RuntimeError(f"{what} returned no result (rank 0 wrote none)")
+    if "error" in payload:
+        raise (CheckpointError if payload["type"] == "CheckpointError" else ValueError)(payload["error"])
+    return payload["new_ids"]
+
+
+def _sp_group(rank: int, world_size: int):
+    from mcdist.parallel.comm import SPGroup
+
+    return SPGroup(dist.group.WORLD, rank, world_size, tuple(range(world_size)))
+
+
+def _local_worker(rank: int, world_size: int, model_dir: str, prompts, options: dict, result_path: str) -> None:
+    payload = _generate_on_rank(model_dir, prompts, dict(options), _sp_group(rank, world_size), "")
+    if rank == 0:
+        write_text_atomic(result_path, json.dumps(payload))
+
+
+def _driver_checks(model_dir: str, prompts, options: dict, *, need_local: bool) -> List[List[int]]:
+    vocab_size = None
+    if need_local or os.path.isdir(model_dir):  # else the workers look for it (a Ray cluster's filesystem)
+        vocab_size = load_config(model_dir).vocab_size
+    return check_request(prompts, vocab_size=vocab_size, **{key: options[key] for key in REQUEST_KEYS})
+
+
+def generate_local(model_dir: str | os.PathLike, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                   nprocs: int, temperature: float = 0.0, top_k: int = 0, seed: int = 0,
+                   eos_id: Optional[int] = None, impl: Optional[str] = None, layout: str = "zigzag",
+                   timeout_s: float = 600.0) -> List[List[int]]:
+    """:func:`generate_from_checkpoint` with each prompt spread over ``nprocs`` new local processes (gloo, CPU).
+
+    ``nprocs = 1`` runs in this process on the CPU. The whole run is bounded by ``timeout_s`` (TimeoutError after
+    every process is terminated). Returns rank 0's result (every rank holds the same).
+    """
+    from mcdist.parallel.spawn import spawn
+
+    if isinstance(nprocs, bool) or not isinstance(nprocs, int) or nprocs < 1:
+        raise ValueError(f"nprocs = {nprocs!r} is invalid; expected a positive integer")
+    model_dir = os.path.abspath(os.fspath(model_dir))
+    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed, eos_id=eos_id,
+                   impl=impl, layout=layout, device="cpu")
+    prompts = _driver_checks(model_dir, prompts, options, need_local=True)
+    if nprocs == 1:
+        return generate_from_checkpoint(model_dir, prompts, **options)
+    with tempfile.TemporaryDirectory(prefix="mcdist-generate-") as folder:
+        result_path = os.path.join(folder, RESULT_FILE)
+        spawn(_local_worker, nprocs, model_dir, prompts, options, result_path, timeout_s=timeout_s,
+              collective_timeout_s=timeout_s)
+        payload = None
+        if os.path.isfile(result_path):
+            with open(result_path, encoding="utf-8") as handle:
+                payload = json.load(handle)
+    return _unpack(payload, f"generation on {nprocs} local processes")
+
+
+# -- Ray -----------------------------------------------------------------------------------------------------------
+
+
+def _ray_loop_per_worker(loop_config: dict) -> None:
+    """What every Ray Train worker runs: its rank of the generation; rank 0 writes the result file."""
+    import ray
+    import ray.train
+
+    from mcdist.train.ray_job import write_text
+
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    options = dict(loop_config["options"], device="cpu")
+    if loop_config["use_gpu"]:
+        import ray.train.torch
+
+        options["device"] = str(ray.train.torch.get_device())  # the GPU Ray gave this worker
+    where = f" (on the Ray worker of rank {rank}, node {ray.util.get_node_ip_address()})"
+    payload = _generate_on_rank(loop_config["model_dir"], loop_config["prompts"], options,
+                                _sp_group(rank, world_size), where)
+    if rank == 0:
+        write_text(loop_config["result_uri"], json.dumps(payload))
+
+
+def generate_with_ray(model_dir: str | os.PathLike, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                      workers: int = 1, temperature: float = 0.0, top_k: int = 0, seed: int = 0,
+                      eos_id: Optional[int] = None, impl: Optional[str] = None, layout: str = "zigzag",
+                      address: Optional[str] = None, use_gpu: bool = False, device: str = "auto",
+                      cpus_per_worker: int = 1, storage_path: Optional[str] = None, timeout_s: float = 600.0,
+                      log: Optional[Callable[[str], None]] = print) -> List[List[int]]:
+    """:func:`generate_from_checkpoint` on ``workers`` Ray Train workers, each prompt spread over all of them.
+
+    Args:
+        model_dir: the saved model; every worker loads it at this path (made absolute here), so it must be on
+            the workers' machines: this one, or a filesystem they share. When it is not on this machine, the
+            workers' check is the only one.
+        workers: Ray workers = sequence-parallel ranks.
+        address: the Ray cluster as ``ray.address`` takes it: ``None``/``""`` joins this machine's running Ray or
+            starts a local one (``workers × cpus_per_worker`` CPUs, stopped afterwards), ``auto``, ``host:port``,
+            ``ray://host:port`` (probed first: an unreachable one fails in seconds, naming it).
+        use_gpu, device: one GPU per worker when ``use_gpu`` or ``device`` is ``cuda``, or ``device`` is ``auto``
+            and the cluster has a GPU per worker (NCCL then, else gloo on CPUs).
+        storage_path: Ray Train's run folder (the result file is written there by rank 0); default a temporary
+            folder here, removed afterwards. On a cluster of several machines it must be shared (NFS, ``s3://``).
+        timeout_s: how long a collective may wait for another rank (a rank that died fails the run then).
+        log: receives the driver's lines (which Ray, how many workers); ``None`` is silent.
+        The others: as :func:`generate_from_checkpoint`.
+
+    Returns:
+        Rank 0's result (every rank holds the same).
+
+    Raises:
+        ValueError, CheckpointError: as :func:`generate_from_checkpoint` (also when a worker finds them; the
+            message then names its node). RayConnectionError: ``address`` cannot be reached. ImportError: no
+            Ray Train. RuntimeError: a worker failed otherwise.
+    """
+    from mcdist.train import ray_job
+
+    say = log or (lambda line: None)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers = {workers!r} is invalid; expected a positive integer")
+    if isinstance(cpus_per_worker, bool) or not isinstance(cpus_per_worker, int) or cpus_per_worker < 1:
+        raise ValueError(f"cpus_per_worker = {cpus_per_worker!r} is invalid; expected a positive integer")
+    if device not in ("auto", "cpu") and not str(device).startswith("cuda"):
+        raise ValueError(f"device = {device!r} is invalid; expected auto, cpu or cuda (each worker takes the GPU "
+                         "Ray gives it)")
+    model_dir = os.path.abspath(os.fspath(model_dir))
+    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed, eos_id=eos_id,
+                   impl=impl, layout=layout)
+    prompts = _driver_checks(model_dir, prompts, options, need_local=False)
+    ray_job.require_ray_train("generation through Ray")
+
+    session = ray_job._RaySession(address or "", workers * cpus_per_worker, say)
+    owned_storage = storage_path is None
+    storage = tempfile.mkdtemp(prefix="mcdist-generate-ray-") if owned_storage else storage_path
+    if "://" not in storage:
+        storage = os.path.abspath(os.path.expanduser(storage))
+    try:
+        gpus = ray_job.wants_gpu(use_gpu, device, workers)
+        backend = "nccl" if gpus else "gloo"
+        name = "mcdist-generate" + datetime.datetime.now().strftime("-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+        say(f"ray: {len(prompts)} prompt(s) on {workers} worker(s) (sp {workers}, {layout}), "
+            f"{'1 GPU' if gpus else 'no GPU'} + {cpus_per_worker} CPU each, {backend}; model {model_dir}")
+        loop_config = {"model_dir": model_dir, "prompts": prompts, "options": options, "use_gpu": gpus}
+        _, text = ray_job.run_workers(_ray_loop_per_worker, loop_config, workers=workers, use_gpu=gpus,
+                                      cpus_per_worker=cpus_per_worker, backend=backend, timeout_s=timeout_s,
+                                      storage_path=storage, name=name, max_failures=0)
+    finally:
+        session.close()
+        if owned_storage:
+            shutil.rmtree(storage, ignore_errors=True)
+    return _unpack(json.loads(text) if text else None, f"the Ray generation on {workers} worker(s)")

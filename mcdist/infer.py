@@ -502,8 +502,8 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int = 
 def generate(session: Session, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int = 0, seed: int = 0, eos_id: Optional[int] = None) -> torch.Tensor:
     """Prefill ``input_ids`` [B, L] and decode ``max_new_tokens``; returns the new ids [B, n] (n stops early when
-    every sequence has produced ``eos_id``). Under SP, rank 0 draws each token and sends it to the others, so
-    every rank continues the same sequences."""
+    every sequence has produced ``eos_id``; a sequence that has is padded with ``eos_id`` after it). Under SP,
+    rank 0 draws each token and sends it to the others, so every rank continues the same sequences."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens = {max_new_tokens}; expected >= 0")
     generator = torch.Generator().manual_seed(seed)
@@ -513,11 +513,12 @@ def generate(session: Session, input_ids: torch.Tensor, max_new_tokens: int, *, 
         token = sample_next(logits, temperature=temperature, top_k=top_k, generator=generator)
         if session.sp is not None and session.sp.size > 1:
             token = _broadcast(token, 0, session.sp)
-        new.append(token)
         if eos_id is not None:
+            token = torch.where(done, torch.full_like(token, eos_id), token)  # a finished row repeats eos_id
             done |= token == eos_id
-            if bool(done.all()):
-                break
+        new.append(token)
+        if eos_id is not None and bool(done.all()):
+            break
         if step + 1 < max_new_tokens:
             logits = session.decode(token)
     return torch.stack(new, 1) if new else input_ids.new_zeros(input_ids.shape[0], 0)

@@ -129,3 +129,19 @@ def test_split_triton_read_equals_the_chunked_read(monkeypatch, with_selection):
     want = infer._Reader(None, "chunked").read(z, u, states, contexts, 4, 0.5, selected)
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+
+
+def test_a_finished_row_repeats_eos_while_the_others_go_on():
+    model = tiny_model()
+    prompt = torch.randint(0, 32, (2, 5))
+    greedy = generate(Session(model), prompt, 8)
+    eos = int(greedy[0, 1])
+    got = generate(Session(model), prompt, 8, eos_id=eos)
+    for row in range(2):
+        hits = (greedy[row] == eos).nonzero()
+        first = int(hits[0]) if len(hits) else None
+        if first is None:
+            assert torch.equal(got[row], greedy[row, :got.shape[1]])
+        else:
+            assert torch.equal(got[row, :first + 1], greedy[row, :first + 1])
+            assert (got[row, first:] == eos).all()

@@ -8,7 +8,7 @@ Implements "Cached read" of docs/architecture.md. For token t and visible state 
 
 A token that sees no state gets lse = −inf and out = 0. This is flash attention where every key is one whole
 state matrix: the forward keeps a running max, running sum and rescaled accumulator per token. The gradients
-(derived in docs/kernels_cached_read.md), with p_tj = exp(r_tj − lse_t) and δ_t = ⟨dout_t, out_t⟩ − dlse_t:
+(docs/kernels.md, "Cached read kernel"), with p_tj = exp(r_tj − lse_t) and δ_t = ⟨dout_t, out_t⟩ − dlse_t:
 
     dr_tj = p_tj (⟨dout_t, M_j z_t⟩ − δ_t)
     dz_t = Σ_j p_tj M_jᵀ dout_t          du_t = τ Σ_j dr_tj c_j          (parallel over query blocks)
@@ -17,9 +17,10 @@ state matrix: the forward keeps a running max, running sum and rescaled accumula
 Kernels:
     cached_read_fwd_kernel          programs over (query block, tile of Dout, batch·head); loop over states
     cached_read_bwd_kernel_dzdu     programs over (query block, batch·head); loop over states
-    cached_read_bwd_kernel_dmdc     programs over (state, batch·head); loop over query blocks
+    cached_read_bwd_kernel_dmdc     programs over (BLOCK_S states, batch·head); loop over query blocks
 
-Every output element is written by exactly one program: no atomics, the backward is deterministic.
+Every output element is written by exactly one program: no atomics, the backward is deterministic. Tile sizes
+come from fixed heuristics (``_meta``); ``TILE_OVERRIDES`` replaces them for benchmarking.
 
 The public op is :func:`cached_read_triton`; it is the custom op ``mcdist::cached_read_triton`` (fake
 implementation + autograd formula), so ``torch.compile`` treats it as one opaque node.
@@ -35,7 +36,7 @@ import triton.language as tl
 
 from mcdist.kernels._interpreter import interpreting
 
-__all__ = ["cached_read_triton", "FP32_DOT_PRECISION"]
+__all__ = ["cached_read_triton", "FP32_DOT_PRECISION", "TILE_OVERRIDES"]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -278,6 +279,62 @@ def cached_read_bwd_kernel_dzdu(
 
 
 @triton.jit
+def _exists(s: tl.constexpr, j0, NB):
+    """Whether state j0 + s of a dM/dc program exists (j0 + s < NB); slot 0 always does, so BLOCK_S = 1 tests
+    nothing."""
+    if s == 0:
+        result = True
+    else:
+        result = j0 + s < NB
+    return result
+
+
+@triton.jit
+def _dmdc_init(states_ptr, contexts_ptr, state0, s: tl.constexpr, j0, NB, H, DIN: tl.constexpr,
+               DOUT: tl.constexpr, DC: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_DIN: tl.constexpr,
+               BLOCK_DOUT: tl.constexpr, BLOCK_DC: tl.constexpr):
+    """Slot s of a dM/dc program: (s, M_j [BDOUT, BDIN] in the dot dtype, c_j [BDC] float32, dM accumulator,
+    dc accumulator) for state j = j0 + s, whose int64 index is state0 + s·H. A missing state loads as zeros."""
+    offs_i = tl.arange(0, BLOCK_DIN)
+    offs_o = tl.arange(0, BLOCK_DOUT)
+    offs_c = tl.arange(0, BLOCK_DC)
+    state = state0 + s * H
+    exists = _exists(s, j0, NB)
+    m_tile = offs_o[:, None] * DIN + offs_i[None, :]
+    m_mask = (offs_o[:, None] < DOUT) & (offs_i[None, :] < DIN) & exists
+    m = tl.load(states_ptr + state * (DOUT * DIN) + m_tile, mask=m_mask, other=0.0).to(DOT_DTYPE)
+    c = tl.load(contexts_ptr + state * DC + offs_c, mask=(offs_c < DC) & exists, other=0.0).to(tl.float32)
+    return s, m, c, tl.zeros([BLOCK_DOUT, BLOCK_DIN], tl.float32), tl.zeros([BLOCK_DC], tl.float32)
+
+
+@triton.jit
+def _dmdc_visible(slot, seg_t, mask_t, g0, j0, NB, sel, HAS_SELECTED: tl.constexpr):
+    """(slot, [BLOCK_T] bool): which tokens of the block see the slot's state (global index g0 + s)."""
+    return slot, _visible(seg_t, mask_t, g0 + slot[0], sel, HAS_SELECTED) & _exists(slot[0], j0, NB)
+
+
+@triton.jit
+def _dmdc_weights(slot_visible, u, lse, gate_scale):
+    """(slot, [BLOCK_T] final softmax weights p_tj of the slot's state)."""
+    slot, visible = slot_visible
+    r = tl.sum(u * slot[2][None, :], axis=1) * gate_scale
+    return slot, tl.where(visible, tl.exp(r - lse), 0.0)
+
+
+@triton.jit
+def _dmdc_accumulate(slot_p, z, u, dout, delta, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One query block's contribution to the slot's dM_j and dc_j (dc without τ); returns the updated slot."""
+    slot, p = slot_p
+    s, m, c, dm, dc = slot
+    zm = tl.dot(z, tl.trans(m), input_precision=DOT_PRECISION)  # [BT, BDOUT] = M_j z_t
+    dr = p * (tl.sum(zm * dout, axis=1) - delta)
+    pdout = (dout * p[:, None]).to(DOT_DTYPE)
+    dm = tl.dot(tl.trans(pdout), z, dm, input_precision=DOT_PRECISION)  # Σ_t p dout_t z_tᵀ
+    dc += tl.sum(dr[:, None] * u, axis=0)
+    return s, m, c, dm, dc
+
+
+@triton.jit
 def cached_read_bwd_kernel_dmdc(
     z_ptr,  # [B, T, H, DIN]
     u_ptr,  # [B, T, H, DC]
@@ -308,29 +365,33 @@ def cached_read_bwd_kernel_dmdc(
     BLOCK_DOUT: tl.constexpr,
     BLOCK_DC: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
-    # Earlier states are read by more tokens: program 0 is state 0, the longest, and launches first.
-    j = tl.program_id(0)
+    # A program owns the BLOCK_S states j0 .. j0 + BLOCK_S − 1 and streams every query block once for all of
+    # them: z, dout and u are loaded once per BLOCK_S states, BLOCK_S× the flops per byte of one state (a program
+    # with one state at D = 64 does ~21 MACs per byte of token data: bandwidth-bound). Each state lives in its own
+    # slot (a tuple: its M_j, c_j and accumulators), updated by the same code as with one state, so every dot and
+    # row-sum keeps the layout of the single-state kernel (stacking the states along Dout into one dot makes the
+    # reshapes cost ~90 registers and spill; BLOCK_S = 1 is the single-state kernel, up to address arithmetic).
+    # Earlier states are read by more tokens: program 0 owns state 0, the longest, and launches first.
+    j0 = tl.program_id(0) * BLOCK_S
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
-    g_index = segment_offset + j
+    g0 = segment_offset + j0
 
     offs_t = tl.arange(0, BLOCK_T)
     offs_i = tl.arange(0, BLOCK_DIN)
     offs_o = tl.arange(0, BLOCK_DOUT)
     offs_c = tl.arange(0, BLOCK_DC)
     rows = offs_t * H
-    state = (b * NB + j) * H + h
-    m_tile = offs_o[:, None] * DIN + offs_i[None, :]  # [BDOUT, BDIN]
-    m_mask = (offs_o[:, None] < DOUT) & (offs_i[None, :] < DIN)
-    m = tl.load(states_ptr + state * (DOUT * DIN) + m_tile, mask=m_mask, other=0.0).to(DOT_DTYPE)
-    c = tl.load(contexts_ptr + state * DC + offs_c, mask=offs_c < DC, other=0.0).to(tl.float32)  # [BDC]
+    state0 = (b * NB + j0) * H + h  # int64 index of state j0; state j0 + s is s·H further
+    # Slot s holds state j0 + s (at most 8 slots). Comprehensions over tuples are how Triton unrolls per-slot work.
+    states = [_dmdc_init(states_ptr, contexts_ptr, state0, s, j0, NB, H, DIN, DOUT, DC, DOT_DTYPE, BLOCK_DIN,
+                         BLOCK_DOUT, BLOCK_DC) for s in (0, 1, 2, 3, 4, 5, 6, 7)[:BLOCK_S]]
 
-    # First token that can see state j: its global position is at least (g_index + 1)·segment_len.
-    t_first = tl.maximum((g_index + 1) * segment_len - query_offset, 0)
-    dm = tl.zeros([BLOCK_DOUT, BLOCK_DIN], tl.float32)
-    dc = tl.zeros([BLOCK_DC], tl.float32)
+    # First token that can see state j0 (the program's earliest): its global position is ≥ (g0 + 1)·segment_len.
+    t_first = tl.maximum((g0 + 1) * segment_len - query_offset, 0)
     for t0 in range((t_first // BLOCK_T) * BLOCK_T, T, BLOCK_T):
         tok = (b * T + t0) * H + h
         mask_t = t0 + offs_t < T
@@ -339,27 +400,31 @@ def cached_read_bwd_kernel_dmdc(
             sel = _load_selected(selected_ptr, tok, offs_t, mask_t, H, K, BLOCK_K)
         else:
             sel = None
-        visible = _visible(seg_t, mask_t, g_index, sel, HAS_SELECTED)
-        if _any(visible, HAS_SELECTED):
+        visible = [_dmdc_visible(slot, seg_t, mask_t, g0, j0, NB, sel, HAS_SELECTED) for slot in states]
+        seen = visible[0][1]
+        for s in tl.static_range(1, BLOCK_S):
+            seen = seen | visible[s][1]
+        if _any(seen, HAS_SELECTED):  # a block that sees none of the program's states is skipped
             u = tl.load(u_ptr + tok * DC + (rows * DC)[:, None] + offs_c[None, :],
                         mask=_tile_mask(mask_t, offs_c, DC, BLOCK_DC), other=0.0).to(tl.float32)  # [BT, BDC]
             lse = tl.load(lse_ptr + tok + rows, mask=mask_t, other=0.0)
             delta = tl.load(delta_ptr + tok + rows, mask=mask_t, other=0.0)
-            r = tl.sum(u * c[None, :], axis=1) * gate_scale
-            p = tl.where(visible, tl.exp(r - lse), 0.0)  # [BT]
+            weighted = [_dmdc_weights(sv, u, lse, gate_scale) for sv in visible]
             z = tl.load(z_ptr + tok * DIN + (rows * DIN)[:, None] + offs_i[None, :],
                         mask=_tile_mask(mask_t, offs_i, DIN, BLOCK_DIN), other=0.0).to(DOT_DTYPE)  # [BT, BDIN]
             dout = tl.load(dout_ptr + tok * DOUT + (rows * DOUT)[:, None] + offs_o[None, :],
                            mask=_tile_mask(mask_t, offs_o, DOUT, BLOCK_DOUT), other=0.0).to(tl.float32)  # [BT, BDOUT]
-            zm = tl.dot(z, tl.trans(m), input_precision=DOT_PRECISION)  # [BT, BDOUT] = M_j z_t
-            dr = p * (tl.sum(zm * dout, axis=1) - delta)
-            pdout = (dout * p[:, None]).to(DOT_DTYPE)
-            dm = tl.dot(tl.trans(pdout), z, dm, input_precision=DOT_PRECISION)  # Σ_t p dout_t z_tᵀ
-            dc += tl.sum(dr[:, None] * u, axis=0)
+            states = [_dmdc_accumulate(sp, z, u, dout, delta, DOT_DTYPE, DOT_PRECISION) for sp in weighted]
 
-    tl.store(dstates_ptr + state * (DOUT * DIN) + m_tile, dm.to(dstates_ptr.dtype.element_ty), mask=m_mask)
-    tl.store(dcontexts_ptr + state * DC + offs_c, (dc * gate_scale).to(dcontexts_ptr.dtype.element_ty),
-             mask=offs_c < DC)
+    m_tile = offs_o[:, None] * DIN + offs_i[None, :]  # [BDOUT, BDIN]
+    m_mask = (offs_o[:, None] < DOUT) & (offs_i[None, :] < DIN)
+    for s in tl.static_range(BLOCK_S):
+        state = state0 + s * H
+        exists = _exists(s, j0, NB)
+        tl.store(dstates_ptr + state * (DOUT * DIN) + m_tile, states[s][3].to(dstates_ptr.dtype.element_ty),
+                 mask=m_mask & exists)
+        tl.store(dcontexts_ptr + state * DC + offs_c, (states[s][4] * gate_scale).to(dcontexts_ptr.dtype.element_ty),
+                 mask=(offs_c < DC) & exists)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -388,28 +453,69 @@ def _dot_dtype(z: torch.Tensor, cached_states: torch.Tensor):
     return tl.bfloat16 if FP32_DOT_PRECISION == "bf16" else tl.float32
 
 
-def _meta(z, cached_states, contexts, selected, *, backward: bool) -> tuple[dict, dict]:
-    """Constexpr tile sizes and launch options: fixed heuristics, not autotuned, so compile time stays small.
+# Tile choices merged over _meta's at every launch, for benchmarking: {kernel: {name: value}} with kernel "fwd",
+# "dzdu" or "dmdc" and names BLOCK_T, num_warps, num_stages (and BLOCK_S for "dmdc"), plus "heuristics":
+# "previous" for the choice before BLOCK_S existed (one state per dM program, 64-token dz blocks), so that one run
+# can time both. Values are checked against _TILE_RANGES (all powers of two but num_stages). Empty in normal use.
+TILE_OVERRIDES: dict = {}
+_TILE_KEYS = {"fwd": ("BLOCK_T", "num_warps", "num_stages"), "dzdu": ("BLOCK_T", "num_warps", "num_stages"),
+              "dmdc": ("BLOCK_T", "BLOCK_S", "num_warps", "num_stages")}
+_TILE_RANGES = {"BLOCK_T": (16, 1024), "BLOCK_S": (1, 8), "num_warps": (1, 32), "num_stages": (1, 8)}
+_HEURISTICS = ("current", "previous")
 
-    Chosen from sm_90 compiles (registers, spills and shared memory per tile size, docs/kernels_cached_read.md).
+
+def _overrides(kernel: str) -> tuple[str, dict]:
+    """(heuristics, {name: value} for ``kernel``) from TILE_OVERRIDES, validated."""
+    for key, value in TILE_OVERRIDES.items():
+        if key == "heuristics":
+            if value not in _HEURISTICS:
+                raise ValueError(f"TILE_OVERRIDES['heuristics'] = {value!r}; expected one of {_HEURISTICS}")
+            continue
+        if key not in _TILE_KEYS:
+            raise ValueError(f"TILE_OVERRIDES has unknown key {key!r}; allowed: 'heuristics', "
+                             f"{', '.join(map(repr, _TILE_KEYS))}")
+        if not isinstance(value, dict):
+            raise ValueError(f"TILE_OVERRIDES[{key!r}] = {value!r}; expected a dict of {_TILE_KEYS[key]}")
+        for name, size in value.items():
+            if name not in _TILE_KEYS[key]:
+                raise ValueError(f"TILE_OVERRIDES[{key!r}] has unknown key {name!r}; allowed: {_TILE_KEYS[key]}")
+            least, most = _TILE_RANGES[name]
+            if not isinstance(size, int) or not least <= size <= most or (size & (size - 1) and name != "num_stages"):
+                raise ValueError(f"TILE_OVERRIDES[{key!r}][{name!r}] = {size!r}; expected an integer in [{least}, "
+                                 f"{most}]{'' if name == 'num_stages' else ', a power of two'}")
+    return TILE_OVERRIDES.get("heuristics", "current"), dict(TILE_OVERRIDES.get(kernel, {}))
+
+
+def _meta(z, cached_states, contexts, selected, kernel: str) -> tuple[dict, dict]:
+    """Constexpr tile sizes and launch options of ``kernel`` ("fwd", "dzdu" or "dmdc"): fixed heuristics, not
+    autotuned, so compile time stays small; TILE_OVERRIDES is merged over them.
+
+    Chosen from sm_90 compiles (registers, spills and shared memory per tile size; docs/kernels.md, "Launch
+    parameters").
     """
+    heuristics, overrides = _overrides(kernel)
     din, dout, dc = z.shape[3], cached_states.shape[3], contexts.shape[3]
     k = selected.shape[3] if selected is not None else 1
     dot_dtype = _dot_dtype(z, cached_states)
     block_din, block_dout_full, block_dc = _pow2(din), _pow2(dout), _pow2(dc, 2)
     # The forward tiles Dout over the grid; the backward needs all of Dout in one program (⟨dout, M z⟩).
-    block_dout = block_dout_full if backward else min(block_dout_full, 128)
+    block_dout = min(block_dout_full, 128) if kernel == "fwd" else block_dout_full
     area = block_din * block_dout
-    tile_bytes = area * cached_states.element_size()  # one state tile as loaded (before the cast)
+    # One state tile as loaded (before the cast); "tf32x3" float32 operands take it about twice over in shared memory
+    # (at D = 128 two forward stages would need 256 KiB, above the 227 KiB a block may have).
+    tile_bytes = area * cached_states.element_size() * (2 if dot_dtype == tl.float32 else 1)
+    block_s = 1
     if _interpreting():
         block_t, launch = 16, {}
-    elif not backward:
+    elif kernel == "fwd":
         block_t = 128 if area <= 64 * 64 else 64
         launch = {"num_warps": 4 if block_t * block_dout <= 32 * 64 else 8,
                   "num_stages": 3 if tile_bytes <= 32 * 1024 else (2 if tile_bytes <= 64 * 1024 else 1)}
-    else:
+    elif heuristics == "previous":
         block_t = 64 if area <= 128 * 128 else 32
         launch = {"num_warps": 4 if area <= 32 * 32 else 8, "num_stages": 2 if area <= 128 * 128 else 1}
+    else:
+        block_t, block_s, launch = _backward_tiles(kernel, area, dot_dtype)
     meta = {
         "DIN": din,
         "DOUT": dout,
@@ -417,13 +523,34 @@ def _meta(z, cached_states, contexts, selected, *, backward: bool) -> tuple[dict
         "HAS_SELECTED": selected is not None,
         "DOT_DTYPE": dot_dtype,
         "DOT_PRECISION": FP32_DOT_PRECISION if dot_dtype == tl.float32 and not _interpreting() else "tf32",
-        "BLOCK_T": block_t,
+        "BLOCK_T": overrides.pop("BLOCK_T", block_t),
         "BLOCK_DIN": block_din,
         "BLOCK_DOUT": block_dout,
         "BLOCK_DC": block_dc,
         "BLOCK_K": _pow2(k, 2),
     }
-    return meta, launch
+    if kernel == "dmdc":
+        meta["BLOCK_S"] = overrides.pop("BLOCK_S", block_s)
+    return meta, {**launch, **overrides}
+
+
+def _backward_tiles(kernel: str, area: int, dot_dtype) -> tuple[int, int, dict]:
+    """(BLOCK_T, BLOCK_S, launch options) of a backward kernel on the GPU, from sm_90 compiles (docs/kernels.md,
+    "Launch parameters"): no register spills with 16-bit dot operands, shared memory under 200 KiB everywhere.
+    float32 operands ("tf32x3" splits every operand in three) need smaller tiles and still spill at D = 128."""
+    wide = dot_dtype == tl.float32
+    if area <= 32 * 32:
+        return 64, 1, {"num_warps": 4, "num_stages": 2}
+    if kernel == "dzdu":  # 128 tokens per state load at D ≤ 64, as the forward
+        if area <= 64 * 64:
+            return (64, 1, {"num_warps": 8, "num_stages": 1}) if wide else (128, 1, {"num_warps": 8, "num_stages": 2})
+        if area <= 128 * 128:
+            return (32, 1, {"num_warps": 8, "num_stages": 1}) if wide else (64, 1, {"num_warps": 8, "num_stages": 2})
+    elif area <= 64 * 64:  # dM/dc: two states per program
+        return (16, 2, {"num_warps": 8, "num_stages": 2}) if wide else (64, 2, {"num_warps": 8, "num_stages": 2})
+    elif area <= 128 * 128:  # one state: a second one spills at any BLOCK_T
+        return (16, 1, {"num_warps": 8, "num_stages": 1}) if wide else (32, 1, {"num_warps": 8, "num_stages": 2})
+    return 32, 1, {"num_warps": 8, "num_stages": 1}
 
 
 def _check_args(z, u, cached_states, contexts, selected, segment_len, query_offset, segment_offset):
@@ -475,7 +602,7 @@ def _forward(z, u, cached_states, contexts, selected, segment_len, gate_scale, q
         return out, lse
     z, u, cached_states, contexts = (t.contiguous() for t in (z, u, cached_states, contexts))
     selected = selected.contiguous() if selected is not None else None
-    meta, launch = _meta(z, cached_states, contexts, selected, backward=False)
+    meta, launch = _meta(z, cached_states, contexts, selected, "fwd")
     grid = (triton.cdiv(T, meta["BLOCK_T"]), max(1, triton.cdiv(dout_dim, meta["BLOCK_DOUT"])), B * H)
     cached_read_fwd_kernel[grid](
         z, u, cached_states, contexts, selected if selected is not None else z, out, lse,
@@ -497,7 +624,8 @@ def _backward(d_out, d_lse, z, u, cached_states, contexts, selected, out, lse, s
         return dz.zero_(), du.zero_(), dstates.zero_(), dcontexts.zero_()
     z, u, cached_states, contexts = (t.contiguous() for t in (z, u, cached_states, contexts))
     selected = selected.contiguous() if selected is not None else None
-    meta, launch = _meta(z, cached_states, contexts, selected, backward=True)
+    meta, launch = _meta(z, cached_states, contexts, selected, "dzdu")
+    meta_s, launch_s = _meta(z, cached_states, contexts, selected, "dmdc")
     # dout only ever enters products, so the kernels read it in the dot dtype (half the traffic for bf16).
     d_out = d_out.to(_TORCH_DTYPE[meta["DOT_DTYPE"]]).contiguous()  # [B, T, H, Dout]
     # δ_t = ⟨dout_t, out_t⟩ − dlse_t from the same (rounded) dout the kernels use, so that Σ_j dr_tj = dlse_t
@@ -508,8 +636,8 @@ def _backward(d_out, d_lse, z, u, cached_states, contexts, selected, out, lse, s
     sel = selected if selected is not None else z
     cached_read_bwd_kernel_dzdu[(triton.cdiv(T, meta["BLOCK_T"]), B * H)](
         z, u, cached_states, contexts, sel, lse, delta, d_out, dz, du, **scalars, **meta, **launch)
-    cached_read_bwd_kernel_dmdc[(nb, B * H)](
-        z, u, cached_states, contexts, sel, lse, delta, d_out, dstates, dcontexts, **scalars, **meta, **launch)
+    cached_read_bwd_kernel_dmdc[(triton.cdiv(nb, meta_s["BLOCK_S"]), B * H)](
+        z, u, cached_states, contexts, sel, lse, delta, d_out, dstates, dcontexts, **scalars, **meta_s, **launch_s)
     return dz, du, dstates, dcontexts
 
 

@@ -6,7 +6,7 @@ Implements the "Linear memory pass" of docs/architecture.md:
 
 with segments of length C (``segment_len``) whose end states are cached, and a chunkwise-parallel schedule
 with chunks of length c (``chunk_len``, c divides C). The derivation of the chunked form and of its gradients
-(including the log-decay identity) is in docs/kernels_linear_memory.md.
+(including the log-decay identity) is in docs/kernels.md, "Chunked linear memory".
 
 Kernels (one program per tile of the D×D state: BK, BV <= 64 in the kernels parallel over chunks, <= 32 in the
 sequential walks, so D = 64 and D = 128 both fit):

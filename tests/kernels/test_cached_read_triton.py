@@ -13,6 +13,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from mcdist.kernels import cached_read  # noqa: E402
 from mcdist.kernels.cached_read import cached_read_triton  # noqa: E402
 from read_inputs import DEVICE, make_inputs, random_selection, rel_err  # noqa: E402
 from mcdist.kernels.merge import merge_all, merge_partials  # noqa: E402
@@ -123,6 +124,55 @@ def test_cached_read_matches_reference(case):
             assert torch.all(g == 0), f"d{name} must be 0"
         else:
             assert rel_err(g, rg) < 1e-5, f"d{name}: {rel_err(g, rg):.2e}"
+
+
+BLOCK_S_CASES = {
+    # id: (B, T, H, Din, Dout, Dc, Nb, segment_len, extra kwargs); Nb = 7 is a multiple of neither 2 nor 4
+    "grm_rect_offsets": (1, 45, 2, 16, 32, 8, 7, 6, {"query_offset": 5, "segment_offset": 1}),
+    "ssc_ties_duplicates_invalid": (1, 41, 2, 16, 16, 8, 7, 5, {"k": 9, "with_future": True, "tied": True}),
+    "ssc_sparse_din32_dout16": (1, 39, 1, 32, 16, 8, 7, 4, {"k": 2, "query_offset": 7, "segment_offset": 2}),
+}
+
+
+@pytest.mark.parametrize("block_s", [2, 4])
+@pytest.mark.parametrize("case", list(BLOCK_S_CASES), ids=list(BLOCK_S_CASES))
+def test_backward_with_several_states_per_program(case, block_s, monkeypatch):
+    """dM/dc programs owning BLOCK_S states (a partial last program, states some tokens or whole query blocks do
+    not see, ssc ties, duplicates, −1 and future entries) give all four gradients of the float64 reference; the
+    outputs start as NaN, so an element no program writes fails."""
+    B, T, H, din, dout, dc, n, segment_len, extra = BLOCK_S_CASES[case]
+    extra = dict(extra)
+    seed = sum(map(ord, case)) + block_s
+    k, with_future, tied = extra.pop("k", None), extra.pop("with_future", False), extra.pop("tied", False)
+    inputs = make_inputs(seed, B, T, H, din, dout, dc, n, tied=tied)
+    selected = None
+    if k is not None:
+        selected = random_selection(seed, B, T, H, k, segment_len=segment_len,
+                                    query_offset=extra.get("query_offset", 0), with_invalid=with_future).to(DEVICE)
+        selected[..., -1] = selected[..., 0]  # duplicates
+    monkeypatch.setattr(cached_read, "TILE_OVERRIDES", {"dmdc": {"BLOCK_S": block_s}})
+    meta, _ = cached_read._meta(inputs[0], inputs[2], inputs[3], selected, "dmdc")
+    assert meta["BLOCK_S"] == block_s and n % block_s
+    kw = dict(segment_len=segment_len, gate_scale=0.75, selected=selected, **extra)
+    (_, _, grads), (_, _, ref_grads) = run_both(inputs, seed, **kw)
+    for name, g, rg in zip(("z", "u", "cached_states", "contexts"), grads, ref_grads):
+        assert rg.abs().sum() > 0 and rel_err(g, rg) < 1e-5, f"d{name}: {rel_err(g, rg):.2e}"
+
+
+def test_tile_overrides_are_validated(monkeypatch):
+    """TILE_OVERRIDES: unknown keys, bad values and an unknown heuristics name raise a ValueError naming them."""
+    z, u, states, contexts = make_inputs(12, 1, 9, 1, 16, 16, 8, 2)
+    kw = dict(segment_len=4, gate_scale=1.0)
+    bad = [({"bwd": {}}, "'bwd'.*allowed.*'dmdc'"), ({"dzdu": {"BLOCK_S": 2}}, "'BLOCK_S'.*allowed"),
+           ({"dmdc": {"BLOCK_S": 3}}, "'BLOCK_S'.*a power of two"), ({"fwd": {"BLOCK_T": 8}}, "'BLOCK_T'"),
+           ({"dmdc": {"BLOCK_S": 16}}, "'BLOCK_S'"), ({"heuristics": "old"}, "'heuristics'.*'previous'")]
+    for overrides, message in bad:
+        monkeypatch.setattr(cached_read, "TILE_OVERRIDES", overrides)
+        with pytest.raises(ValueError, match=message):
+            cached_read_triton(z, u, states, contexts, **kw)
+    monkeypatch.setattr(cached_read, "TILE_OVERRIDES", {"heuristics": "previous", "dzdu": {"num_stages": 3}})
+    assert cached_read._meta(z, states, contexts, None, "dmdc")[0]["BLOCK_S"] == 1
+    assert cached_read._meta(z, states, contexts, None, "dzdu")[1] == {"num_stages": 3}
 
 
 def test_cases_cover_what_they_claim():

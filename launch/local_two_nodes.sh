@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Two Ray nodes on this machine: start a Ray head and a second Ray node (one CPU each, so Ray must place one
-# training worker on each), run a two-worker sp = 2 job across them with `mcdist train --ray`, then stop both.
+# worker on each), run a two-worker sp = 2 job across them with `mcdist train --ray`, then an sp = 2 inference
+# job on the trained model with `mcdist generate --ray` (checked against one process), then stop both.
 #
 #   launch/local_two_nodes.sh [extra `mcdist train` arguments, e.g. --set train.steps=20]
 #
@@ -94,3 +95,18 @@ if [ "$nodes" -ne 2 ]; then
     exit 1
 fi
 echo "two_nodes: the two workers ran on two different Ray nodes; the final model is in $OUT_DIR/checkpoint"
+
+# inference across the same two nodes: a prompt long enough to shard (2·P·C = 64 tokens under zigzag) plus a
+# tail; the two Ray workers must continue it exactly as one process does
+PROMPT=$("$PYTHON" -c 'print(",".join(str(7 * i % 64) for i in range(70)))')
+echo "two_nodes: mcdist generate --ray --address $ADDRESS --sp 2 (a 70-token prompt, 8 new tokens)"
+"$PYTHON" -m mcdist.cli generate --checkpoint "$OUT_DIR/checkpoint" --prompt-ids "$PROMPT" --max-new-tokens 8 \
+    --ray --address "$ADDRESS" --sp 2 >"$RAY_TEMP/generate_ray.jsonl"
+"$PYTHON" -m mcdist.cli generate --checkpoint "$OUT_DIR/checkpoint" --prompt-ids "$PROMPT" --max-new-tokens 8 \
+    >"$RAY_TEMP/generate_one.jsonl"
+if ! cmp -s "$RAY_TEMP/generate_ray.jsonl" "$RAY_TEMP/generate_one.jsonl"; then
+    echo "two_nodes: the Ray inference job differs from one process:" >&2
+    cat "$RAY_TEMP/generate_ray.jsonl" "$RAY_TEMP/generate_one.jsonl" >&2
+    exit 1
+fi
+echo "two_nodes: generate on two Ray nodes = one process: $(cat "$RAY_TEMP/generate_one.jsonl")"

@@ -9,6 +9,7 @@
 #   RAY_ADDRESS  the cluster's job server, the head's dashboard port (default http://127.0.0.1:8265: run
 #                `ray dashboard launch/cluster.yaml` in another terminal first to forward it from the head)
 #   RAY          the ray command (default: ray from .venv if there is one, else from PATH)
+#   MCDIST_COMMAND  the mcdist command to run with --ray (default train; launch/generate.sh sets generate)
 #
 # The working directory (this checkout, minus .gitignore'd files such as .venv and runs/) is uploaded and is
 # the current directory of the driver and of every worker; mcdist itself must be installed on the cluster
@@ -26,4 +27,4 @@ export RAY_ADDRESS=${RAY_ADDRESS:-http://127.0.0.1:8265}
 
 exec "$RAY" job submit --address "$RAY_ADDRESS" --working-dir . \
     --runtime-env-json '{"excludes": [".git", ".venv", "runs", "benchmarks/results"]}' \
-    -- python -m mcdist.cli train --ray "$@"
+    -- python -m mcdist.cli "${MCDIST_COMMAND:-train}" --ray "$@"

@@ -95,20 +95,27 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_cached_read_matches_reference(case):
-    B, T, H, din, dout, dc, n, segment_len, extra = CASES[case]
+def case_setup(table, case, seed_offset=0, duplicates=None):
+    """(inputs, seed, read keywords) of one case row (B, T, H, din, dout, dc, n, segment_len, extra); with ssc
+    selection the last slot repeats the first (duplicates) when ``duplicates`` is true, default when K ≥ n."""
+    B, T, H, din, dout, dc, n, segment_len, extra = table[case]
     extra = dict(extra)
-    seed = sum(map(ord, case))
+    seed = sum(map(ord, case)) + seed_offset
     k, with_future, tied = extra.pop("k", None), extra.pop("with_future", False), extra.pop("tied", False)
     inputs = make_inputs(seed, B, T, H, din, dout, dc, n, tied=tied)
     selected = None
     if k is not None:
         selected = random_selection(seed, B, T, H, k, segment_len=segment_len,
                                     query_offset=extra.get("query_offset", 0), with_invalid=with_future).to(DEVICE)
-        if k >= n:  # K >= N: some tokens select every visible state; repeat an index to test duplicates too
+        if duplicates if duplicates is not None else k >= n:  # K ≥ N: some tokens select every visible state
             selected[..., -1] = selected[..., 0]
-    kw = dict(segment_len=segment_len, gate_scale=0.75, selected=selected, **extra)
+    return inputs, seed, dict(segment_len=segment_len, gate_scale=0.75, selected=selected, **extra)
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_cached_read_matches_reference(case):
+    B, T, H, din, dout, dc, n, segment_len, extra = CASES[case]
+    inputs, seed, kw = case_setup(CASES, case)
     (out, lse, grads), (ref_out, ref_lse, ref_grads) = run_both(inputs, seed, **kw)
 
     assert out.dtype == torch.float32 and lse.dtype == torch.float32
@@ -140,20 +147,11 @@ def test_backward_with_several_states_per_program(case, block_s, monkeypatch):
     """dM/dc programs owning BLOCK_S states (a partial last program, states some tokens or whole query blocks do
     not see, ssc ties, duplicates, −1 and future entries) give all four gradients of the float64 reference; the
     outputs start as NaN, so an element no program writes fails."""
-    B, T, H, din, dout, dc, n, segment_len, extra = BLOCK_S_CASES[case]
-    extra = dict(extra)
-    seed = sum(map(ord, case)) + block_s
-    k, with_future, tied = extra.pop("k", None), extra.pop("with_future", False), extra.pop("tied", False)
-    inputs = make_inputs(seed, B, T, H, din, dout, dc, n, tied=tied)
-    selected = None
-    if k is not None:
-        selected = random_selection(seed, B, T, H, k, segment_len=segment_len,
-                                    query_offset=extra.get("query_offset", 0), with_invalid=with_future).to(DEVICE)
-        selected[..., -1] = selected[..., 0]  # duplicates
+    n = BLOCK_S_CASES[case][6]
+    inputs, seed, kw = case_setup(BLOCK_S_CASES, case, seed_offset=block_s, duplicates=True)
     monkeypatch.setattr(cached_read, "TILE_OVERRIDES", {"dmdc": {"BLOCK_S": block_s}})
-    meta, _ = cached_read._meta(inputs[0], inputs[2], inputs[3], selected, "dmdc")
+    meta, _ = cached_read._meta(inputs[0], inputs[2], inputs[3], kw["selected"], "dmdc")
     assert meta["BLOCK_S"] == block_s and n % block_s
-    kw = dict(segment_len=segment_len, gate_scale=0.75, selected=selected, **extra)
     (_, _, grads), (_, _, ref_grads) = run_both(inputs, seed, **kw)
     for name, g, rg in zip(("z", "u", "cached_states", "contexts"), grads, ref_grads):
         assert rg.abs().sum() > 0 and rel_err(g, rg) < 1e-5, f"d{name}: {rel_err(g, rg):.2e}"

@@ -82,16 +82,6 @@ def test_sampling_is_reproducible_and_respects_top_k():
         assert all(token[b] in allowed[b] for b in range(4))
 
 
-def test_generation_stops_when_every_sequence_produced_eos():
-    model = tiny_model()
-    prompt = torch.randint(0, 32, (1, 5))
-    greedy = generate(Session(model), prompt, 8)
-    eos = int(greedy[0, 2])
-    stopped = generate(Session(model), prompt, 8, eos_id=eos)
-    first = int((greedy[0] == eos).nonzero()[0])
-    assert torch.equal(stopped, greedy[:, :first + 1])
-
-
 def test_bad_calls_are_refused():
     model = tiny_model()
     session = Session(model)
@@ -131,17 +121,21 @@ def test_split_triton_read_equals_the_chunked_read(monkeypatch, with_selection):
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
 
 
-def test_a_finished_row_repeats_eos_while_the_others_go_on():
+@pytest.mark.parametrize("rows", [1, 2])
+def test_eos_ends_a_row_which_then_repeats_it_and_generation_stops_when_all_did(rows):
     model = tiny_model()
-    prompt = torch.randint(0, 32, (2, 5))
+    prompt = torch.randint(0, 32, (rows, 5))
     greedy = generate(Session(model), prompt, 8)
-    eos = int(greedy[0, 1])
+    eos = int(greedy[0, 2])
     got = generate(Session(model), prompt, 8, eos_id=eos)
-    for row in range(2):
+    ends = []
+    for row in range(rows):
         hits = (greedy[row] == eos).nonzero()
         first = int(hits[0]) if len(hits) else None
+        ends.append(8 if first is None else first + 1)
         if first is None:
             assert torch.equal(got[row], greedy[row, :got.shape[1]])
         else:
             assert torch.equal(got[row, :first + 1], greedy[row, :first + 1])
             assert (got[row, first:] == eos).all()
+    assert got.shape[1] == max(ends)

@@ -1,13 +1,9 @@
 """Shared setup of the trainer tests."""
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls run far faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
+    """Every trainer test on one thread (tests/conftest.py)."""
     yield
-    torch.set_num_threads(threads)

@@ -3,19 +3,23 @@
     python benchmarks/gpu.py --out DIR            # on a CUDA machine: checks, then benchmarks
     TRITON_INTERPRET=1 python benchmarks/gpu.py --smoke --device cpu --out /tmp/x   # the script's logic, tiny
 
-Sections (each guarded: a failure is printed and recorded, the rest still runs; results are written to
-DIR/gpu.json after every section):
-1. correctness of each kernel in bf16 and fp32 against float64 PyTorch references (the kernels' own check());
-   `ssc_gather`: the same for the ssc gather read (mcdist.kernels.ssc_read) against cached_read_chunked;
-2. the MC layer with impl='triton' against impl='chunked' (outputs and gradients); `train`: the trainer itself on
-   the GPU (one process): bf16 + Triton beside the chunked path, a resumed run beside a straight one, and the
-   tokens/s and peak memory of a d_model 1024 model at 32K tokens; `infer`: decoding (mcdist.infer) against the
-   full forward in float32, and prefill / decode-per-token / full-forward times at a 32K prompt in bf16;
-3. the MC core (memory pass + read) forward+backward for none / grm / ssc (k = 8) beside
+Sections, in this order (each guarded: a failure is printed and recorded, the rest still runs; results are
+written to DIR/gpu.json after every section; --budget-s stops starting new ones):
+1. `checks`: correctness of each kernel in bf16 and fp32 against float64 PyTorch references (the kernels' own
+   check(): both linear-memory walks, every cached-read tile set); `ssc_gather`: the same for the ssc gather
+   read (mcdist.kernels.ssc_read) against cached_read_chunked;
+2. `layer`: the MC layer with impl='triton' against impl='chunked' (outputs and gradients);
+3. `core`: the MC core (memory pass + read) forward+backward for none / grm / ssc (k = 8) beside
    scaled_dot_product_attention (flash backend) at the same B, H, T, d: milliseconds, TFLOP/s and the ratio;
    ssc twice, with the 'blocks' and the 'gather' read (mcdist.ops.SSC_READ), plus the ssc read alone
    (forward+backward, both kernels, same selection) and the top-k selection alone;
-4. the kernels' own benchmarks.
+4. `kernels`: the kernels' own benchmarks (linear memory: sequential walk vs scan; cached read: previous vs
+   current tile choices), side by side in the same run;
+5. `train`: the trainer itself on the GPU (one process): bf16 + Triton beside the chunked path, a resumed run
+   beside a straight one, and the tokens/s and peak memory of a d_model 1024 model at 32K tokens;
+6. `infer`: decoding (mcdist.infer) against the full forward in float32, and prefill / decode-per-token /
+   full-forward times at a 32K prompt in bf16;
+7. `fla`: the linear-memory kernel beside flash-linear-attention, when fla imports.
 Needs torch, triton, numpy; not ray, not an installed mcdist (it loads the repository in place).
 """
 
@@ -462,7 +466,11 @@ def fla_compare(device) -> list:
     B = 1, H = 16, bf16), when fla can be imported (carried as a wheel; see docs/benchmarks.md). fla 0.6 refuses
     the gated backward on Hopper with Triton < 3.7.1 (its issue #640), so gated is timed forward only and the
     plain (ungated) recurrence forward + backward."""
-    from fla.ops.simple_gla import chunk_simple_gla
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla
+    except ImportError as error:  # not on the lent machine unless carried there
+        print(f"fla: not importable ({error}); nothing to compare", flush=True)
+        return {"skipped": f"fla not importable: {error}"}
 
     from mcdist.kernels.linear_memory import linear_memory_triton
 
@@ -544,14 +552,14 @@ def main(argv=None) -> int:
                                "cached_read": gpu_cached_read.check(args.device)})
     section("ssc_gather", lambda: ssc_gather_check(args.device, args.smoke))
     section("layer", lambda: layer_check(args.device, args.smoke))
-    section("train", lambda: train_check(args.device, args.smoke))
-    section("infer", lambda: infer_check(args.device, args.smoke))
     section("core", lambda: core_bench(args.device, args.smoke))
-    if not args.smoke:
-        section("fla", lambda: fla_compare(args.device))
-    if not args.smoke:
+    if not args.smoke:  # the kernels' own benchmarks: both linear-memory walks, previous vs current read tiles
         section("kernels", lambda: {"linear_memory": gpu_linear_memory.bench(args.device),
                                     "cached_read": gpu_cached_read.bench(args.device)})
+    section("train", lambda: train_check(args.device, args.smoke))
+    section("infer", lambda: infer_check(args.device, args.smoke))
+    if not args.smoke:
+        section("fla", lambda: fla_compare(args.device))
     print("\n%-16s %7s %4s %5s %9s %8s %8s" % ("kind", "T", "d", "C", "ms", "TFLOP/s", "vs SDPA"))
     for row in report["sections"].get("core", []):
         print("%-16s %7d %4d %5d %9.3f %8.1f %8s" % (row["kind"], row["T"], row["d"], row["segment_len"], row["ms"],

@@ -33,8 +33,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from mcdist import ops
-from mcdist.aggregate import (merge_all, merge_partials, online_scores, residual_read_chunked, segment_contexts,
-                              select_top_k)
+from mcdist.aggregate import (cached_read_one_token, merge_all, merge_partials, online_scores,
+                              residual_read_chunked, segment_contexts, select_top_k)
 from mcdist.layer import MemoryCachingLayer, Projections
 from mcdist.memory.deep import DeepState, deep_memory_chunked, deep_state_of, mlp_read
 from mcdist.memory.linear import state_dtype
@@ -119,6 +119,8 @@ class _Reader:
         all n states; so the states are cut into groups of SPLIT_STATES read side by side as a batch of B·S
         (flash-decoding), the remainder by one more call, and the partials merged."""
         n = contexts.shape[1]
+        if self.impl != "triton" and not isinstance(states, tuple):  # PyTorch: one pass, no copy of the cache
+            return cached_read_one_token(z, u, states, contexts, gate_scale=gate_scale, selected=selected)
         read = dict(segment_len=segment_len, gate_scale=gate_scale, impl=self.impl)
         g = SPLIT_STATES
         S = n // g

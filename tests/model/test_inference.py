@@ -103,9 +103,11 @@ def test_bad_calls_are_refused():
 
 
 @pytest.mark.parametrize("with_selection", [False, True])
-def test_split_triton_read_equals_the_chunked_read(monkeypatch, with_selection):
-    """Decoding's Triton read cuts the states into groups read as one batch (flash-decoding) plus a remainder."""
+def test_decoding_reads_equal_the_chunked_read(monkeypatch, with_selection):
+    """Decoding's two reads of the closed segments against cached_read_chunked: the Triton one cuts the states into
+    groups read as one batch (flash-decoding) plus a remainder; the PyTorch one mixes the states first."""
     from mcdist import infer
+    from mcdist.aggregate import cached_read_chunked
 
     monkeypatch.setattr(infer, "SPLIT_STATES", 4)
     g = torch.Generator().manual_seed(3)
@@ -113,12 +115,14 @@ def test_split_triton_read_equals_the_chunked_read(monkeypatch, with_selection):
     z, u = torch.randn(B, 1, H, D, generator=g), torch.randn(B, 1, H, D, generator=g)
     states, contexts = torch.randn(B, n, H, D, D, generator=g), torch.randn(B, n, H, D, generator=g)
     selected = None
-    if with_selection:  # some tokens select nothing in a whole group; −1 slots; duplicates
-        selected = torch.tensor([[[[0, 9, 9, -1], [5, 6, 10, 2]]], [[[1, -1, -1, -1], [3, 8, 7, 4]]]])
-    got = infer._Reader(None, "triton").read(z, u, states, contexts, 4, 0.5, selected)
-    want = infer._Reader(None, "chunked").read(z, u, states, contexts, 4, 0.5, selected)
-    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+    if with_selection:  # a whole group unselected; a row selecting nothing; −1 slots; duplicates
+        selected = torch.tensor([[[[0, 9, 9, -1], [5, 6, 10, 2]]], [[[-1, -1, -1, -1], [3, 8, 7, 4]]]])
+    want = cached_read_chunked(z, u, states, contexts, segment_len=4, gate_scale=0.5, query_offset=n * 4,
+                               selected=selected)
+    for impl in ("triton", "chunked"):
+        got = infer._Reader(None, impl).read(z, u, states, contexts, 4, 0.5, selected)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("rows", [1, 2])

@@ -70,6 +70,8 @@ def _build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-k", type=int, default=0, metavar="K",
                           help="sample among the K most likely tokens (default 0: all)")
     generate.add_argument("--seed", type=int, default=0, help="seed of each prompt's sampling (default 0)")
+    generate.add_argument("--batch-size", type=int, default=8, metavar="B",
+                          help="prompts of equal length decoded together, at most B at a time (default 8)")
     generate.add_argument("--eos-id", type=int, default=None, metavar="I",
                           help="end a prompt's continuation at this id (kept as its last id)")
     generate.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
@@ -338,7 +340,7 @@ def _cmd_generate(args) -> int:
     prompts = _read_prompts(args, tokenizer)
     checkpoint = os.fspath(args.checkpoint)
     request = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   seed=args.seed, eos_id=args.eos_id, layout=args.layout)
+                   seed=args.seed, eos_id=args.eos_id, layout=args.layout, batch_size=args.batch_size)
     # with --ray the checkpoint may live only on the cluster's filesystem: the workers check it there
     vocab_size = load_config(checkpoint).vocab_size if not args.ray or os.path.isdir(checkpoint) else None
     try:

@@ -231,8 +231,7 @@ def layer_prefill(layer: MemoryCachingLayer, x: torch.Tensor, impl: str) -> tupl
 def empty_layer_cache(layer: MemoryCachingLayer, x: torch.Tensor, group_size: int = 1) -> LayerCache:
     cfg = layer.config
     B, H, D = x.shape[0], cfg.n_heads, cfg.dim_head
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    sdt = state_dtype(x.dtype)
+    cdt, sdt = _context_dtype(x), state_dtype(x.dtype)
     if cfg.is_deep:
         E = cfg.expansion * D
         states = (x.new_zeros(B, 0, H, E, D, dtype=sdt), x.new_zeros(B, 0, H, D, E, dtype=sdt))
@@ -484,10 +483,9 @@ class Session:
         return logits
 
 
-def sample_next(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int = 0,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def sample_next(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int = 0, generator=None) -> torch.Tensor:
     """Next token ids [B] from logits [B, vocab]: greedy when temperature is 0, else softmax(logits / T) over the
-    top_k highest (all when 0), drawn with ``generator``."""
+    top_k highest (all when 0), drawn with ``generator`` (one torch.Generator, or a list with one per row)."""
     if temperature < 0 or top_k < 0:
         raise ValueError(f"temperature = {temperature}, top_k = {top_k}; expected both >= 0")
     if temperature == 0:
@@ -496,23 +494,28 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int = 
     if top_k:
         kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
-    probs = torch.softmax(scores, -1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+    probs = torch.softmax(scores, -1).cpu()
+    if isinstance(generator, (list, tuple)):
+        drawn = torch.cat([torch.multinomial(row[None], 1, generator=g)[0] for row, g in zip(probs, generator)])
+    else:
+        drawn = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return drawn.to(logits.device)
 
 
 @torch.no_grad()
 def generate(session: Session, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int = 0, seed: int = 0, eos_id: Optional[int] = None) -> torch.Tensor:
     """Prefill ``input_ids`` [B, L] and decode ``max_new_tokens``; returns the new ids [B, n] (n stops early when
-    every sequence has produced ``eos_id``; a sequence that has is padded with ``eos_id`` after it). Under SP,
-    rank 0 draws each token and sends it to the others, so every rank continues the same sequences."""
+    every sequence has produced ``eos_id``; a sequence that has is padded with ``eos_id`` after it). Every row
+    samples with its own generator seeded with ``seed``, so a row continues as it would alone. Under SP, rank 0
+    draws each token and sends it to the others, so every rank continues the same sequences."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens = {max_new_tokens}; expected >= 0")
-    generator = torch.Generator().manual_seed(seed)
+    generators = [torch.Generator().manual_seed(seed) for _ in range(input_ids.shape[0])]
     logits = session.prefill(input_ids)
     new, done = [], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     for step in range(max_new_tokens):
-        token = sample_next(logits, temperature=temperature, top_k=top_k, generator=generator)
+        token = sample_next(logits, temperature=temperature, top_k=top_k, generator=generators)
         if session.sp is not None and session.sp.size > 1:
             token = _broadcast(token, 0, session.sp)
         if eos_id is not None:

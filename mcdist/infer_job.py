@@ -1,9 +1,9 @@
 """Generate from a saved model: in this process, on local processes under sequence parallelism, or through Ray.
 
-Each prompt gets its own :class:`mcdist.infer.Session` (prompts may differ in length): the prompt is prefilled,
-then ``max_new_tokens`` tokens are decoded (fewer when ``eos_id`` comes, which is then the last new id). Each
-prompt samples with a generator seeded by ``seed``, so a prompt's continuation does not depend on the prompts
-beside it. Greedy decoding (``temperature = 0``) is deterministic.
+Prompts of equal length share a :class:`mcdist.infer.Session`, ``batch_size`` at a time (prompts may differ in
+length): the prompts are prefilled, then ``max_new_tokens`` tokens are decoded (fewer when ``eos_id`` comes,
+which is then the last new id). Each prompt samples with its own generator seeded by ``seed``, so a prompt's
+continuation does not depend on the prompts beside it. Greedy decoding (``temperature = 0``) is deterministic.
 
 * :func:`generate_from_checkpoint`: one process, or every rank of an initialised process group (pass the
   group's :class:`~mcdist.parallel.comm.SPGroup`; every rank returns the same ids).
@@ -38,13 +38,13 @@ __all__ = ["check_request", "generate_from_checkpoint", "generate_local", "gener
            "generate_with_model"]
 
 LAYOUTS = ("zigzag", "contiguous")
-REQUEST_KEYS = ("max_new_tokens", "temperature", "top_k", "seed", "eos_id", "layout")  # what check_request takes
+REQUEST_KEYS = ("max_new_tokens", "temperature", "top_k", "seed", "eos_id", "layout", "batch_size")  # what check_request takes
 RESULT_FILE = "generated.json"
 
 
 def check_request(prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
                   top_k: int = 0, seed: int = 0, eos_id: Optional[int] = None, layout: str = "zigzag",
-                  vocab_size: Optional[int] = None) -> List[List[int]]:
+                  batch_size: int = 8, vocab_size: Optional[int] = None) -> List[List[int]]:
     """The prompts as lists of ints, after checking the request; ``vocab_size`` (the model's) also bounds the ids.
 
     Raises:
@@ -62,6 +62,8 @@ def check_request(prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temp
         raise ValueError(f"seed = {seed!r} is invalid; expected an integer")
     if layout not in LAYOUTS:
         raise ValueError(f"layout = {layout!r} is invalid; expected 'zigzag' or 'contiguous'")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size = {batch_size!r} is invalid; expected a positive integer")
     bound = "" if vocab_size is None else f" [0, {vocab_size}) (the model's vocabulary)"
     if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, int) or eos_id < 0 or (
             vocab_size is not None and eos_id >= vocab_size)):
@@ -96,28 +98,40 @@ def _resolve_device(device: str, sp) -> torch.device:
 
 def generate_with_model(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
                         top_k: int = 0, seed: int = 0, eos_id: Optional[int] = None, impl: Optional[str] = None,
-                        sp=None, layout: str = "zigzag") -> List[List[int]]:
-    """The new ids of each prompt from ``model`` (an MCLanguageModel, on the device the ids should go to); one
-    :class:`~mcdist.infer.Session` per prompt. Arguments as :func:`generate_from_checkpoint`."""
+                        sp=None, layout: str = "zigzag", batch_size: int = 8) -> List[List[int]]:
+    """The new ids of each prompt from ``model`` (an MCLanguageModel, on the device the ids should go to).
+    Prompts of equal length decode together, ``batch_size`` at a time, in one :class:`~mcdist.infer.Session`
+    (every row samples with its own generator, so a prompt continues as it would alone). Arguments as
+    :func:`generate_from_checkpoint`."""
     from mcdist.infer import Session, generate
 
     prompts = check_request(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                            seed=seed, eos_id=eos_id, layout=layout, vocab_size=model.config.vocab_size)
+                            seed=seed, eos_id=eos_id, layout=layout, batch_size=batch_size,
+                            vocab_size=model.config.vocab_size)
     device = next(model.parameters()).device
-    results = []
-    for prompt in prompts:
-        session = Session(model, sp=sp, layout=layout, impl=impl)
-        ids = torch.tensor([prompt], dtype=torch.int64, device=device)  # [1, L]
-        new = generate(session, ids, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
-                       eos_id=eos_id)  # [1, n]
-        results.append(new[0].tolist())
+    by_length = {}
+    for number, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(number)
+    results: List[Optional[List[int]]] = [None] * len(prompts)
+    for _, numbers in sorted(by_length.items()):
+        for first in range(0, len(numbers), batch_size):
+            batch = numbers[first:first + batch_size]
+            session = Session(model, sp=sp, layout=layout, impl=impl)
+            ids = torch.tensor([prompts[number] for number in batch], dtype=torch.int64, device=device)  # [b, L]
+            new = generate(session, ids, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
+                           eos_id=eos_id)  # [b, n]: a row that ended repeats eos_id
+            for row, number in enumerate(batch):
+                continuation = new[row].tolist()
+                if eos_id is not None and eos_id in continuation:
+                    continuation = continuation[:continuation.index(eos_id) + 1]
+                results[number] = continuation
     return results
 
 
 def generate_from_checkpoint(model_dir: str | os.PathLike, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                              temperature: float = 0.0, top_k: int = 0, seed: int = 0, eos_id: Optional[int] = None,
                              device: str = "auto", impl: Optional[str] = None, sp=None,
-                             layout: str = "zigzag") -> List[List[int]]:
+                             layout: str = "zigzag", batch_size: int = 8) -> List[List[int]]:
     """Load the model saved in ``model_dir`` and continue each prompt.
 
     Args:
@@ -132,6 +146,7 @@ def generate_from_checkpoint(model_dir: str | os.PathLike, prompts: Sequence[Seq
         sp: the :class:`~mcdist.parallel.comm.SPGroup` of an initialised process group to spread each prompt over;
             every rank calls with the same arguments and gets the same result. ``None``: this process alone.
         layout: how a prompt is sharded under ``sp`` (``zigzag`` or ``contiguous``).
+        batch_size: prompts of equal length decoded together (at most this many per batch).
 
     Returns:
         The new ids of each prompt, in order.
@@ -142,10 +157,10 @@ def generate_from_checkpoint(model_dir: str | os.PathLike, prompts: Sequence[Seq
     """
     model_dir = os.fspath(model_dir)
     check_request(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
-                  eos_id=eos_id, layout=layout)  # before the load: the cheap checks first
+                  eos_id=eos_id, layout=layout, batch_size=batch_size)  # before the load: the cheap checks first
     model, _ = load_model(model_dir, map_location=_resolve_device(device, sp))
     return generate_with_model(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                               seed=seed, eos_id=eos_id, impl=impl, sp=sp, layout=layout)
+                               seed=seed, eos_id=eos_id, impl=impl, sp=sp, layout=layout, batch_size=batch_size)
 
 
 # -- every rank of a process group -------------------------------------------------------------------------------
@@ -199,7 +214,7 @@ def _driver_checks(model_dir: str, prompts, options: dict, *, need_local: bool) 
 def generate_local(model_dir: str | os.PathLike, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                    nprocs: int, temperature: float = 0.0, top_k: int = 0, seed: int = 0,
                    eos_id: Optional[int] = None, impl: Optional[str] = None, layout: str = "zigzag",
-                   timeout_s: float = 600.0) -> List[List[int]]:
+                   batch_size: int = 8, timeout_s: float = 600.0) -> List[List[int]]:
     """:func:`generate_from_checkpoint` with each prompt spread over ``nprocs`` new local processes (gloo, CPU).
 
     ``nprocs = 1`` runs in this process on the CPU. The whole run is bounded by ``timeout_s`` (TimeoutError after
@@ -211,7 +226,7 @@ def generate_local(model_dir: str | os.PathLike, prompts: Sequence[Sequence[int]
         raise ValueError(f"nprocs = {nprocs!r} is invalid; expected a positive integer")
     model_dir = os.path.abspath(os.fspath(model_dir))
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed, eos_id=eos_id,
-                   impl=impl, layout=layout, device="cpu")
+                   impl=impl, layout=layout, batch_size=batch_size, device="cpu")
     prompts = _driver_checks(model_dir, prompts, options, need_local=True)
     if nprocs == 1:
         return generate_from_checkpoint(model_dir, prompts, **options)
@@ -253,7 +268,7 @@ def _ray_loop_per_worker(loop_config: dict) -> None:
 def generate_with_ray(model_dir: str | os.PathLike, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                       workers: int = 1, temperature: float = 0.0, top_k: int = 0, seed: int = 0,
                       eos_id: Optional[int] = None, impl: Optional[str] = None, layout: str = "zigzag",
-                      address: Optional[str] = None, use_gpu: bool = False, device: str = "auto",
+                      batch_size: int = 8, address: Optional[str] = None, use_gpu: bool = False, device: str = "auto",
                       cpus_per_worker: int = 1, storage_path: Optional[str] = None, timeout_s: float = 600.0,
                       log: Optional[Callable[[str], None]] = print) -> List[List[int]]:
     """:func:`generate_from_checkpoint` on ``workers`` Ray Train workers, each prompt spread over all of them.
@@ -294,7 +309,7 @@ def generate_with_ray(model_dir: str | os.PathLike, prompts: Sequence[Sequence[i
                          "Ray gives it)")
     model_dir = os.path.abspath(os.fspath(model_dir))
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed, eos_id=eos_id,
-                   impl=impl, layout=layout)
+                   impl=impl, layout=layout, batch_size=batch_size)
     prompts = _driver_checks(model_dir, prompts, options, need_local=False)
     ray_job.require_ray_train("generation through Ray")
 

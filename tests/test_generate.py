@@ -75,6 +75,25 @@ def test_eos_ends_a_continuation_and_sampling_is_per_prompt(saved, prompts, one_
     assert both != one_process[:2]  # it did sample
 
 
+def test_equal_length_prompts_decode_as_one_batch_with_the_same_result(saved):
+    """Batches of equal-length prompts (batch_size 3: a batch of 3 and one of 1, beside a prompt of its own
+    length) continue each prompt as it continues alone, greedy and sampled, and with eos in some rows."""
+    generator = torch.Generator().manual_seed(11)
+    group = [torch.randint(0, 256, (10,), generator=generator).tolist() for _ in range(4)]
+    lone = torch.randint(0, 256, (6,), generator=generator).tolist()
+    mixed = [group[0], lone, *group[1:]]
+    for options in (dict(), dict(temperature=1.0, top_k=20, seed=3)):
+        alone = [generate_from_checkpoint(saved[0], [prompt], max_new_tokens=NEW_TOKENS, device="cpu",
+                                          **options)[0] for prompt in mixed]
+        batched = generate_from_checkpoint(saved[0], mixed, max_new_tokens=NEW_TOKENS, device="cpu", batch_size=3,
+                                           **options)
+        assert batched == alone
+    eos = alone[0][2]  # the sampled run's: ends prompt 0 early, maybe others, not all at once
+    with_eos = generate_from_checkpoint(saved[0], mixed, max_new_tokens=NEW_TOKENS, device="cpu", batch_size=3,
+                                        eos_id=eos, temperature=1.0, top_k=20, seed=3)
+    assert with_eos == [new[:new.index(eos) + 1] if eos in new else new for new in alone]
+
+
 def test_local_sp_processes_equal_one_process(saved, prompts, one_process):
     assert generate_local(saved[0], prompts, nprocs=P, max_new_tokens=NEW_TOKENS, timeout_s=240) == one_process
 
@@ -150,6 +169,7 @@ BAD = [
     (["--prompt-ids", "1", "--prompt", "hi", "--tokenizer", "byte"], "--prompt-ids and --prompt given together"),
     (["--prompt-file", "no-such-prompts.txt"], "no-such-prompts.txt"),
     (["--prompt-ids", "1", "--sp", "0"], "--sp = 0 is invalid"),
+    (["--prompt-ids", "1", "--batch-size", "0"], "batch_size = 0 is invalid"),
     (["--prompt-ids", "1", "--address", "127.0.0.1:1"], "need --ray"),
 ]
 

@@ -19,16 +19,27 @@ CASES += [("contiguous", "gated", "grm", "independent", 16, 9), ("zigzag", "line
           ("contiguous", "titans", "residual", "independent", 19, 6), ("zigzag", "dla", "ssc", "independent", 16, 8)]
 
 
+# 4 ranks: 37 = 2·P·C + 5 (zigzag), 19 = P·C + 3 (contiguous); the last piece's owner is rank 0 under zigzag and
+# rank 3 under contiguous
+CASES_4 = [("zigzag", "gated", "grm", "checkpoint", 37, 9), ("contiguous", "linear", "ssc", "checkpoint", 19, 9),
+           ("zigzag", "titans", "soup", "checkpoint", 32, 6)]
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    path = tmp_path_factory.mktemp("infer") / "inference.json"
-    spawn(sp_workers.inference_worker, 2, CASES, str(path), timeout_s=600)
-    return json.loads(path.read_text())
+    """Every case's result, per number of ranks, from one spawned job each."""
+    out = {}
+    for world, cases in ((2, CASES), (4, CASES_4)):
+        path = tmp_path_factory.mktemp("infer") / f"inference-{world}.json"
+        spawn(sp_workers.inference_worker, world, cases, str(path), timeout_s=600)
+        out[world] = json.loads(path.read_text())
+    return out
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda case: "-".join(map(str, case)))
-def test_sp_session_equals_full_forward(results, case):
-    result = results["-".join(map(str, case))]
+@pytest.mark.parametrize("world,case", [(2, case) for case in CASES] + [(4, case) for case in CASES_4],
+                         ids=lambda item: "-".join(map(str, item)) if isinstance(item, tuple) else f"P{item}")
+def test_sp_session_equals_full_forward(results, world, case):
+    result = results[world]["-".join(map(str, case))]
     assert result["error"] <= 1e-10, result
     assert result["held"] == [float(n) for n in result["closed"]], result  # each closed segment on one rank
     assert result["imbalance"] <= 1, result  # new segments go to the rank holding the fewest

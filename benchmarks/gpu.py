@@ -411,7 +411,14 @@ def core_bench(device, smoke) -> list:
 
 def ssc_read_bench(q, k, v, u, upstream, segment_len, dtype, sdpa_ms, device, top_k=8) -> list:
     """The ssc read alone, forward+backward, with each kernel on the same states and selection; and the top-k
-    selection alone (forward only; it is not differentiated). Rows: read-ssc-blocks, read-ssc-gather, ssc-select."""
+    selection alone (forward only; it is not differentiated), with the PyTorch sort and with the fused kernel
+    (mcdist.ops.SSC_SELECT) on the same inputs. Rows: read-ssc-blocks, read-ssc-gather, ssc-select-sort,
+    ssc-select-fused.
+
+    The two selections are also compared: on integer-valued u and contexts of the same shapes (exact scores in any
+    summation order, many ties) they must be equal; on the benchmark's inputs the row reports how many tokens
+    differ and the largest float64 score gap between the two choices at a differing position (two float32
+    matmuls that sum in different orders may order near-equal scores differently)."""
     T, H, d = q.shape[1], q.shape[2], q.shape[3]
     shape = dict(T=T, d=d, H=H, segment_len=segment_len)
     try:
@@ -426,7 +433,7 @@ def ssc_read_bench(q, k, v, u, upstream, segment_len, dtype, sdpa_ms, device, to
     except Exception as error:
         print("ssc read setup failed", T, d, repr(error), flush=True)
         return [dict(kind=kind, ms=float("nan"), error=repr(error), **shape)
-                for kind in ("read-ssc-blocks", "read-ssc-gather", "ssc-select")]
+                for kind in ("read-ssc-blocks", "read-ssc-gather", "ssc-select-sort", "ssc-select-fused")]
     rows = []
     g_lse = torch.randn(upstream.shape[:3], device=device)
     flops = 3 * 2 * H * d * d * T * min(top_k, T // segment_len)  # M z, Mᵀ dout, dout zᵀ per selected pair
@@ -447,17 +454,62 @@ def ssc_read_bench(q, k, v, u, upstream, segment_len, dtype, sdpa_ms, device, to
         row.update(tflops=flops / row["ms"] / 1e9, speedup_vs_sdpa=sdpa_ms / row["ms"])
         rows.append(row)
         print(rows[-1], flush=True)
-    row = dict(kind="ssc-select", **shape)
-    try:
-        with torch.no_grad():
-            row["ms"] = timed(lambda: select_top_k(u, closed, segment_len=segment_len, top_k=top_k,
-                                                   gate_scale=scale), device)
-    except Exception as error:
-        row.update(ms=float("nan"), error=repr(error))
-        print("ssc select failed", T, d, repr(error), flush=True)
-    row.update(tflops=float("nan"), speedup_vs_sdpa=sdpa_ms / row["ms"])
-    rows.append(row)
-    print(rows[-1], flush=True)
+    del states, selected
+
+    def select(choice, u_in, contexts):
+        saved, ops.SSC_SELECT = ops.SSC_SELECT, choice
+        try:
+            with torch.no_grad():
+                return select_top_k(u_in, contexts, segment_len=segment_len, top_k=top_k, gate_scale=scale,
+                                    impl="triton")
+        finally:
+            ops.SSC_SELECT = saved
+
+    chosen = {}
+    for choice in ("sort", "fused"):
+        row = dict(kind=f"ssc-select-{choice}", **shape)
+        try:
+            chosen[choice] = select(choice, u, closed)
+            row["ms"] = timed(lambda: select(choice, u, closed), device)
+        except Exception as error:
+            row.update(ms=float("nan"), error=repr(error))
+            print("ssc select failed", choice, T, d, repr(error), flush=True)
+        row.update(tflops=float("nan"), speedup_vs_sdpa=sdpa_ms / row["ms"])
+        rows.append(row)
+    if len(chosen) == 2:
+        row = rows[-1]
+        try:
+            gen = torch.Generator().manual_seed(1)
+            u_int = torch.randint(-2, 3, u.shape, generator=gen).to(device=device, dtype=u.dtype)
+            closed_int = torch.randint(-2, 3, closed.shape, generator=gen).to(device=device, dtype=closed.dtype)
+            row["tied_inputs_equal"] = bool(torch.equal(select("sort", u_int, closed_int),
+                                                        select("fused", u_int, closed_int)))
+            differ = (chosen["sort"] != chosen["fused"]).any(-1)  # [B, T, H]
+            row["tokens_differing"] = int(differ.sum())
+            row["tokens"] = differ.numel()
+            gap = largest = 0.0
+            if row["tokens_differing"]:
+                b, t, h = differ.nonzero()[:65536].unbind(1)  # a bounded sample: [n, K, D] float64 below
+                scores = {}
+                for choice in ("sort", "fused"):
+                    index = chosen[choice][b, t, h]  # [n, K]
+                    picked = closed[b[:, None], index.clamp_min(0), h[:, None]].double()  # [n, K, D]
+                    value = scale * (picked * u[b, t, h].double()[:, None]).sum(-1)
+                    scores[choice] = torch.where(index >= 0, value, float("-inf"))
+                same_empty = torch.equal(scores["sort"] == float("-inf"), scores["fused"] == float("-inf"))
+                finite = scores["sort"] > float("-inf")
+                gap = float((scores["sort"] - scores["fused"])[finite].abs().max()) if same_empty else float("inf")
+                largest = float(scores["sort"][finite].abs().max()) if finite.any() else 0.0
+            row["max_score_gap"] = gap  # inf: the two disagree on how many segments a token sees (a bug)
+            row["max_abs_score_there"] = largest
+            row["speedup_vs_sort"] = rows[-2]["ms"] / row["ms"]
+            if not row["tied_inputs_equal"]:
+                row["error"] = "fused and sort selections differ on integer-valued (exact) scores"
+        except Exception as error:
+            row.update(error=repr(error))
+            print("ssc select comparison failed", T, d, repr(error), flush=True)
+    for row in rows[-2:]:
+        print(row, flush=True)
     return rows
 
 

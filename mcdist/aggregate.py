@@ -450,15 +450,25 @@ def cached_read_one_token(z, u, states: torch.Tensor, contexts, *, gate_scale, s
     return torch.einsum("bhoi,bhi->bho", mixed, z[:, 0].to(dtype))[:, None], lse[:, None]
 
 
-def select_top_k(u, contexts, *, segment_len, top_k, gate_scale, query_offset=0, token_block=4096):
+def select_top_k(u, contexts, *, segment_len, top_k, gate_scale, query_offset=0, token_block=4096, impl="chunked"):
     """Each token's top-k closed segments by gate score (SPEC §6, ssc); ties go to the lower index.
 
     Args:
         u: [B, T, H, D]; contexts: [B, N, H, D] of *all* segments from global index 0.
+        impl: as in ``mcdist.ops``. Where it resolves to 'triton' and ``mcdist.ops.SSC_SELECT`` is 'fused', the
+            fused Triton kernel (``mcdist.kernels.select_topk``, same result) runs; otherwise this PyTorch path.
     Returns:
-        [B, T, H, top_k] int64 global segment indices, −1 where fewer than top_k segments precede the token.
-        Tokens are scored ``token_block`` at a time, so memory stays O(token_block · N).
+        [B, T, H, top_k] int64 global segment indices in descending score order (equal scores: ascending index),
+        −1 where fewer than top_k segments precede the token. The PyTorch path scores ``token_block`` tokens at a
+        time, so memory stays O(token_block · N).
     """
+    from mcdist import ops  # here, not at the top: mcdist.ops imports this module
+
+    if ops.fused_select(impl, u):
+        from mcdist.kernels.select_topk import select_top_k_triton
+
+        return select_top_k_triton(u, contexts, segment_len=segment_len, top_k=top_k, gate_scale=gate_scale,
+                                   query_offset=query_offset)
     T = u.shape[1]
     parts = [_select_top_k_rows(u[:, start:start + token_block], contexts, segment_len, top_k, gate_scale,
                                 query_offset + start)

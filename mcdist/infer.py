@@ -283,7 +283,7 @@ def _mix(layer, p: Projections, online, online_weights, running, cache: LayerCac
     if cfg.aggregation == "ssc":
         n_all = cache.all_contexts.shape[1]
         chosen = select_top_k(p.u, cache.all_contexts, segment_len=C, top_k=cfg.top_k, gate_scale=cfg.scale,
-                              query_offset=n_all * C)
+                              query_offset=n_all * C, impl=reader.impl)
         selected = _local_selection(chosen, cache.segments)
     if cfg.aggregation == "soup" and cfg.is_deep:
         w1s, w2s = cache.states

@@ -160,7 +160,7 @@ class MemoryCachingLayer(nn.Module):
         r_online = online_scores(p.u, running, cfg.scale)
         selected = None
         if cfg.aggregation == "ssc":
-            selected = select_top_k(p.u, closed, segment_len=C, top_k=cfg.top_k, gate_scale=cfg.scale)
+            selected = select_top_k(p.u, closed, segment_len=C, top_k=cfg.top_k, gate_scale=cfg.scale, impl=impl)
         read = dict(segment_len=C, gate_scale=cfg.scale, selected=selected, impl=impl)
         if cfg.aggregation == "soup" and cfg.is_deep:
             # Soup over the MLP: mix the first layers' outputs, φ, then mix the second layers' outputs.

@@ -22,6 +22,12 @@ from mcdist.memory.linear import LinearMemoryPass, linear_memory_chunked, linear
 SSC_READ = os.environ.get("MCDIST_SSC_READ", "blocks")
 _SSC_READS = ("blocks", "gather")
 
+# ssc top-k selection where impl resolves to 'triton': 'sort' (the PyTorch path of mcdist.aggregate.select_top_k:
+# scores in memory, torch.topk) or 'fused' (mcdist.kernels.select_topk, one pass with no scores in memory). Read at
+# call time; the default stays 'sort' until 'fused' is measured on a GPU (docs/kernels.md, "ssc fused selection").
+SSC_SELECT = os.environ.get("MCDIST_SSC_SELECT", "sort")
+_SSC_SELECTS = ("sort", "fused")
+
 
 @functools.lru_cache(maxsize=None)
 def _triton_module(name: str):
@@ -50,6 +56,14 @@ def resolve_impl(impl: str, tensor: torch.Tensor) -> str:
     if tensor.is_cuda and triton_available():
         return "triton"
     return "chunked"
+
+
+def fused_select(impl: str, tensor: torch.Tensor) -> bool:
+    """Whether ``mcdist.aggregate.select_top_k`` runs the fused Triton kernel: ``impl`` resolves to 'triton' and
+    SSC_SELECT is 'fused'. Raises ValueError for an unknown SSC_SELECT or impl."""
+    if SSC_SELECT not in _SSC_SELECTS:
+        raise ValueError(f"MCDIST_SSC_SELECT (mcdist.ops.SSC_SELECT) = {SSC_SELECT!r}; expected 'sort' or 'fused'")
+    return resolve_impl(impl, tensor) == "triton" and SSC_SELECT == "fused"
 
 
 def linear_memory(q, k, v, log_decay=None, *, segment_len, chunk_len, state_init, initial_state=None,

@@ -519,7 +519,7 @@ def sp_aggregate(layer, p: Projections, memory: MemoryResult, shard: Shard, impl
     if cfg.aggregation == "ssc":
         every = global_contexts(closed, shard)
         selected = torch.cat([select_top_k(p.u[:, offset:offset + length], every, segment_len=C, top_k=cfg.top_k,
-                                           gate_scale=cfg.scale, query_offset=start)
+                                           gate_scale=cfg.scale, query_offset=start, impl=impl)
                               for offset, start, length in shard.local_pieces()], 1)
     read = dict(shard=shard, gate_scale=cfg.scale, selected=selected, impl=impl)
     if cfg.aggregation == "soup" and cfg.is_deep:

@@ -28,6 +28,7 @@ States = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 __all__ = ["segment_contexts", "online_scores", "cached_read_reference", "cached_read_chunked",
            "cached_read_backward_chunked", "cached_read_one_token", "select_top_k",
+           "select_top_k_reference",
            "residual_read_chunked", "merge_partials", "merge_all"]
 
 
@@ -448,6 +449,22 @@ def cached_read_one_token(z, u, states: torch.Tensor, contexts, *, gate_scale, s
     # matrix-vector products on the CPU at n = 64, D = 64)
     mixed = torch.einsum("bhn,bnhoi->bhoi", weights, states)
     return torch.einsum("bhoi,bhi->bho", mixed, z[:, 0].to(dtype))[:, None], lse[:, None]
+
+
+def select_top_k_reference(u, contexts, *, segment_len, top_k, gate_scale, query_offset=0):
+    """Token by token: the visible segments sorted by (−score, index), the first top_k, −1 padding. Scores are
+    rounded as ``select_top_k`` rounds them (u in the contexts' dtype, the product and τ times it in that dtype),
+    so both see the same ties."""
+    B, T, H, _ = u.shape
+    scores = (gate_scale * torch.einsum("bthc,bnhc->bthn", u.to(contexts.dtype), contexts)).double().cpu()
+    out = torch.full((B, T, H, top_k), -1, dtype=torch.int64)
+    for b in range(B):
+        for t in range(T):
+            visible = min((query_offset + t) // segment_len, contexts.shape[1])
+            for h in range(H):
+                ranked = sorted(range(visible), key=lambda j: (-scores[b, t, h, j].item(), j))[:top_k]
+                out[b, t, h, :len(ranked)] = torch.tensor(ranked, dtype=torch.int64)
+    return out
 
 
 def select_top_k(u, contexts, *, segment_len, top_k, gate_scale, query_offset=0, token_block=4096, impl="chunked"):

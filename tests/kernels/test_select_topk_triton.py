@@ -19,7 +19,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from mcdist import ops  # noqa: E402
-from mcdist.aggregate import select_top_k  # noqa: E402
+from mcdist.aggregate import select_top_k, select_top_k_reference  # noqa: E402
 from mcdist.config import ModelConfig  # noqa: E402
 from mcdist.kernels import select_topk  # noqa: E402
 from mcdist.kernels.select_topk import UNWRITTEN, select_top_k_triton  # noqa: E402
@@ -71,21 +71,6 @@ def case_inputs(case):
     return u.to(DEVICE, u_dtype), contexts.to(DEVICE, c_dtype), kw
 
 
-def loop_top_k(u, contexts, segment_len, top_k, gate_scale, query_offset):
-    """Token by token: sort the visible segments by (−score, index), pad with −1 (scores as the PyTorch path
-    rounds them: u in the contexts' dtype, the product and τ times it in that dtype)."""
-    B, T, H, _ = u.shape
-    scores = (gate_scale * torch.einsum("bthc,bnhc->bthn", u.to(contexts.dtype), contexts)).double().cpu()
-    out = torch.full((B, T, H, top_k), -1, dtype=torch.int64)
-    for b in range(B):
-        for t in range(T):
-            visible = min((query_offset + t) // segment_len, contexts.shape[1])
-            for h in range(H):
-                ranked = sorted(range(visible), key=lambda j: (-scores[b, t, h, j].item(), j))[:top_k]
-                out[b, t, h, :len(ranked)] = torch.tensor(ranked, dtype=torch.int64)
-    return out
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_pytorch_and_token_loop(case, one_thread):
     u, contexts, kw = case_inputs(case)
@@ -94,7 +79,7 @@ def test_matches_pytorch_and_token_loop(case, one_thread):
     assert got.dtype == torch.int64 and got.shape == ref.shape
     assert not (got == UNWRITTEN).any(), "an output element was never written"
     assert torch.equal(got.cpu(), ref.cpu()), f"{(got != ref).sum().item()} of {got.numel()} indices differ"
-    assert torch.equal(got.cpu(), loop_top_k(u, contexts, **kw))
+    assert torch.equal(got.cpu(), select_top_k_reference(u, contexts, **kw))
     assert (got >= 0).any() and (got == -1).any()  # both kinds of entry occur in every case
 
 

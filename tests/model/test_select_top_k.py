@@ -3,21 +3,7 @@
 import pytest
 import torch
 
-from mcdist.aggregate import select_top_k
-
-
-def loop_top_k(u, contexts, segment_len, top_k, gate_scale, query_offset):
-    """Token by token in plain Python: sort the visible segments by (−score, index), pad with −1."""
-    B, T, H, _ = u.shape
-    scores = gate_scale * torch.einsum("bthc,bnhc->bthn", u.to(contexts.dtype), contexts).double()
-    out = torch.full((B, T, H, top_k), -1, dtype=torch.int64)
-    for b in range(B):
-        for t in range(T):
-            visible = min((query_offset + t) // segment_len, contexts.shape[1])
-            for h in range(H):
-                ranked = sorted(range(visible), key=lambda j: (-scores[b, t, h, j].item(), j))[:top_k]
-                out[b, t, h, :len(ranked)] = torch.tensor(ranked, dtype=torch.int64)
-    return out
+from mcdist.aggregate import select_top_k, select_top_k_reference
 
 
 @pytest.mark.parametrize("top_k", [1, 3, 8])
@@ -34,7 +20,8 @@ def test_matches_token_loop(top_k, tied, query_offset):
         contexts = torch.randint(-1, 2, (B, N, H, D), generator=g).float()
     got = select_top_k(u, contexts, segment_len=C, top_k=top_k, gate_scale=0.5, query_offset=query_offset,
                        token_block=16)
-    torch.testing.assert_close(got, loop_top_k(u, contexts, C, top_k, 0.5, query_offset), rtol=0, atol=0)
+    torch.testing.assert_close(got, select_top_k_reference(u, contexts, segment_len=C, top_k=top_k, gate_scale=0.5,
+                                                          query_offset=query_offset), rtol=0, atol=0)
 
 
 def test_bf16_contexts_with_many_segments_keep_lowest_indices_on_ties():

@@ -344,7 +344,6 @@ def layer_decode(layer: MemoryCachingLayer, x: torch.Tensor, cache: LayerCache, 
 def sp_layer_prefill(layer: MemoryCachingLayer, x: torch.Tensor, sp, layout: str, impl: str) -> tuple:
     """Under SP: (this rank's output [B, T_local, d_model], LayerCache) for x = this rank's slice of a sequence
     whose length the layout divides (so every segment and mini-batch is whole)."""
-    from mcdist.parallel.layout import rank_pieces
     from mcdist.parallel.sp_layer import Shard, global_contexts, sp_aggregate, sp_memory_pass
 
     _check_supported(layer)
@@ -361,8 +360,7 @@ def sp_layer_prefill(layer: MemoryCachingLayer, x: torch.Tensor, sp, layout: str
     # The running state after the last token: the last segment's final state, held by the rank with the last
     # piece (deep checkpoint: its final state, momenta included), sent to every rank.
     last = seq_len // C - 1
-    owner = next(r for r in range(sp.size) if any(start + length == seq_len
-                                                  for start, length in rank_pieces(seq_len, sp.size, r, layout)))
+    owner = _last_piece_owner(seq_len, sp.size, layout)
     state = _fresh_state(layer, x.shape[0], x.dtype, x.device)
     if cfg.state_init == "checkpoint":
         if sp.rank == owner:
@@ -371,6 +369,14 @@ def sp_layer_prefill(layer: MemoryCachingLayer, x: torch.Tensor, sp, layout: str
     memory = memory._replace(final_state=state)
     cache = _cache_after_forward(layer, p, memory, seq_len, held, closed, global_contexts(closed, shard), sp.size)
     return out, cache
+
+
+def _last_piece_owner(seq_len: int, size: int, layout: str) -> int:
+    """The rank holding a sharded sequence's last piece (last in its local order)."""
+    from mcdist.parallel.layout import rank_pieces
+
+    return next(r for r in range(size) if any(start + length == seq_len
+                                              for start, length in rank_pieces(seq_len, size, r, layout)))
 
 
 def _broadcast(tensor: torch.Tensor, owner: int, sp) -> torch.Tensor:
@@ -452,10 +458,7 @@ class Session:
         if head < input_ids.shape[1]:
             return self._decode_tokens(input_ids[:, head:])
         # the last prompt token lives on the rank holding the sequence's last piece, last in its local order
-        from mcdist.parallel.layout import rank_pieces
-
-        owner = next(r for r in range(P) if any(s + n == head for s, n in rank_pieces(head, P, r, self.layout)))
-        return model.lm_head(model.final_norm(_broadcast(h[:, -1], owner, sp)))
+        return model.lm_head(model.final_norm(_broadcast(h[:, -1], _last_piece_owner(head, P, self.layout), sp)))
 
     @torch.no_grad()
     def decode(self, token_ids: torch.Tensor) -> torch.Tensor:

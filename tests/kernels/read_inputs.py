@@ -1,5 +1,6 @@
 """Inputs and the error measure shared by the tests of the cached-read kernels (blocked and ssc gather)."""
 
+import importlib
 import math
 import os
 
@@ -43,3 +44,16 @@ def random_selection(seed, B, T, H, k, *, segment_len, query_offset=0, with_inva
                 if with_invalid and len(earlier) < k:
                     selected[bi, t, h, len(earlier)] = own + int(torch.randint(0, 3, (1,), generator=gen))
     return selected
+
+
+def switch_from_environment(monkeypatch, module, variable: str, attribute: str, value: str) -> tuple:
+    """``module.attribute`` after a reload with the environment variable set to ``value``, then after one without
+    it; the module is reloaded without it at the end, whatever happens."""
+    try:
+        monkeypatch.setenv(variable, value)
+        with_value = getattr(importlib.reload(module), attribute)
+        monkeypatch.delenv(variable)
+        return with_value, getattr(importlib.reload(module), attribute)
+    finally:
+        monkeypatch.delenv(variable, raising=False)
+        importlib.reload(module)

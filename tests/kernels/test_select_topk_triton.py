@@ -11,8 +11,6 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import importlib  # noqa: E402
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -24,7 +22,7 @@ from mcdist.config import ModelConfig  # noqa: E402
 from mcdist.kernels import select_topk  # noqa: E402
 from mcdist.kernels.select_topk import UNWRITTEN, select_top_k_triton  # noqa: E402
 from mcdist.layer import MemoryCachingLayer  # noqa: E402
-from read_inputs import DEVICE  # noqa: E402
+from read_inputs import DEVICE, switch_from_environment  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="needs CUDA or the Triton interpreter")
@@ -190,14 +188,7 @@ def test_switch_routes_to_the_kernel_only_for_triton_and_fused(monkeypatch, kern
 
 
 def test_switch_reads_the_environment_and_names_a_bad_value(monkeypatch):
-    try:
-        monkeypatch.setenv("MCDIST_SSC_SELECT", "fused")
-        assert importlib.reload(ops).SSC_SELECT == "fused"
-        monkeypatch.delenv("MCDIST_SSC_SELECT")
-        assert importlib.reload(ops).SSC_SELECT == "sort"
-    finally:
-        monkeypatch.delenv("MCDIST_SSC_SELECT", raising=False)
-        importlib.reload(ops)
+    assert switch_from_environment(monkeypatch, ops, "MCDIST_SSC_SELECT", "SSC_SELECT", "fused") == ("fused", "sort")
     u, contexts, kw = case_inputs("k1")
     monkeypatch.setattr(ops, "SSC_SELECT", "fuse")
     for impl in ("chunked", "triton"):  # checked on every call, whichever path it would take

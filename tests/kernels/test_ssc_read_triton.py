@@ -10,7 +10,6 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import importlib  # noqa: E402
 import importlib.util  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -18,7 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from mcdist import ops  # noqa: E402
-from read_inputs import DEVICE, make_inputs, random_selection, rel_err  # noqa: E402
+from read_inputs import DEVICE, make_inputs, random_selection, rel_err, switch_from_environment  # noqa: E402
 from mcdist.aggregate import cached_read_chunked, cached_read_reference  # noqa: E402
 from mcdist.kernels import ssc_read  # noqa: E402
 from mcdist.kernels.cached_read import cached_read_triton  # noqa: E402
@@ -254,14 +253,7 @@ def test_ops_switch_routes_ssc_to_the_gather_kernel(monkeypatch):
 
 
 def test_ops_switch_reads_the_environment_and_names_a_bad_value(monkeypatch):
-    try:
-        monkeypatch.setenv("MCDIST_SSC_READ", "gather")
-        assert importlib.reload(ops).SSC_READ == "gather"
-        monkeypatch.delenv("MCDIST_SSC_READ")
-        assert importlib.reload(ops).SSC_READ == "blocks"
-    finally:
-        monkeypatch.delenv("MCDIST_SSC_READ", raising=False)
-        importlib.reload(ops)
+    assert switch_from_environment(monkeypatch, ops, "MCDIST_SSC_READ", "SSC_READ", "gather") == ("gather", "blocks")
     inputs, kw = case_inputs("k1")
     monkeypatch.setattr(ops, "SSC_READ", "gathr")
     with pytest.raises(ValueError, match="MCDIST_SSC_READ.*'gathr'"):

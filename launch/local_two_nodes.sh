@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Two Ray nodes on this machine: start a Ray head and a second Ray node (one CPU each, so Ray must place one
 # worker on each), run a two-worker sp = 2 job across them with `mcdist train --ray`, then an sp = 2 inference
-# job on the trained model with `mcdist generate --ray` (checked against one process), then stop both.
+# job on the trained model with `mcdist generate --ray` and an sp = 2 evaluation with `mcdist eval --ray` (both
+# checked against one process), then stop both.
 #
 #   launch/local_two_nodes.sh [extra `mcdist train` arguments, e.g. --set train.steps=20]
 #
@@ -110,3 +111,21 @@ if ! cmp -s "$RAY_TEMP/generate_ray.jsonl" "$RAY_TEMP/generate_one.jsonl"; then
     exit 1
 fi
 echo "two_nodes: generate on two Ray nodes = one process: $(cat "$RAY_TEMP/generate_one.jsonl")"
+
+# evaluation across the same two nodes: each worker scores its half of every sequence, by position bucket; the
+# sums are all-reduced in another order than one process adds them, so the numbers agree to rounding
+echo "two_nodes: mcdist eval --ray --address $ADDRESS --sp 2 --buckets 3"
+"$PYTHON" -m mcdist.cli eval --checkpoint "$OUT_DIR/checkpoint" --ray --address "$ADDRESS" --sp 2 --buckets 3 \
+    >"$RAY_TEMP/eval_ray.jsonl"
+"$PYTHON" -m mcdist.cli eval --checkpoint "$OUT_DIR/checkpoint" --buckets 3 --device cpu >"$RAY_TEMP/eval_one.jsonl"
+"$PYTHON" - "$RAY_TEMP/eval_ray.jsonl" "$RAY_TEMP/eval_one.jsonl" <<'PY'
+import json, math, sys
+ray, one = (json.loads(open(path).read()) for path in sys.argv[1:])
+pairs = [(ray, one)] + list(zip(ray["by_position"], one["by_position"]))
+if not all(a["labelled"] == b["labelled"] and math.isclose(a["eval_loss"], b["eval_loss"], rel_tol=1e-5)
+           and a["eval_accuracy"] == b["eval_accuracy"] for a, b in pairs):
+    sys.exit(f"two_nodes: the Ray evaluation differs from one process:\n{ray}\n{one}")
+print(f"two_nodes: eval on two Ray nodes = one process: accuracy {one['eval_accuracy']:.4f}, loss "
+      f"{one['eval_loss']:.4f}, by position " + ", ".join(f"[{b['start']}, {b['end']}) {b['eval_accuracy']:.3f}"
+                                                     for b in one["by_position"]))
+PY

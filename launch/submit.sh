@@ -9,7 +9,8 @@
 #   RAY_ADDRESS  the cluster's job server, the head's dashboard port (default http://127.0.0.1:8265: run
 #                `ray dashboard launch/cluster.yaml` in another terminal first to forward it from the head)
 #   RAY          the ray command (default: ray from .venv if there is one, else from PATH)
-#   MCDIST_COMMAND  the mcdist command to run with --ray (default train; launch/generate.sh sets generate)
+#   MCDIST_COMMAND  the mcdist command to run with --ray (default train; launch/generate.sh sets generate,
+#                launch/eval.sh eval)
 #
 # The working directory (this checkout, minus .gitignore'd files such as .venv and runs/) is uploaded and is
 # the current directory of the driver and of every worker; mcdist itself must be installed on the cluster

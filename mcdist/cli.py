@@ -12,8 +12,9 @@ import json
 import os
 import re
 import sys
+from typing import Optional
 
-from mcdist.config import ConfigError, ParallelConfig, RunConfig, parse_size
+from mcdist.config import ConfigError, RunConfig, parse_size
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -33,6 +34,17 @@ def _build_parser() -> argparse.ArgumentParser:
                          help="override one config field (repeatable; values are JSON, else strings)")
         sub.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
 
+    def add_job_args(sub: argparse.ArgumentParser, ray_help: str) -> None:
+        """The flags of the jobs that print JSON lines from ranks (eval, generate): Ray and the output file."""
+        sub.add_argument("--ray", action="store_true", help=ray_help)
+        sub.add_argument("--address", default=None, metavar="ADDR",
+                         help="with --ray: the Ray cluster (host:port, ray://host:port or auto); default: the Ray "
+                              "of this machine if one runs, else a local one started for the run")
+        sub.add_argument("--workers-cpus", type=int, default=None, metavar="N",
+                         help="with --ray: CPUs per Ray worker (default 1)")
+        sub.add_argument("--out", default=None, metavar="FILE.jsonl",
+                         help="also write the JSON lines to FILE (atomically)")
+
     train = commands.add_parser("train", help="train (resuming from out_dir/checkpoints) and save out_dir/checkpoint")
     add_config_args(train, "RunConfig file (.json or .toml); defaults when omitted")
     train.add_argument("--quiet", action="store_true", help="print only the final JSON line")
@@ -47,12 +59,24 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--sp", type=int, default=None, metavar="P",
                        help="sequence-parallel ranks per sequence (parallel.sp)")
 
-    evaluate = commands.add_parser("eval", help="report MQAR accuracy of a saved checkpoint")
+    evaluate = commands.add_parser("eval", help="score a saved model on its run's task: by length, position, depth")
     evaluate.add_argument("--checkpoint", required=True, metavar="DIR", help="folder written by `mcdist train`")
     add_config_args(evaluate, "RunConfig for the task sizes; default: run_config.json beside the checkpoint")
-    evaluate.add_argument("--batches", type=int, default=None, help="batches to score (default train.eval_batches)")
+    evaluate.add_argument("--batches", type=int, default=None,
+                          help="batches per length and depth (default train.eval_batches)")
     evaluate.add_argument("--seed", type=int, default=None,
-                          help="data seed (default: the training run's evaluation seed)")
+                          help="evaluation seed of the synthetic tasks (default: the training run's)")
+    evaluate.add_argument("--seq-lens", default=None, metavar="L1,L2,...",
+                          help="lengths to score, e.g. 4096,16384,65536 (default train.seq_len)")
+    evaluate.add_argument("--buckets", type=int, default=1, metavar="K",
+                          help="split label positions into K buckets, each twice as wide as the one before")
+    evaluate.add_argument("--depths", default=None, metavar="D1,D2,...",
+                          help="passkey: depths in [0, 1] to place the passkey at, e.g. 0,0.25,0.5,0.75,1")
+    evaluate.add_argument("--sp", type=int, default=None, metavar="P",
+                          help="sequence-parallel ranks per sequence: local processes, Ray workers with --ray "
+                               "(default 1), under torchrun its processes over --dp")
+    evaluate.add_argument("--dp", type=int, default=1, metavar="D", help="data-parallel groups (default 1)")
+    add_job_args(evaluate, "run the dp·sp ranks as Ray Train workers")
 
     generate = commands.add_parser("generate", help="continue prompts with a saved model (prefill, then decode)")
     generate.add_argument("--checkpoint", required=True, metavar="DIR",
@@ -75,19 +99,12 @@ def _build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--eos-id", type=int, default=None, metavar="I",
                           help="end a prompt's continuation at this id (kept as its last id)")
     generate.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
-    generate.add_argument("--sp", type=int, default=1, metavar="P",
+    generate.add_argument("--sp", type=int, default=None, metavar="P",
                           help="sequence-parallel ranks per prompt: P local processes (gloo, CPU), or P Ray "
-                               "workers with --ray (default 1)")
+                               "workers with --ray (default 1; under torchrun, all its processes)")
     generate.add_argument("--layout", choices=["zigzag", "contiguous"], default="zigzag",
                           help="how a prompt is sharded over the ranks (default zigzag)")
-    generate.add_argument("--ray", action="store_true", help="run the ranks as Ray Train workers")
-    generate.add_argument("--address", default=None, metavar="ADDR",
-                          help="with --ray: the Ray cluster (host:port, ray://host:port or auto); default: the Ray "
-                               "of this machine if one runs, else a local one started for the run")
-    generate.add_argument("--workers-cpus", type=int, default=None, metavar="N",
-                          help="with --ray: CPUs per Ray worker (default 1)")
-    generate.add_argument("--out", default=None, metavar="FILE.jsonl",
-                          help="also write the JSON lines to FILE (atomically)")
+    add_job_args(generate, "run the ranks as Ray Train workers")
 
     compare = commands.add_parser("compare", help="train one model per aggregation on the same task")
     add_config_args(compare, "RunConfig file shared by every run")
@@ -214,46 +231,105 @@ def _train_under_torchrun(run_config: RunConfig) -> int:
     return 0
 
 
-def _cmd_eval(args) -> int:
-    import torch
+def _parse_list(text: Optional[str], flag: str, kind: type) -> Optional[list]:
+    if text is None:
+        return None
+    try:
+        return [kind(item) for item in text.replace(" ", "").split(",") if item]
+    except ValueError:
+        raise UsageError(f"{flag} {text!r} is invalid; expected comma-separated {kind.__name__} values") from None
 
-    from mcdist.checkpoint import load_model
-    from mcdist.train.simple import EVAL_SEED_OFFSET, check_task, evaluate_mqar, resolve_device
+
+def _torchrun_ranks(args, command: str) -> Optional[int]:
+    """Under torchrun: its world size, after refusing --ray; else None."""
+    from mcdist.jobs import in_torchrun, world_size_from_environment
+
+    if not in_torchrun():
+        return None
+    if args.ray:
+        raise UsageError(f"{command} --ray under torchrun: torchrun already started the ranks; drop --ray")
+    return world_size_from_environment()
+
+
+def _speaks() -> bool:
+    """Whether this process prints results: always, except on ranks other than 0 under torchrun."""
+    from mcdist.jobs import in_torchrun
+
+    return not in_torchrun() or os.environ.get("RANK", "0") == "0"
+
+
+def _emit(records: list[str], out: Optional[str]) -> None:
+    """Print the JSON lines (and write them to ``out``): rank 0's job under torchrun, where every rank has them."""
+    if not _speaks():
+        return
+    if out is not None:
+        from mcdist.config import write_text_atomic
+
+        write_text_atomic(out, "".join(records))
+    sys.stdout.write("".join(records))
+
+
+def _check_ray_flags(args, local_ranks: int) -> None:
+    """The flags shared by eval and generate: Ray's need --ray; local processes run on the CPU."""
+    if args.workers_cpus is not None and args.workers_cpus < 1:
+        raise UsageError(f"--workers-cpus = {args.workers_cpus} is invalid; expected a positive integer")
+    if not args.ray and (args.address is not None or args.workers_cpus is not None):
+        raise UsageError("--address and --workers-cpus need --ray")
+    if local_ranks > 1 and not args.ray and args.device not in ("auto", "cpu"):
+        raise UsageError(f"--device {args.device} with {local_ranks} ranks: the local processes run on the CPU "
+                         "(gloo); use --ray for GPUs")
+    if args.out is not None and os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out!r} is a folder; expected a file name")
+
+
+def _cmd_eval(args) -> int:
+    from mcdist.evaluation import (evaluate_checkpoint, evaluate_local, evaluate_under_torchrun, evaluate_with_ray,
+                                   format_table)
 
     model_overrides = [item for item in args.overrides if item.strip().startswith("model.")]
     if model_overrides:
         raise UsageError(f"--set {model_overrides[0]}: eval takes the model section from the checkpoint's "
                          "config.json; expected only train.* overrides (task sizes, seed)")
+    for flag, value in (("--sp", args.sp), ("--dp", args.dp)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} = {value} is invalid; expected a positive integer")
+    torchrun = _torchrun_ranks(args, "eval")
+    sp = args.sp or 1
+    _check_ray_flags(args, 1 if torchrun else sp * args.dp)
     checkpoint = os.fspath(args.checkpoint)
     fallback = os.path.join(checkpoint, "run_config.json")  # inside a training checkpoint (checkpoints/step-N)
     if not os.path.isfile(fallback):
         fallback = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "run_config.json")
     run_config = _load_run_config(args.config, args.overrides, fallback=fallback)
-    device = resolve_device(args.device)
-    model, model_config = load_model(checkpoint, map_location=device)
-    run_config = run_config.replace(model=model_config, parallel=ParallelConfig())  # eval runs one process
-    train_cfg = run_config.train
-    if args.batches is not None and args.batches <= 0:
-        raise UsageError(f"--batches = {args.batches} is invalid; expected a positive integer")
-    if train_cfg.task != "mqar":  # passkey, token files: the trainer's own evaluation batches
-        from mcdist.train.trainer import evaluate_task
+    options = dict(seq_lens=_parse_list(args.seq_lens, "--seq-lens", int), buckets=args.buckets,
+                   depths=_parse_list(args.depths, "--depths", float), num_batches=args.batches, seed=args.seed)
+    try:
+        if torchrun:
+            results = evaluate_under_torchrun(checkpoint, run_config, sp=args.sp, dp=args.dp, device=args.device,
+                                              **options)
+        elif args.ray:
+            from mcdist.train.ray_job import RayConnectionError
 
-        if args.seed is not None:
-            raise UsageError(f"--seed applies to the mqar task; this run's task is {train_cfg.task!r} (its "
-                             "evaluation data is fixed by train.seed and train.val_data_path)")
-        result = evaluate_task(model, run_config, num_batches=args.batches, device=device)
-        print(json.dumps({"checkpoint": checkpoint, "task": train_cfg.task, "seq_len": train_cfg.seq_len,
-                          **result}, sort_keys=True))
-        return 0
-    check_task(run_config)
-    seed = train_cfg.seed + EVAL_SEED_OFFSET if args.seed is None else args.seed
-    with torch.no_grad():
-        result = evaluate_mqar(model, batch_size=train_cfg.batch_size, seq_len=train_cfg.seq_len,
-                               num_kv_pairs=train_cfg.num_kv_pairs, vocab_size=model_config.vocab_size,
-                               num_batches=args.batches or train_cfg.eval_batches, seed=seed, device=device,
-                               dtype=train_cfg.dtype)
-    print(json.dumps({"checkpoint": checkpoint, "seq_len": train_cfg.seq_len,
-                      "num_kv_pairs": train_cfg.num_kv_pairs, **result}, sort_keys=True))
+            try:
+                results = evaluate_with_ray(checkpoint, run_config, sp=sp, dp=args.dp, address=args.address,
+                                            device=args.device, cpus_per_worker=args.workers_cpus or 1,
+                                            log=lambda line: print(line, file=sys.stderr), **options)
+            except (RayConnectionError, ImportError) as error:
+                raise UsageError(str(error)) from error
+        elif sp * args.dp > 1:
+            results = evaluate_local(checkpoint, run_config, sp=sp, dp=args.dp, **options)
+        else:
+            results = evaluate_checkpoint(checkpoint, run_config, device=args.device, **options)
+    except ValueError as error:  # a bad value, a missing or corrupt checkpoint (CheckpointError is a ValueError)
+        raise UsageError(str(error)) from error
+    task = run_config.train
+    common = {"checkpoint": checkpoint, "task": task.task}
+    if task.task == "mqar":
+        common["num_kv_pairs"] = task.num_kv_pairs
+    records = [json.dumps({**common, **entry}, sort_keys=True) + "\n" for entry in results]
+    if (len(results) > 1 or args.buckets > 1) and _speaks():
+        print(format_table(results), file=sys.stderr)
+    _emit(records, args.out)
     return 0
 
 
@@ -315,20 +391,17 @@ def _decode(tokenizer, ids: list[int]) -> str:
 
 def _cmd_generate(args) -> int:
     from mcdist.checkpoint import load_config
-    from mcdist.config import write_text_atomic
-    from mcdist.infer_job import check_request, generate_from_checkpoint, generate_local, generate_with_ray
+    from mcdist.infer_job import (check_request, generate_from_checkpoint, generate_local, generate_under_torchrun,
+                                  generate_with_ray)
 
-    if args.sp < 1:
+    if args.sp is not None and args.sp < 1:
         raise UsageError(f"--sp = {args.sp} is invalid; expected a positive integer")
-    if args.workers_cpus is not None and args.workers_cpus < 1:
-        raise UsageError(f"--workers-cpus = {args.workers_cpus} is invalid; expected a positive integer")
-    if not args.ray and (args.address is not None or args.workers_cpus is not None):
-        raise UsageError("--address and --workers-cpus need --ray")
-    if args.sp > 1 and not args.ray and args.device not in ("auto", "cpu"):
-        raise UsageError(f"--device {args.device} with --sp {args.sp}: the local processes run on the CPU (gloo); "
-                         "use --ray for GPUs")
-    if args.out is not None and os.path.isdir(args.out):
-        raise UsageError(f"--out {args.out!r} is a folder; expected a file name")
+    torchrun = _torchrun_ranks(args, "generate")
+    if torchrun and args.sp not in (None, torchrun):
+        raise UsageError(f"--sp = {args.sp} under torchrun of {torchrun} processes: each prompt is spread over all "
+                         "of them; drop --sp or start that many")
+    sp = args.sp or 1
+    _check_ray_flags(args, 1 if torchrun else sp)
     tokenizer = None
     if args.tokenizer is not None:
         from mcdist.data.prepare import load_tokenizer
@@ -345,17 +418,19 @@ def _cmd_generate(args) -> int:
     vocab_size = load_config(checkpoint).vocab_size if not args.ray or os.path.isdir(checkpoint) else None
     try:
         prompts = check_request(prompts, vocab_size=vocab_size, **request)
-        if args.ray:
+        if torchrun:
+            new_ids = generate_under_torchrun(checkpoint, prompts, device=args.device, **request)
+        elif args.ray:
             from mcdist.train.ray_job import RayConnectionError
 
             try:
-                new_ids = generate_with_ray(checkpoint, prompts, workers=args.sp, address=args.address,
+                new_ids = generate_with_ray(checkpoint, prompts, workers=sp, address=args.address,
                                             device=args.device, cpus_per_worker=args.workers_cpus or 1,
                                             log=lambda line: print(line, file=sys.stderr), **request)
             except (RayConnectionError, ImportError) as error:
                 raise UsageError(str(error)) from error
-        elif args.sp > 1:
-            new_ids = generate_local(checkpoint, prompts, nprocs=args.sp, **request)
+        elif sp > 1:
+            new_ids = generate_local(checkpoint, prompts, nprocs=sp, **request)
         else:
             new_ids = generate_from_checkpoint(checkpoint, prompts, device=args.device, **request)
     except ValueError as error:  # the request does not fit the model, or the model cannot be loaded
@@ -366,9 +441,7 @@ def _cmd_generate(args) -> int:
         if tokenizer is not None:
             record["text"] = _decode(tokenizer, new)
         records.append(json.dumps(record) + "\n")
-    if args.out is not None:
-        write_text_atomic(args.out, "".join(records))
-    sys.stdout.write("".join(records))
+    _emit(records, args.out)
     return 0
 
 

@@ -73,6 +73,21 @@ def _check_positive_float(section: str, name: str, value: Any) -> None:
         raise ConfigError(f"{section}.{name} = {value!r} is invalid; expected a positive finite number")
 
 
+def _int_tuple(section: str, name: str, value: Any) -> tuple:
+    """A tuple of positive integers from a list/tuple of them, or from text such as ``"4096,16384"`` (``--set``)."""
+    items = value
+    if isinstance(value, str):
+        try:
+            items = [int(part) for part in value.replace(" ", "").strip("[]()").split(",") if part]
+        except ValueError:
+            items = None
+    if not isinstance(items, (list, tuple)) or not all(
+            isinstance(item, int) and not isinstance(item, bool) and item > 0 for item in items):
+        raise ConfigError(f"{section}.{name} = {value!r} is invalid; expected a list of positive integers, e.g. "
+                          "[4096, 16384] (or \"4096,16384\")")
+    return tuple(items)
+
+
 class _Config:
     """Mixin: dict/JSON round trip with strict keys."""
 
@@ -279,6 +294,8 @@ class TrainConfig(_Config):
     seed: int = 0
     eval_every: int = 50
     eval_batches: int = 4
+    # lengths also scored at every evaluation (length generalisation while training), e.g. [4096, 16384]
+    eval_seq_lens: tuple = ()
     log_every: int = 10
     out_dir: str = "runs/default"
     num_kv_pairs: int = 8
@@ -294,6 +311,9 @@ class TrainConfig(_Config):
     checkpoint_every: int = 0
     keep_last: int = 3
     resume: str = "auto"
+    # a fresh run starts from these weights (a saved model folder: out_dir/checkpoint of an earlier run, a
+    # checkpoints/step-N folder); '' = random initialisation. Context extension: train short, then long from here
+    init_from: str = ""
     # weights above this size are saved as safetensors shards + model.safetensors.index.json ("500MB", "5GB", bytes)
     max_shard_size: str = "5GB"
     device: str = "auto"
@@ -319,6 +339,9 @@ class TrainConfig(_Config):
                 raise ConfigError(f"{s}.{name} = {getattr(self, name)!r} is invalid; expected true or false")
         if not isinstance(self.resume, str) or not self.resume:
             raise ConfigError(f"{s}.resume = {self.resume!r} is invalid; expected 'auto', 'never' or a checkpoint path")
+        self.eval_seq_lens = _int_tuple(s, "eval_seq_lens", self.eval_seq_lens)
+        if not isinstance(self.init_from, str):
+            raise ConfigError(f"{s}.init_from = {self.init_from!r} is invalid; expected a saved model folder or ''")
         if not isinstance(self.warmup_steps, int) or isinstance(self.warmup_steps, bool) or self.warmup_steps < 0:
             raise ConfigError(f"{s}.warmup_steps = {self.warmup_steps!r} is invalid; expected an integer >= 0")
         _check_positive_float(s, "lr", self.lr)
@@ -412,6 +435,8 @@ class RunConfig(_Config):
                     text = "true" if value else "false"
                 elif isinstance(value, (int, float)):
                     text = repr(value)
+                elif isinstance(value, (list, tuple)):
+                    text = json.dumps(list(value))  # numbers only: a JSON array is a TOML array
                 else:
                     text = json.dumps(str(value))  # a JSON string is a valid TOML basic string
                 lines.append(f"{key} = {text}")

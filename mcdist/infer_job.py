@@ -7,9 +7,10 @@ continuation does not depend on the prompts beside it. Greedy decoding (``temper
 
 * :func:`generate_from_checkpoint`: one process, or every rank of an initialised process group (pass the
   group's :class:`~mcdist.parallel.comm.SPGroup`; every rank returns the same ids).
-* :func:`generate_local`: ``nprocs`` gloo processes on this machine's CPUs (:func:`mcdist.parallel.spawn.spawn`).
+* :func:`generate_local`: ``nprocs`` gloo processes on this machine's CPUs (:func:`mcdist.jobs.run_local`).
 * :func:`generate_with_ray`: one Ray Train worker per rank (Ray sets up the process group: gloo on CPUs, NCCL on
-  GPUs), connected as ``mcdist train --ray`` connects (:mod:`mcdist.train.ray_job`).
+  GPUs), connected as ``mcdist train --ray`` connects (:func:`mcdist.jobs.run_ray`).
+* :func:`generate_under_torchrun`: this process is one rank of a ``torchrun`` job.
 
 Every rank loads the model from ``model_dir`` itself, so the folder must be readable at the same path on every
 machine that runs a rank (one machine, or a shared filesystem). A rank that cannot load it reports the error to
@@ -18,28 +19,21 @@ the others, and the driver raises it, naming the rank's node.
 
 from __future__ import annotations
 
-import datetime
-import json
 import math
 import operator
 import os
-import shutil
-import tempfile
-import uuid
 from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from mcdist.checkpoint import CheckpointError, load_config, load_model
-from mcdist.config import write_text_atomic
 
-__all__ = ["check_request", "generate_from_checkpoint", "generate_local", "generate_with_ray",
-           "generate_with_model"]
+__all__ = ["check_request", "generate_from_checkpoint", "generate_local", "generate_under_torchrun",
+           "generate_with_ray", "generate_with_model"]
 
 LAYOUTS = ("zigzag", "contiguous")
 REQUEST_KEYS = ("max_new_tokens", "temperature", "top_k", "seed", "eos_id", "layout", "batch_size")  # what check_request takes
-RESULT_FILE = "generated.json"
 
 
 def check_request(prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
@@ -166,42 +160,24 @@ def generate_from_checkpoint(model_dir: str | os.PathLike, prompts: Sequence[Seq
 # -- every rank of a process group -------------------------------------------------------------------------------
 
 
-def _generate_on_rank(model_dir: str, prompts, options: dict, sp, where: str) -> dict:
-    """This rank's part of a distributed generation: ``{"new_ids": ...}``, or ``{"error", "type"}`` when a rank
-    (any: their errors are gathered first, so none waits in a collective for a rank that gave up) cannot load
-    the model or finds the request invalid for it."""
-    model, problem = None, None
-    try:
-        model, _ = load_model(model_dir, map_location=_resolve_device(options.pop("device"), sp))
-        check_request(prompts, vocab_size=model.config.vocab_size, **{key: options[key] for key in REQUEST_KEYS})
-    except (CheckpointError, ValueError) as error:
-        problem = {"error": f"{error}{where}", "type": type(error).__name__}
-    problems = [None] * sp.size
-    dist.all_gather_object(problems, problem, group=sp.group)
-    first = next((item for item in problems if item is not None), None)
-    if first is not None:
-        return first
-    return {"new_ids": generate_with_model(model, prompts, sp=sp, **options)}
-
-
-def _unpack(payload: Optional[dict], what: str) -> List[List[int]]:
-    if payload is None:
-        raise RuntimeError(f"{what} returned no result (rank 0 wrote none)")
-    if "error" in payload:
-        raise (CheckpointError if payload["type"] == "CheckpointError" else ValueError)(payload["error"])
-    return payload["new_ids"]
-
-
-def _sp_group(rank: int, world_size: int):
+def _generate_on_rank(rank: int, world_size: int, device: str, where: str, model_dir: str, prompts,
+                      options: dict) -> dict:
+    """This rank's part of a distributed generation (a :mod:`mcdist.jobs` rank function): ``{"new_ids": ...}``,
+    or the problem of a rank (any) that cannot load the model or finds the request invalid for it."""
+    from mcdist.jobs import first_problem, problem
     from mcdist.parallel.comm import SPGroup
 
-    return SPGroup(dist.group.WORLD, rank, world_size, tuple(range(world_size)))
-
-
-def _local_worker(rank: int, world_size: int, model_dir: str, prompts, options: dict, result_path: str) -> None:
-    payload = _generate_on_rank(model_dir, prompts, dict(options), _sp_group(rank, world_size), "")
-    if rank == 0:
-        write_text_atomic(result_path, json.dumps(payload))
+    sp = SPGroup(dist.group.WORLD, rank, world_size, tuple(range(world_size)))
+    model, mine = None, None
+    try:
+        model, _ = load_model(model_dir, map_location=_resolve_device(device, sp))
+        check_request(prompts, vocab_size=model.config.vocab_size, **{key: options[key] for key in REQUEST_KEYS})
+    except (CheckpointError, ValueError) as error:
+        mine = problem(error, where)
+    found = first_problem(mine, sp.group)
+    if found is not None:
+        return found
+    return {"new_ids": generate_with_model(model, prompts, sp=sp, **options)}
 
 
 def _driver_checks(model_dir: str, prompts, options: dict, *, need_local: bool) -> List[List[int]]:
@@ -220,49 +196,38 @@ def generate_local(model_dir: str | os.PathLike, prompts: Sequence[Sequence[int]
     ``nprocs = 1`` runs in this process on the CPU. The whole run is bounded by ``timeout_s`` (TimeoutError after
     every process is terminated). Returns rank 0's result (every rank holds the same).
     """
-    from mcdist.parallel.spawn import spawn
+    from mcdist.jobs import run_local
 
     if isinstance(nprocs, bool) or not isinstance(nprocs, int) or nprocs < 1:
         raise ValueError(f"nprocs = {nprocs!r} is invalid; expected a positive integer")
     model_dir = os.path.abspath(os.fspath(model_dir))
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed, eos_id=eos_id,
-                   impl=impl, layout=layout, batch_size=batch_size, device="cpu")
+                   impl=impl, layout=layout, batch_size=batch_size)
     prompts = _driver_checks(model_dir, prompts, options, need_local=True)
     if nprocs == 1:
-        return generate_from_checkpoint(model_dir, prompts, **options)
-    with tempfile.TemporaryDirectory(prefix="mcdist-generate-") as folder:
-        result_path = os.path.join(folder, RESULT_FILE)
-        spawn(_local_worker, nprocs, model_dir, prompts, options, result_path, timeout_s=timeout_s,
-              collective_timeout_s=timeout_s)
-        payload = None
-        if os.path.isfile(result_path):
-            with open(result_path, encoding="utf-8") as handle:
-                payload = json.load(handle)
-    return _unpack(payload, f"generation on {nprocs} local processes")
+        return generate_from_checkpoint(model_dir, prompts, device="cpu", **options)
+    return run_local(_generate_on_rank, nprocs, model_dir, prompts, options, what="generation",
+                     timeout_s=timeout_s)["new_ids"]
+
+
+def generate_under_torchrun(model_dir: str | os.PathLike, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                            temperature: float = 0.0, top_k: int = 0, seed: int = 0, eos_id: Optional[int] = None,
+                            impl: Optional[str] = None, layout: str = "zigzag", batch_size: int = 8,
+                            device: str = "auto", timeout_s: float = 600.0) -> List[List[int]]:
+    """:func:`generate_from_checkpoint` as this process's rank of a torchrun job: each prompt spread over all of
+    torchrun's processes (NCCL and one GPU each when CUDA is there and ``device`` is not ``cpu``, else gloo).
+    Every rank returns the same ids (:func:`mcdist.jobs.run_torchrun`)."""
+    from mcdist.jobs import run_torchrun
+
+    model_dir = os.path.abspath(os.fspath(model_dir))
+    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed, eos_id=eos_id,
+                   impl=impl, layout=layout, batch_size=batch_size)
+    prompts = check_request(prompts, **{key: options[key] for key in REQUEST_KEYS})
+    return run_torchrun(_generate_on_rank, model_dir, prompts, options, what="generation", device=device,
+                        timeout_s=timeout_s)["new_ids"]
 
 
 # -- Ray -----------------------------------------------------------------------------------------------------------
-
-
-def _ray_loop_per_worker(loop_config: dict) -> None:
-    """What every Ray Train worker runs: its rank of the generation; rank 0 writes the result file."""
-    import ray
-    import ray.train
-
-    from mcdist.train.ray_job import write_text
-
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    options = dict(loop_config["options"], device="cpu")
-    if loop_config["use_gpu"]:
-        import ray.train.torch
-
-        options["device"] = str(ray.train.torch.get_device())  # the GPU Ray gave this worker
-    where = f" (on the Ray worker of rank {rank}, node {ray.util.get_node_ip_address()})"
-    payload = _generate_on_rank(loop_config["model_dir"], loop_config["prompts"], options,
-                                _sp_group(rank, world_size), where)
-    if rank == 0:
-        write_text(loop_config["result_uri"], json.dumps(payload))
 
 
 def generate_with_ray(model_dir: str | os.PathLike, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -278,15 +243,7 @@ def generate_with_ray(model_dir: str | os.PathLike, prompts: Sequence[Sequence[i
             the workers' machines: this one, or a filesystem they share. When it is not on this machine, the
             workers' check is the only one.
         workers: Ray workers = sequence-parallel ranks.
-        address: the Ray cluster as ``ray.address`` takes it: ``None``/``""`` joins this machine's running Ray or
-            starts a local one (``workers × cpus_per_worker`` CPUs, stopped afterwards), ``auto``, ``host:port``,
-            ``ray://host:port`` (probed first: an unreachable one fails in seconds, naming it).
-        use_gpu, device: one GPU per worker when ``use_gpu`` or ``device`` is ``cuda``, or ``device`` is ``auto``
-            and the cluster has a GPU per worker (NCCL then, else gloo on CPUs).
-        storage_path: Ray Train's run folder (the result file is written there by rank 0); default a temporary
-            folder here, removed afterwards. On a cluster of several machines it must be shared (NFS, ``s3://``).
-        timeout_s: how long a collective may wait for another rank (a rank that died fails the run then).
-        log: receives the driver's lines (which Ray, how many workers); ``None`` is silent.
+        address, use_gpu, device, cpus_per_worker, storage_path, timeout_s, log: as :func:`mcdist.jobs.run_ray`.
         The others: as :func:`generate_from_checkpoint`.
 
     Returns:
@@ -297,39 +254,14 @@ def generate_with_ray(model_dir: str | os.PathLike, prompts: Sequence[Sequence[i
             message then names its node). RayConnectionError: ``address`` cannot be reached. ImportError: no
             Ray Train. RuntimeError: a worker failed otherwise.
     """
-    from mcdist.train import ray_job
+    from mcdist.jobs import run_ray
 
-    say = log or (lambda line: None)
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers = {workers!r} is invalid; expected a positive integer")
-    if isinstance(cpus_per_worker, bool) or not isinstance(cpus_per_worker, int) or cpus_per_worker < 1:
-        raise ValueError(f"cpus_per_worker = {cpus_per_worker!r} is invalid; expected a positive integer")
-    if device not in ("auto", "cpu") and not str(device).startswith("cuda"):
-        raise ValueError(f"device = {device!r} is invalid; expected auto, cpu or cuda (each worker takes the GPU "
-                         "Ray gives it)")
     model_dir = os.path.abspath(os.fspath(model_dir))
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed, eos_id=eos_id,
                    impl=impl, layout=layout, batch_size=batch_size)
     prompts = _driver_checks(model_dir, prompts, options, need_local=False)
-    ray_job.require_ray_train("generation through Ray")
-
-    session = ray_job._RaySession(address or "", workers * cpus_per_worker, say)
-    owned_storage = storage_path is None
-    storage = tempfile.mkdtemp(prefix="mcdist-generate-ray-") if owned_storage else storage_path
-    if "://" not in storage:
-        storage = os.path.abspath(os.path.expanduser(storage))
-    try:
-        gpus = ray_job.wants_gpu(use_gpu, device, workers)
-        backend = "nccl" if gpus else "gloo"
-        name = "mcdist-generate" + datetime.datetime.now().strftime("-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-        say(f"ray: {len(prompts)} prompt(s) on {workers} worker(s) (sp {workers}, {layout}), "
-            f"{'1 GPU' if gpus else 'no GPU'} + {cpus_per_worker} CPU each, {backend}; model {model_dir}")
-        loop_config = {"model_dir": model_dir, "prompts": prompts, "options": options, "use_gpu": gpus}
-        _, text = ray_job.run_workers(_ray_loop_per_worker, loop_config, workers=workers, use_gpu=gpus,
-                                      cpus_per_worker=cpus_per_worker, backend=backend, timeout_s=timeout_s,
-                                      storage_path=storage, name=name, max_failures=0)
-    finally:
-        session.close()
-        if owned_storage:
-            shutil.rmtree(storage, ignore_errors=True)
-    return _unpack(json.loads(text) if text else None, f"the Ray generation on {workers} worker(s)")
+    result = run_ray(_generate_on_rank, model_dir, prompts, options, workers=workers, what="generation through Ray",
+                     name="mcdist-generate", address=address, use_gpu=use_gpu, device=device,
+                     cpus_per_worker=cpus_per_worker, storage_path=storage_path, timeout_s=timeout_s, log=log,
+                     describe=f"{len(prompts)} prompt(s), sp {workers} ({layout}), model {model_dir}")
+    return result["new_ids"]

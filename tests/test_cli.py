@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -80,3 +81,19 @@ def test_python_dash_m_entry_point(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "model.d_model" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("script, command", [("submit.sh", "train"), ("generate.sh", "generate"), ("eval.sh", "eval")])
+def test_launch_scripts_submit_their_command_through_ray(tmp_path, script, command):
+    fake_ray = tmp_path / "ray"  # prints the arguments it was given, one per line
+    fake_ray.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
+    fake_ray.chmod(0o755)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(["bash", os.path.join(root, "launch", script), "--checkpoint", "/shared/ckpt", "--sp", "4"],
+                          env={**os.environ, "RAY": str(fake_ray), "RAY_ADDRESS": "http://head:8265"},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    argv = done.stdout.splitlines()
+    assert argv[:4] == ["job", "submit", "--address", "http://head:8265"]
+    assert argv[argv.index("--") + 1:] == ["python", "-m", "mcdist.cli", command, "--ray", "--checkpoint",
+                                           "/shared/ckpt", "--sp", "4"]

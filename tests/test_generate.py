@@ -136,6 +136,26 @@ def test_cli_token_ids_and_out_file(saved, prompts, one_process, capsys, tmp_pat
     assert os.listdir(out.parent) == ["generated.jsonl"]  # no temporary left behind
 
 
+def test_under_torchrun_each_prompt_spreads_over_its_processes(saved, prompts, one_process, tmp_path):
+    import subprocess
+    import sys
+
+    argv = ["generate", "--checkpoint", saved[0], "--prompt-ids", ",".join(map(str, prompts[0])), "--prompt-ids",
+            ",".join(map(str, prompts[2])), "--max-new-tokens", str(NEW_TOKENS), "--device", "cpu"]
+
+    def torchrun(*extra):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                               str(P), "-m", "mcdist.cli", *argv, *extra], capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    done = torchrun()
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in done.stdout.splitlines()]  # rank 0 prints, once
+    assert records == [{"prompt_ids": prompts[i], "new_ids": one_process[i]} for i in (0, 2)]
+    refused = torchrun("--sp", "3")
+    assert refused.returncode != 0 and "--sp = 3 under torchrun of 2 processes" in refused.stderr
+
+
 def test_cli_text_with_the_byte_tokenizer(saved, capsys, tmp_path):
     texts = ["Memory caching, ", "héllo"]
     expected = generate_from_checkpoint(saved[0], [list(text.encode()) for text in texts], max_new_tokens=5)

@@ -317,6 +317,12 @@ def _differences(saved: dict, current: dict, section: str, names) -> list[str]:
             for name in names if saved.get(name) != current.get(name)]
 
 
+def model_differences(saved: ModelConfig, current: ModelConfig) -> list[str]:
+    """``model.NAME = A there, B here`` for each model field that differs, except those that only pick kernels."""
+    return _differences(saved.to_dict(), current.to_dict(), "model",
+                        sorted(set(ModelConfig.__dataclass_fields__) - MODEL_RUNTIME_FIELDS))
+
+
 def check_compatible(path: str, saved: RunConfig, current: RunConfig, *, saved_data: Optional[dict] = None,
                      current_data: Optional[dict] = None) -> None:
     """Refuse to resume ``current`` from the checkpoint ``path`` (saved with ``saved``) when they do not fit.
@@ -326,8 +332,7 @@ def check_compatible(path: str, saved: RunConfig, current: RunConfig, *, saved_d
     train fields that define the data stream (:data:`DATA_FIELDS`) and the data file's identity (``*_data``:
     e.g. token count and vocabulary). The parallel layout (dp, sp, layout) may differ: nothing is sharded.
     """
-    problems = _differences(saved.model.to_dict(), current.model.to_dict(), "model",
-                            sorted(set(ModelConfig.__dataclass_fields__) - MODEL_RUNTIME_FIELDS))
+    problems = model_differences(saved.model, current.model)
     problems += _differences(saved.train.to_dict(), current.train.to_dict(), "train", DATA_FIELDS)
     if saved_data is not None and current_data is not None and saved_data != current_data:
         problems.append(f"data {saved_data} there, {current_data} here")

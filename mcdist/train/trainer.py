@@ -37,7 +37,7 @@ import os
 import sys
 import tempfile
 import time
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -160,11 +160,12 @@ class RankData:
         header = self.train_file.header
         return {"num_tokens": header["num_tokens"], "vocab_size": header["vocab_size"], "dtype": header["dtype"]}
 
-    def _synthetic(self, count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _synthetic(self, count: int, generator: torch.Generator,
+                   depth: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.config.model
         if self.task == "mqar":
             return make_mqar_batch(count, self.seq_len, self.config.train.num_kv_pairs, model.vocab_size, generator)
-        return make_passkey_batch(count, self.seq_len, model.vocab_size, generator)
+        return make_passkey_batch(count, self.seq_len, model.vocab_size, generator, depth=depth)
 
     def _shard(self, x: torch.Tensor) -> torch.Tensor:
         return shard_sequence(x, self.sp, self.sp_rank, self.layout) if self.sp > 1 else x
@@ -196,23 +197,35 @@ class RankData:
             return mqar_row(row_seed, self.seq_len, self.config.train.num_kv_pairs, vocab, pieces)
         return passkey_row(row_seed, self.seq_len, vocab, pieces)
 
-    def eval_batches(self, num_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's part of each of the ``num_batches`` evaluation batches (the same ones at every eval)."""
+    def eval_batches(self, num_batches: int, *, depth: Optional[float] = None,
+                     seed: Optional[int] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's part of each of the ``num_batches`` evaluation batches (the same ones at every eval).
+
+        ``depth`` (passkey only) places every passkey at that depth in [0, 1]; ``seed`` replaces the evaluation
+        seed ``train.seed + EVAL_SEED_OFFSET`` (the generator of the synthetic batches, the window order of a
+        training file read without a validation file)."""
+        seed = self.seed + EVAL_SEED_OFFSET if seed is None else seed
         rows = slice(self.first_row, self.first_row + self.local_batch)
         if self.train_file is not None:
             file = self.val_file or self.train_file
             for index in range(num_batches):
                 first = index * self.batch_size + self.first_row
-                yield self._token_rows(file, range(first, first + self.local_batch), self.val_file is None,
-                                       self.seed + EVAL_SEED_OFFSET)
+                yield self._token_rows(file, range(first, first + self.local_batch), self.val_file is None, seed)
             return
-        generator = torch.Generator().manual_seed(self.seed + EVAL_SEED_OFFSET)
+        generator = torch.Generator().manual_seed(seed)
         for _ in range(num_batches):
-            ids, labels = self._synthetic(self.batch_size, generator)  # [B, T] each: the whole global batch
+            ids, labels = self._synthetic(self.batch_size, generator, depth)  # [B, T] each: the whole global batch
             yield self._shard(ids[rows]), self._shard(labels[rows])
 
 
 # -- checks ----------------------------------------------------------------------------------------------------
+
+
+def length_run(run_config: RunConfig, seq_len: int) -> RunConfig:
+    """``run_config`` scoring sequences of ``seq_len`` tokens (evaluation only: no extra lengths, no initial
+    weights to load, no TensorBoard)."""
+    return run_config.replace(train=run_config.train.replace(seq_len=seq_len, eval_seq_lens=(), init_from="",
+                                                             tensorboard=False))
 
 
 def check_run(run_config: RunConfig) -> None:
@@ -251,6 +264,23 @@ def check_run(run_config: RunConfig) -> None:
             if file.num_windows(train.seq_len) < 1:
                 raise ConfigError(f"train.{name} = {path!r} holds {file.num_tokens} tokens, fewer than "
                                   f"train.seq_len + 1 = {train.seq_len + 1}")
+    if train.init_from:
+        from mcdist.checkpoint import load_config
+
+        try:
+            saved = load_config(train.init_from)
+        except CheckpointError as error:
+            raise ConfigError(f"train.init_from: {error}") from error
+        problems = ckpt.model_differences(saved, model)
+        if problems:
+            raise ConfigError(f"train.init_from = {train.init_from!r} holds a model that does not fit this run: "
+                              + "; ".join(problems[:6]) + (f"; ... ({len(problems)} differences)"
+                                                           if len(problems) > 6 else ""))
+    for length in train.eval_seq_lens:  # each scored as a run of that length would be
+        try:
+            check_run(length_run(run_config, length))
+        except ConfigError as error:
+            raise ConfigError(f"train.eval_seq_lens: length {length} cannot be evaluated: {error}") from error
     if train.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("train.tensorboard = true needs the tensorboard package, which is not installed; run "
                           "`pip install tensorboard` (or install mcdist[logging]) or set train.tensorboard=false")
@@ -293,12 +323,11 @@ def build_model(run_config: RunConfig, mesh: Mesh, device: torch.device) -> torc
     return model
 
 
-def _loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor):
-    """Σ cross-entropy over this rank's labelled tokens (float32 or wider), and the logits [b, t, V]."""
+def _loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Σ cross-entropy over this rank's labelled tokens (float32 or wider)."""
     logits = model(input_ids).logits  # [b, t, V]
-    total = F.cross_entropy(at_least_float32(logits).reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                            ignore_index=IGNORE_INDEX, reduction="sum")
-    return total, logits
+    return F.cross_entropy(at_least_float32(logits).reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def _all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
@@ -334,27 +363,59 @@ def _peak_memory_bytes(device: torch.device) -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
+def autocast_for(run_config: RunConfig, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """What the forward runs under: autocast to bfloat16 for ``train.dtype = bfloat16`` on a GPU, else nothing."""
+    if run_config.train.dtype == "bfloat16" and device.type == "cuda":
+        return lambda: torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: RankData, *, num_batches: int, device: torch.device,
-             autocast) -> dict:
-    """Mean loss and accuracy (arg-max = label, over labelled positions) on the evaluation batches, all ranks."""
+def evaluate(model: torch.nn.Module, data: RankData, *, num_batches: int, device: torch.device, autocast,
+             edges: Optional[Sequence[int]] = None, depth: Optional[float] = None,
+             seed: Optional[int] = None) -> dict:
+    """Mean loss and accuracy (arg-max = label, over labelled positions) on the evaluation batches, all ranks.
+
+    Args:
+        edges: position bucket boundaries ``0 = e_0 < e_1 < ... < e_K = seq_len``: the result then also holds
+            ``by_position``, one ``{"start", "end", "eval_loss", "eval_accuracy", "labelled"}`` per bucket of
+            label positions ``[e_i, e_i+1)`` (global positions, whatever the sp layout).
+        depth, seed: as :meth:`RankData.eval_batches`.
+
+    Returns:
+        ``{"eval_loss", "eval_accuracy", "labelled"}`` (+ ``by_position``), the same on every rank.
+    """
+    bounds = [0, data.seq_len] if edges is None else list(edges)
+    positions = torch.cat([torch.arange(start, start + length) for start, length in data.pieces])  # [t] global
+    bucket = torch.bucketize(positions, torch.tensor(bounds[1:-1], dtype=torch.int64), right=True).to(device)
+    sums = torch.zeros(len(bounds) - 1, 3, dtype=torch.float64, device=device)  # per bucket: loss, correct, count
     was_training = model.training
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, labelled
     try:
-        for input_ids, labels in data.eval_batches(num_batches):
+        for input_ids, labels in data.eval_batches(num_batches, depth=depth, seed=seed):
             input_ids, labels = input_ids.to(device), labels.to(device)
             with autocast():
-                total, logits = _loss_sum(model, input_ids, labels)
+                logits = model(input_ids).logits  # [b, t, V]
+            losses = F.cross_entropy(at_least_float32(logits).transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
+                                     reduction="none")  # [b, t], 0 where unlabelled
             mask = labels != IGNORE_INDEX  # [b, t]
-            sums[0] += total.double()
-            sums[1] += (logits.argmax(dim=-1)[mask] == labels[mask]).sum()
-            sums[2] += mask.sum()
+            correct = (logits.argmax(dim=-1) == labels) & mask
+            for column, values in enumerate((losses, correct, mask)):
+                sums[:, column].index_add_(0, bucket, values.double().sum(dim=0))
     finally:
         model.train(was_training)
     _all_reduce(sums)
-    count = max(float(sums[2]), 1.0)
-    return {"eval_loss": float(sums[0]) / count, "eval_accuracy": float(sums[1]) / count}
+
+    def scores(row: torch.Tensor) -> dict:
+        count = float(row[2])
+        return {"eval_loss": float(row[0]) / max(count, 1.0), "eval_accuracy": float(row[1]) / max(count, 1.0),
+                "labelled": int(count)}
+
+    result = scores(sums.sum(dim=0))
+    if edges is not None:
+        result["by_position"] = [{"start": bounds[i], "end": bounds[i + 1], **scores(sums[i])}
+                                 for i in range(len(bounds) - 1)]
+    return result
 
 
 def evaluate_task(model: torch.nn.Module, run_config: RunConfig, *, num_batches: Optional[int] = None,
@@ -373,12 +434,8 @@ def evaluate_task(model: torch.nn.Module, run_config: RunConfig, *, num_batches:
     run_config = run_config.replace(parallel=ParallelConfig())
     check_run(run_config)
     device = torch.device(device)
-    use_bf16 = run_config.train.dtype == "bfloat16" and device.type == "cuda"
-
-    def autocast():
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-
-    return evaluate(model, RankData(run_config, Mesh.single()), device=device, autocast=autocast,
+    return evaluate(model, RankData(run_config, Mesh.single()), device=device,
+                    autocast=autocast_for(run_config, device),
                     num_batches=num_batches or run_config.train.eval_batches)
 
 
@@ -552,11 +609,21 @@ def run_training(config: RunConfig, *, callbacks: Optional[TrainCallbacks] = Non
     rank = dist.get_rank() if mesh.distributed else 0
     device = _device_for(config)
     use_bf16 = cfg.dtype == "bfloat16" and device.type == "cuda"
-
-    def autocast():
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    autocast = autocast_for(config, device)
 
     data = RankData(config, mesh)
+    other_lengths = [(length, RankData(length_run(config, length), mesh)) for length in cfg.eval_seq_lens]
+
+    def score() -> dict:
+        """The evaluation at seq_len, plus ``eval_loss_at`` / ``eval_accuracy_at`` {length: value} for the
+        ``eval_seq_lens``."""
+        result = evaluate(model, data, num_batches=cfg.eval_batches, device=device, autocast=autocast)
+        if other_lengths:
+            at = {str(length): evaluate(model, other, num_batches=cfg.eval_batches, device=device,
+                                        autocast=autocast) for length, other in other_lengths}
+            result["eval_loss_at"] = {length: value["eval_loss"] for length, value in at.items()}
+            result["eval_accuracy_at"] = {length: value["eval_accuracy"] for length, value in at.items()}
+        return result
     model = build_model(config, mesh, device)
     num_params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=ADAM_BETAS,
@@ -578,6 +645,8 @@ def run_training(config: RunConfig, *, callbacks: Optional[TrainCallbacks] = Non
             tokens_seen = int(progress.get("tokens_seen", 0))
             last_loss = float(progress.get("loss", math.nan))
             evaluation = dict(progress.get("eval", {}))
+        elif cfg.init_from:  # a fresh run from saved weights (every rank reads them, as it would a checkpoint)
+            ckpt.load_model_weights(cfg.init_from, model)
     except (CheckpointError, ConfigError, ValueError, OSError) as error:
         resume_error = error
     # every rank must resume from the same step: out_dir on a file system one node alone sees would split them
@@ -600,6 +669,8 @@ def run_training(config: RunConfig, *, callbacks: Optional[TrainCallbacks] = Non
                  f"{world} on {device} -> {cfg.out_dir}")
     if cfg.dtype == "bfloat16" and not use_bf16:
         reporter.say("train: dtype bfloat16 runs as float32 on the CPU (autocast to bfloat16 is used on GPUs)")
+    if resume_path is None and cfg.init_from:
+        reporter.say(f"train: weights from {cfg.init_from} (a fresh run: step 0, new optimizer state and schedule)")
     if resume_path is not None:
         layout = {key: saved_world.get(key) for key in ("dp", "sp", "layout")}
         changed = layout != {"dp": mesh.dp, "sp": mesh.sp, "layout": config.parallel.layout}
@@ -661,7 +732,7 @@ def run_training(config: RunConfig, *, callbacks: Optional[TrainCallbacks] = Non
             for input_ids, labels in batches:
                 input_ids, labels = input_ids.to(device), labels.to(device)
                 with autocast():
-                    total, _ = _loss_sum(model, input_ids, labels)
+                    total = _loss_sum(model, input_ids, labels)
                 (total / count[0].to(total.dtype)).backward()
                 loss_sum += total.detach().double()
             reduce_gradients(model)
@@ -704,13 +775,16 @@ def run_training(config: RunConfig, *, callbacks: Optional[TrainCallbacks] = Non
                                  f"{grad_norm:.3f}  {entry['tokens_per_s']:,.0f} tok/s")
                 window_time, window_tokens, window_loss, window_steps = 0.0, 0, 0.0, 0
             if done % cfg.eval_every == 0 or is_last:
-                evaluation = evaluate(model, data, num_batches=cfg.eval_batches, device=device, autocast=autocast)
+                evaluation = score()
                 entry = {"kind": "eval", "step": done, **evaluation,
                          "elapsed_s": elapsed_before + time.perf_counter() - session_start}
                 reporter.record(entry)
                 last_metrics = {**last_metrics, **evaluation}
                 reporter.say(f"eval {done:>6}/{cfg.steps}  accuracy {evaluation['eval_accuracy']:.4f}  "
-                             f"loss {evaluation['eval_loss']:.4f}")
+                             f"loss {evaluation['eval_loss']:.4f}" + "".join(
+                                 f"  | L {length}: accuracy {evaluation['eval_accuracy_at'][length]:.4f} loss "
+                                 f"{evaluation['eval_loss_at'][length]:.4f}"
+                                 for length in evaluation.get("eval_loss_at", {})))
                 for comm in getattr(model, "sp_groups", []):
                     comm.stats.reset()
             if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or is_last:
@@ -721,7 +795,7 @@ def run_training(config: RunConfig, *, callbacks: Optional[TrainCallbacks] = Non
                 break
 
         if not evaluation or done == start_step:  # nothing trained this session: score what was loaded
-            evaluation = evaluate(model, data, num_batches=cfg.eval_batches, device=device, autocast=autocast)
+            evaluation = score()
         if last_saved_step != done:
             save(done, {"step": done, "loss": last_loss, **evaluation})
         final_model = None

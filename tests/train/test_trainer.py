@@ -275,8 +275,8 @@ def test_cli_eval_scores_the_run_s_own_task(tmp_path, capsys):
     assert evaluation["task"] == "passkey"
     assert abs(evaluation["eval_loss"] - result["eval_loss"]) <= 1e-6 * result["eval_loss"]
     assert evaluation["eval_accuracy"] == result["eval_accuracy"]
-    assert main(["eval", "--checkpoint", result["final_model"], "--seed", "3"]) == 2
-    assert "--seed applies to the mqar task" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", result["final_model"], "--seed", "3"]) == 0  # other batches
+    assert json.loads(capsys.readouterr().out)["eval_loss"] != evaluation["eval_loss"]
 
 
 class ResumeOnRankZeroOnly(TrainCallbacks):
@@ -299,3 +299,49 @@ def test_ranks_that_disagree_on_the_checkpoint_fail_with_a_clear_error(tmp_path)
     with pytest.raises(CheckpointError, match="ranks disagree on the step to resume from"):
         launch_local(tiny(tmp_path / "two", "parallel.sp=2"),
                      callbacks=ResumeOnRankZeroOnly(str(tmp_path / "one" / "checkpoints" / "step-000002")))
+
+
+def test_init_from_starts_a_fresh_run_from_saved_weights_on_every_rank(tmp_path):
+    short = run_training(tiny(tmp_path / "short", "train.steps=2"))
+    saved = weights(short["final_model"])
+    fresh = weights(run_training(tiny(tmp_path / "fresh", "train.steps=1", "train.lr=1e-12"))["final_model"])
+    # a longer context from the short run's weights; lr = 1e-12 moves no weight by more than ~1e-12
+    for name, extra in (("one", ()), ("sp2", ("parallel.sp=2",))):
+        config = tiny(tmp_path / name, "train.steps=1", "train.lr=1e-12", "train.seq_len=64",
+                      f"train.init_from={short['final_model']}", *extra)
+        result = launch_local(config) if extra else run_training(config)
+        assert result["step"] == 1 and result["resumed_from"] is None
+        extended = weights(result["final_model"])
+        assert max(float((extended[key] - saved[key]).abs().max()) for key in saved) < 1e-9
+        assert max(float((fresh[key] - saved[key]).abs().max()) for key in saved) > 1e-3  # not the random init
+
+
+def test_init_from_refuses_a_model_that_does_not_fit(tmp_path):
+    short = run_training(tiny(tmp_path / "short", "train.steps=1"))
+    with pytest.raises(ConfigError, match=r"train.init_from = .* holds a model that does not fit this run: "
+                                          r"model.d_model = 16 there, 24 here"):
+        run_training(tiny(tmp_path / "wide", "model.d_model=24", f"train.init_from={short['final_model']}"))
+    with pytest.raises(ConfigError, match="train.init_from: .*nothing-here"):
+        run_training(tiny(tmp_path / "lost", f"train.init_from={tmp_path / 'nothing-here'}"))
+    assert not os.path.exists(tmp_path / "wide") and not os.path.exists(tmp_path / "lost")  # refused before any work
+
+
+def test_eval_seq_lens_score_other_lengths_at_every_evaluation(tmp_path):
+    from mcdist.evaluation import evaluate_checkpoint
+    from mcdist.train.trainer import check_run
+
+    config = tiny(tmp_path / "run", "train.steps=3", "train.eval_seq_lens=64,16")
+    result = run_training(config)
+    lines = metrics(tmp_path / "run", "eval")
+    assert [e["step"] for e in lines] == [3] and sorted(lines[-1]["eval_loss_at"]) == ["16", "64"]
+    assert result["eval_accuracy_at"] == lines[-1]["eval_accuracy_at"]
+    # the numbers of `mcdist eval --seq-lens 64,16` on the saved model (the same batches)
+    for entry in evaluate_checkpoint(result["final_model"], config, device="cpu", seq_lens=[64, 16]):
+        length = str(entry["seq_len"])
+        assert lines[-1]["eval_loss_at"][length] == pytest.approx(entry["eval_loss"], rel=1e-6)
+        assert lines[-1]["eval_accuracy_at"][length] == entry["eval_accuracy"]
+    with pytest.raises(ConfigError, match="train.eval_seq_lens: length 48 cannot be evaluated: train.seq_len = 48 "
+                                          "does not fit parallel.sp = 2"):
+        check_run(tiny(tmp_path / "sp", "parallel.sp=2", "train.eval_seq_lens=[64, 48]"))
+    with pytest.raises(ConfigError, match=r"train.eval_seq_lens = \[0\] is invalid; expected a list of positive"):
+        tiny(tmp_path / "zero", "train.eval_seq_lens=[0]")

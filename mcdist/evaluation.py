@@ -1,0 +1,282 @@
+"""Long-context evaluation of a saved model: loss and accuracy by length, by position, by passkey depth.
+
+What people who train long-context models look at first: does the loss keep falling as the context grows (the
+loss of the tokens at positions ``[64K, 128K)`` against those at ``[0, 8K)``), does the model still retrieve at
+lengths beyond those it trained on, and at every depth. One call scores the model on the run's evaluation data
+(the batches the trainer scores: :meth:`mcdist.train.trainer.RankData.eval_batches`) at each of ``seq_lens``,
+for the passkey task at each of ``depths``, with the label positions split into ``buckets`` position buckets
+that double in width (:func:`position_edges`).
+
+The model runs as it trains: in one process, or over a dp × sp mesh of ranks (``run_config.parallel``), each
+sp rank holding only its pieces of every sequence (a rank's data and activation memory are O(L / sp)), the ranks
+of a dp group scoring different rows. Sums over buckets are all-reduced once per length, so every layout gives
+the same numbers up to float rounding (tested).
+
+* :func:`evaluate_model`: every rank of an initialised process group, or one process (the model already on its
+  device and, under sp, parallelized).
+* :func:`evaluate_checkpoint`: load the saved model in this process and score it.
+* :func:`evaluate_local`: ``dp · sp`` new local processes (gloo, CPU).
+* :func:`evaluate_with_ray`: ``dp · sp`` Ray Train workers (one GPU each on a GPU cluster).
+* :func:`evaluate_under_torchrun`: this process is one of the ``dp · sp`` ranks of a ``torchrun`` job.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from mcdist.checkpoint import CheckpointError, load_config, load_model
+from mcdist.config import ConfigError, ParallelConfig, RunConfig
+
+__all__ = ["check_evaluation", "evaluate_checkpoint", "evaluate_local", "evaluate_model", "evaluate_under_torchrun",
+           "evaluate_with_ray", "format_table", "position_edges"]
+
+
+def position_edges(seq_len: int, buckets: int) -> List[int]:
+    """Bucket boundaries ``[0, L / 2^(K-1), ..., L / 4, L / 2, L]`` (integer division): K buckets, each twice as
+    wide as the one before, the first ``[0, L / 2^(K-1))``. ``buckets = 1``: ``[0, L]``.
+
+    Raises:
+        ValueError: ``buckets`` is not a positive integer, or ``seq_len / 2^(buckets-1) < 1`` (empty buckets).
+    """
+    if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 1:
+        raise ValueError(f"buckets = {buckets!r} is invalid; expected a positive integer")
+    if seq_len >> (buckets - 1) < 1:
+        raise ValueError(f"buckets = {buckets} is too many for seq_len = {seq_len}; expected at most "
+                         f"{seq_len.bit_length()} (the first bucket is seq_len / 2^(buckets - 1) positions wide)")
+    return [0] + [seq_len >> shift for shift in range(buckets - 1, 0, -1)] + [seq_len]
+
+
+def check_evaluation(run_config: RunConfig, *, seq_lens: Optional[Sequence[int]] = None,
+                     depths: Optional[Sequence[float]] = None, buckets: int = 1,
+                     num_batches: Optional[int] = None, seed: Optional[int] = None) -> List[int]:
+    """The lengths to score, after checking every argument against the run (its model, task and parallel layout).
+
+    Args:
+        run_config: the run whose task, data, batch size and seed define the evaluation batches; its ``model``
+            section must be the saved model's and its ``parallel`` section the mesh the evaluation runs on.
+        seq_lens: lengths to score (default ``[train.seq_len]``); under sp each must fit the layout
+            (``2 · sp · segment_len`` divides it for zigzag, ``sp · segment_len`` for contiguous).
+        depths: passkey depths in [0, 1] (passkey only); default: the uniform depth of the training data.
+        buckets: position buckets (:func:`position_edges`).
+        num_batches: batches per length and depth (default ``train.eval_batches``).
+        seed: the synthetic tasks' evaluation seed (default ``train.seed + 1000003``, what the trainer scores).
+
+    Raises:
+        ConfigError (a ValueError): naming the value and what was expected.
+    """
+    from mcdist.train.trainer import check_run, length_run
+
+    task = run_config.train.task
+    lengths = [run_config.train.seq_len] if seq_lens is None else list(seq_lens)
+    if not lengths:
+        raise ConfigError("seq_lens = [] is invalid; expected at least one length")
+    for length in lengths:
+        if isinstance(length, bool) or not isinstance(length, int) or length < 2:
+            raise ConfigError(f"seq_len = {length!r} is invalid; expected an integer >= 2")
+        check_run(length_run(run_config, length))
+        try:
+            position_edges(length, buckets)
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+    if depths is not None:
+        if task != "passkey":
+            raise ConfigError(f"depths apply to the passkey task; this run's task is {task!r}")
+        if len(depths) == 0:
+            raise ConfigError("depths = [] is invalid; expected at least one depth in [0, 1]")
+        for depth in depths:
+            if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0.0 <= depth <= 1.0:
+                raise ConfigError(f"depth = {depth!r} is invalid; expected a number in [0, 1]")
+    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
+                                    or num_batches < 1):
+        raise ConfigError(f"num_batches = {num_batches!r} is invalid; expected a positive integer")
+    if seed is not None:
+        if task == "tokens":
+            raise ConfigError("seed applies to the synthetic tasks (mqar, passkey); this run reads a token file, "
+                              "whose evaluation windows are fixed by train.seed and train.val_data_path")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError(f"seed = {seed!r} is invalid; expected an integer")
+    return lengths
+
+
+def evaluate_model(model: torch.nn.Module, run_config: RunConfig, *, mesh=None, device: torch.device | str = "cpu",
+                   seq_lens: Optional[Sequence[int]] = None, depths: Optional[Sequence[float]] = None,
+                   buckets: int = 1, num_batches: Optional[int] = None, seed: Optional[int] = None) -> List[dict]:
+    """Score ``model`` on every rank of ``mesh`` (default: this one process); arguments as
+    :func:`check_evaluation`.
+
+    Returns:
+        One result per length (and depth), the same on every rank: ``{"seq_len", "depth" (passkey sweeps),
+        "eval_loss", "eval_accuracy", "labelled" (labelled tokens scored), "by_position" (``buckets > 1``: one
+        ``{"start", "end", "eval_loss", "eval_accuracy", "labelled"}`` per bucket)}``. Loss and accuracy are means
+        over labelled positions (MQAR values, passkey digits, every next token of a token file); a bucket with no
+        labelled position reports 0 for both and ``labelled = 0``.
+    """
+    from mcdist.parallel.mesh import Mesh
+    from mcdist.train.trainer import RankData, autocast_for, evaluate, length_run
+
+    mesh = mesh or Mesh.single()
+    if mesh.dp * mesh.sp != run_config.parallel.world_size:
+        raise ConfigError(f"the mesh is dp {mesh.dp} × sp {mesh.sp}; run_config.parallel says dp "
+                          f"{run_config.parallel.dp} × sp {run_config.parallel.sp}")
+    lengths = check_evaluation(run_config, seq_lens=seq_lens, depths=depths, buckets=buckets,
+                               num_batches=num_batches, seed=seed)
+    device = torch.device(device)
+    autocast = autocast_for(run_config, device)
+    results = []
+    for length in lengths:
+        data = RankData(length_run(run_config, length), mesh)
+        edges = position_edges(length, buckets) if buckets > 1 else None
+        for depth in (depths if depths is not None else [None]):
+            scored = evaluate(model, data, num_batches=num_batches or run_config.train.eval_batches, device=device,
+                              autocast=autocast, edges=edges, depth=depth, seed=seed)
+            results.append({"seq_len": length, **({} if depth is None else {"depth": float(depth)}), **scored})
+    return results
+
+
+def _with_model_config(run_config: RunConfig, model_dir: str, parallel: ParallelConfig) -> RunConfig:
+    return run_config.replace(model=load_config(model_dir), parallel=parallel)
+
+
+def evaluate_checkpoint(model_dir: str | os.PathLike, run_config: RunConfig, *, device: str = "auto",
+                        seq_lens: Optional[Sequence[int]] = None, depths: Optional[Sequence[float]] = None,
+                        buckets: int = 1, num_batches: Optional[int] = None,
+                        seed: Optional[int] = None) -> List[dict]:
+    """Load the model saved in ``model_dir`` and score it in this process (its ``parallel`` section is ignored).
+
+    ``run_config``'s model section is replaced by the saved model's; the other arguments as
+    :func:`check_evaluation`; returns as :func:`evaluate_model`. Raises CheckpointError (a missing or corrupt
+    ``model_dir``, naming it) or ConfigError.
+    """
+    from mcdist.train.simple import resolve_device
+
+    model_dir = os.fspath(model_dir)
+    run_config = _with_model_config(run_config, model_dir, ParallelConfig())
+    check_evaluation(run_config, seq_lens=seq_lens, depths=depths, buckets=buckets, num_batches=num_batches,
+                     seed=seed)  # before loading the weights: the cheap checks first
+    device = resolve_device(device)
+    model, _ = load_model(model_dir, map_location=device)
+    return evaluate_model(model, run_config, device=device, seq_lens=seq_lens, depths=depths, buckets=buckets,
+                          num_batches=num_batches, seed=seed)
+
+
+# -- every rank of a process group -------------------------------------------------------------------------------
+
+
+def _evaluate_on_rank(rank: int, world_size: int, device: str, where: str, model_dir: str, config: dict,
+                      options: dict) -> dict:
+    """One rank's part (a :mod:`mcdist.jobs` rank function): ``{"results": [...]}`` or the first rank's problem."""
+    from mcdist.jobs import first_problem, problem
+    from mcdist.parallel.mesh import build_mesh
+    from mcdist.parallel.model import parallelize
+
+    run_config = RunConfig.from_dict(config)
+    model, mine = None, None
+    try:
+        run_config = _with_model_config(run_config, model_dir, run_config.parallel)
+        check_evaluation(run_config, **options)
+        model, _ = load_model(model_dir, map_location=torch.device(device))
+    except (CheckpointError, ValueError) as error:
+        mine = problem(error, where)
+    found = first_problem(mine)
+    if found is not None:
+        return found
+    mesh = build_mesh(run_config.parallel)
+    parallelize(model, mesh, run_config.parallel.layout)
+    return {"results": evaluate_model(model, run_config, mesh=mesh, device=device, **options)}
+
+
+def _parallel_for(run_config: RunConfig, dp: int, sp: int) -> RunConfig:
+    for name, value in (("dp", dp), ("sp", sp)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} = {value!r} is invalid; expected a positive integer")
+    return run_config.replace(parallel=run_config.parallel.replace(dp=dp, sp=sp))
+
+
+def evaluate_local(model_dir: str | os.PathLike, run_config: RunConfig, *, sp: int = 1, dp: int = 1,
+                   seq_lens: Optional[Sequence[int]] = None, depths: Optional[Sequence[float]] = None,
+                   buckets: int = 1, num_batches: Optional[int] = None, seed: Optional[int] = None,
+                   timeout_s: float = 600.0) -> List[dict]:
+    """:func:`evaluate_checkpoint` on ``dp · sp`` new local processes (gloo, CPU): each sequence spread over ``sp``
+    ranks laid out as ``run_config.parallel.layout``, the batch's rows over ``dp`` groups (``train.batch_size``
+    must be a multiple of ``dp``). ``dp = sp = 1`` runs in this process on the CPU. The whole run is bounded by
+    ``timeout_s``."""
+    from mcdist.jobs import run_local
+
+    model_dir = os.path.abspath(os.fspath(model_dir))
+    run_config = _parallel_for(run_config, dp, sp)
+    options = dict(seq_lens=seq_lens, depths=depths, buckets=buckets, num_batches=num_batches, seed=seed)
+    check_evaluation(_with_model_config(run_config, model_dir, run_config.parallel), **options)
+    if dp * sp == 1:
+        return evaluate_checkpoint(model_dir, run_config, device="cpu", **options)
+    return run_local(_evaluate_on_rank, dp * sp, model_dir, run_config.to_dict(), options, what="evaluation",
+                     timeout_s=timeout_s)["results"]
+
+
+def evaluate_under_torchrun(model_dir: str | os.PathLike, run_config: RunConfig, *, sp: Optional[int] = None,
+                            dp: int = 1, seq_lens: Optional[Sequence[int]] = None,
+                            depths: Optional[Sequence[float]] = None, buckets: int = 1,
+                            num_batches: Optional[int] = None, seed: Optional[int] = None, device: str = "auto",
+                            timeout_s: float = 600.0) -> List[dict]:
+    """:func:`evaluate_local` as this process's rank of a torchrun job of ``dp · sp`` processes (``sp`` default:
+    the world size over ``dp``); NCCL and one GPU per rank when CUDA is there and ``device`` is not ``cpu``, else
+    gloo. Every rank returns the results."""
+    from mcdist.jobs import run_torchrun, world_size_from_environment
+
+    world = world_size_from_environment()
+    if sp is None:
+        if isinstance(dp, bool) or not isinstance(dp, int) or dp < 1 or world % dp:
+            raise ConfigError(f"dp = {dp!r} is invalid; expected a positive divisor of torchrun's world size {world}")
+        sp = world // dp
+    run_config = _parallel_for(run_config, dp, sp)
+    if dp * sp != world:
+        raise ConfigError(f"dp {dp} × sp {sp} = {dp * sp} does not equal torchrun's world size {world}; expected "
+                          "dp · sp = nproc-per-node · nnodes")
+    options = dict(seq_lens=seq_lens, depths=depths, buckets=buckets, num_batches=num_batches, seed=seed)
+    return run_torchrun(_evaluate_on_rank, os.path.abspath(os.fspath(model_dir)), run_config.to_dict(), options,
+                        what="evaluation", device=device, timeout_s=timeout_s)["results"]
+
+
+def evaluate_with_ray(model_dir: str | os.PathLike, run_config: RunConfig, *, sp: int = 1, dp: int = 1,
+                      seq_lens: Optional[Sequence[int]] = None, depths: Optional[Sequence[float]] = None,
+                      buckets: int = 1, num_batches: Optional[int] = None, seed: Optional[int] = None,
+                      address: Optional[str] = None, use_gpu: bool = False, device: str = "auto",
+                      cpus_per_worker: int = 1, storage_path: Optional[str] = None, timeout_s: float = 600.0,
+                      log: Optional[Callable[[str], None]] = print) -> List[dict]:
+    """:func:`evaluate_local` on ``dp · sp`` Ray Train workers (one GPU each when the cluster has them, NCCL).
+
+    Every worker loads ``model_dir`` (made absolute here) and reads the run's data files at their paths, so both
+    must be on the workers' machines (this one, or a shared filesystem); when the model is not on this machine
+    the workers' check is the only one. The Ray arguments as :func:`mcdist.jobs.run_ray`.
+    """
+    from mcdist.jobs import run_ray
+
+    model_dir = os.path.abspath(os.fspath(model_dir))
+    run_config = _parallel_for(run_config, dp, sp)
+    options = dict(seq_lens=seq_lens, depths=depths, buckets=buckets, num_batches=num_batches, seed=seed)
+    if os.path.isdir(model_dir):
+        check_evaluation(_with_model_config(run_config, model_dir, run_config.parallel), **options)
+    lengths = ", ".join(str(length) for length in (seq_lens or [run_config.train.seq_len]))
+    result = run_ray(_evaluate_on_rank, model_dir, run_config.to_dict(), options, workers=dp * sp,
+                     what="evaluation through Ray", name="mcdist-eval", address=address, use_gpu=use_gpu,
+                     device=device, cpus_per_worker=cpus_per_worker, storage_path=storage_path, timeout_s=timeout_s,
+                     log=log, describe=f"{run_config.train.task} at L = {lengths}, dp {dp} × sp {sp} "
+                                       f"({run_config.parallel.layout}), model {model_dir}")
+    return result["results"]
+
+
+def format_table(results: Sequence[dict]) -> str:
+    """The results as aligned text lines: one per length (and depth), one per position bucket below it."""
+    lines = []
+    for entry in results:
+        depth = f"  depth {entry['depth']:.2f}" if "depth" in entry else ""
+        lines.append(f"seq_len {entry['seq_len']:>9,}{depth}  accuracy {entry['eval_accuracy']:.4f}  loss "
+                     f"{entry['eval_loss']:.4f}  ({entry['labelled']:,} labelled)")
+        for bucket in entry.get("by_position", []):
+            perplexity = math.exp(min(bucket["eval_loss"], 700.0))
+            lines.append(f"    [{bucket['start']:>9,}, {bucket['end']:>9,})  accuracy {bucket['eval_accuracy']:.4f}  "
+                         f"loss {bucket['eval_loss']:.4f}  ppl {perplexity:10.3f}  ({bucket['labelled']:,})")
+    return "\n".join(lines)

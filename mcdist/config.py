@@ -186,6 +186,8 @@ class ModelConfig(_Config):
     qk_norm: str = "l2"
     output_gate: bool = True
     output_norm: bool = True
+    # short causal depthwise convolution of q, k, v over the last conv_size tokens (then SiLU); 0 = none
+    conv_size: int = 0
 
     # deep memory (dla, titans)
     expansion: int = 2
@@ -218,6 +220,10 @@ class ModelConfig(_Config):
         if not isinstance(self.gate_scale, (int, float)) or self.gate_scale < 0 or not math.isfinite(self.gate_scale):
             raise ConfigError(f"{s}.gate_scale = {self.gate_scale!r} is invalid; expected 0 (= 1/sqrt(head_dim)) "
                               "or a positive number")
+        if isinstance(self.conv_size, bool) or not isinstance(self.conv_size, int) or self.conv_size < 0 \
+                or self.conv_size == 1 or self.conv_size > self.segment_len + 1:
+            raise ConfigError(f"{s}.conv_size = {self.conv_size!r} is invalid; expected 0 (no convolution) or a width "
+                              f"in [2, segment_len + 1 = {self.segment_len + 1}]")
         if self.segment_len % self.chunk_len != 0:
             raise ConfigError(f"{s}.chunk_len = {self.chunk_len} does not divide {s}.segment_len = "
                               f"{self.segment_len}; expected a divisor")

@@ -58,6 +58,7 @@ class LayerCache:
     context_sum: torch.Tensor  # [B, H, D] Σ k over the open segment's tokens
     pending: Optional[tuple] = None  # deep memory: (k [B, n, H, D], v, θ [B, n, H]) of the open mini-batch
     owned_counts: List[int] = field(default_factory=lambda: [0])  # states held by each rank of the group
+    conv_tail: Optional[torch.Tensor] = None  # short convolution: qkv of the last conv_size − 1 tokens, or None
 
 
 def _fresh_state(layer: MemoryCachingLayer, batch: int, dtype: torch.dtype, device):
@@ -220,6 +221,8 @@ def layer_prefill(layer: MemoryCachingLayer, x: torch.Tensor, impl: str) -> tupl
         outputs.append(layer.output(xa, layer.aggregate(p, memory, impl=impl)))
         closed, _ = segment_contexts(p.k, cfg.segment_len, cfg.pool)
         cache = _cache_after_forward(layer, p, memory, aligned, list(range(closed.shape[1])), closed, closed)
+        if cfg.conv_size:  # qkv of the prompt's last conv_size − 1 tokens (zeros before the first)
+            cache.conv_tail = layer.conv_tail(layer.qkv(xa[:, -(cfg.conv_size - 1):]))
     else:
         cache = empty_layer_cache(layer, x)
     reader = _Reader(None, impl)
@@ -326,7 +329,12 @@ def layer_decode(layer: MemoryCachingLayer, x: torch.Tensor, cache: LayerCache, 
     """Output [B, 1, d_model] of the layer for the next token x [B, 1, d_model]; advances the cache."""
     cfg = layer.config
     C = cfg.segment_len
-    p = layer.project(x)
+    if cfg.conv_size:  # the convolution reads the tokens before this one from the cache
+        raw = layer.qkv(x)
+        p = layer.project(x, mixed=layer.short_conv(raw, cache.conv_tail))
+        cache.conv_tail = layer.conv_tail(raw, cache.conv_tail)
+    else:
+        p = layer.project(x)
     online, online_weights = _online_step(layer, p, cache)
     cache.context_sum = cache.context_sum + p.k[:, 0].to(cache.context_sum.dtype)
     count = cache.position % C + 1
@@ -344,14 +352,14 @@ def layer_decode(layer: MemoryCachingLayer, x: torch.Tensor, cache: LayerCache, 
 def sp_layer_prefill(layer: MemoryCachingLayer, x: torch.Tensor, sp, layout: str, impl: str) -> tuple:
     """Under SP: (this rank's output [B, T_local, d_model], LayerCache) for x = this rank's slice of a sequence
     whose length the layout divides (so every segment and mini-batch is whole)."""
-    from mcdist.parallel.sp_layer import Shard, global_contexts, sp_aggregate, sp_memory_pass
+    from mcdist.parallel.sp_layer import Shard, global_contexts, sp_aggregate, sp_memory_pass, sp_project
 
     _check_supported(layer)
     cfg = layer.config
     C = cfg.segment_len
     seq_len = x.shape[1] * sp.size
     shard = Shard(sp, layout, seq_len, C)
-    p = layer.project(x)
+    p, conv_tail = sp_project(layer, x, shard, with_tail=True)
     memory = sp_memory_pass(layer, p, shard, impl)
     out = layer.output(x, sp_aggregate(layer, p, memory, shard, impl))
     held = [g for _, start, length in shard.local_pieces() for g in range(start // C, (start + length) // C)]
@@ -368,6 +376,7 @@ def sp_layer_prefill(layer: MemoryCachingLayer, x: torch.Tensor, sp, layout: str
         state = DeepState(*(_broadcast(t, owner, sp) for t in state)) if cfg.is_deep else _broadcast(state, owner, sp)
     memory = memory._replace(final_state=state)
     cache = _cache_after_forward(layer, p, memory, seq_len, held, closed, global_contexts(closed, shard), sp.size)
+    cache.conv_tail = conv_tail
     return out, cache
 
 

@@ -69,6 +69,8 @@ class MemoryCachingLayer(nn.Module):
         H, D, width = config.n_heads, config.dim_head, config.d_model
         self.n_heads, self.head_dim = H, D
         self.qkv = nn.Linear(width, 3 * H * D, bias=False)
+        if config.conv_size:  # depthwise: one filter of conv_size taps per channel of q, k, v
+            self.conv_weight = nn.Parameter(torch.empty(3 * H * D, config.conv_size))
         self.needs_gate_query = config.aggregation in ("grm", "soup", "ssc")
         if self.needs_gate_query and not config.share_uq:
             self.connector = nn.Linear(width, H * D, bias=False)
@@ -94,6 +96,9 @@ class MemoryCachingLayer(nn.Module):
         for module in (self.qkv, self.out_proj, getattr(self, "connector", None), getattr(self, "gate_proj", None)):
             if module is not None:
                 nn.init.normal_(module.weight, std=std)
+        if hasattr(self, "conv_weight"):  # nn.Conv1d's default for a depthwise filter (fan-in = conv_size)
+            bound = 1.0 / math.sqrt(self.config.conv_size)
+            nn.init.uniform_(self.conv_weight, -bound, bound)
         if hasattr(self, "decay_proj"):
             nn.init.normal_(self.decay_proj.weight, std=std)
             with torch.no_grad():  # per-head decays from about 0.99 down to about 0.73 at the start
@@ -103,11 +108,46 @@ class MemoryCachingLayer(nn.Module):
             nn.init.zeros_(self.step_proj.bias)
 
     # -- the four steps ----------------------------------------------------------------------------------------
-    def project(self, x: torch.Tensor) -> Projections:
-        """q, k, v, u and the per-token gates from x [B, T, d_model]."""
+    def short_conv(self, raw: torch.Tensor, prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The short convolution (``conv_size = w``) of q, k, v: SiLU(Σ_j w_j ⊙ raw_{t-w+1+j}), causal.
+
+        Args:
+            raw: ``qkv(x)`` [B, T, 3·H·D] of consecutive tokens.
+            prefix: ``qkv`` of the w − 1 tokens before them [B, w − 1, 3·H·D]; ``None`` = the sequence starts here
+                (zeros before it).
+        Returns:
+            [B, T, 3·H·D]; ``raw`` itself when the layer has no convolution.
+        """
+        w = self.config.conv_size
+        if not w:
+            return raw
+        B, T, channels = raw.shape
+        if prefix is None:
+            prefix = raw.new_zeros(B, w - 1, channels)
+        padded = torch.cat([prefix.to(raw.dtype), raw], 1).transpose(1, 2)  # [B, 3HD, w - 1 + T]
+        mixed = F.silu(F.conv1d(padded, self.conv_weight.to(raw.dtype)[:, None], groups=channels))  # [B, 3HD, T]
+        return mixed.transpose(1, 2).contiguous()  # the layout of qkv(x): each head's d values adjacent
+
+    def conv_tail(self, raw: torch.Tensor, prefix: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """The ``prefix`` for the tokens after ``raw`` [B, T, 3·H·D] (which followed ``prefix``): the last w − 1 rows
+        of the two; ``None`` without a convolution."""
+        w = self.config.conv_size
+        if not w:
+            return None
+        if prefix is None:
+            prefix = raw.new_zeros(raw.shape[0], w - 1, raw.shape[2])
+        return torch.cat([prefix.to(raw.dtype), raw], 1)[:, raw.shape[1]:]
+
+    def project(self, x: torch.Tensor, *, mixed: Optional[torch.Tensor] = None) -> Projections:
+        """q, k, v, u and the per-token gates from x [B, T, d_model] (a sequence from its start).
+
+        ``mixed``: q, k, v after the short convolution [B, T, 3·H·D], when the caller computed them (a piece of a
+        sequence under SP, one decoded token): the convolution then needs the tokens before x, which x lacks."""
         B, T, _ = x.shape
         H, D = self.n_heads, self.head_dim
-        q, k, v = self.qkv(x).view(B, T, 3, H, D).unbind(2)
+        if mixed is None:
+            mixed = self.short_conv(self.qkv(x))
+        q, k, v = mixed.view(B, T, 3, H, D).unbind(2)
         if self.config.qk_norm == "l2":  # (autocast runs the norm in float32: keep q, k in v's dtype)
             q = F.normalize(q, dim=-1).to(v.dtype)
             k = F.normalize(k, dim=-1).to(v.dtype)

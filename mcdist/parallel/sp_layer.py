@@ -56,6 +56,32 @@ class Shard:
         return [(rank, j) for _, rank, j in sorted(entries)]
 
 
+def sp_project(layer, x: torch.Tensor, shard: Shard, *, with_tail: bool = False):
+    """``layer.project`` of this rank's pieces x [B, T_local, d_model]. With a short convolution (``conv_size`` = w),
+    each piece's first tokens read the w − 1 tokens before it, which another rank holds: every rank sends the last
+    w − 1 rows of ``qkv`` of each of its pieces to all (one all-gather, with its gradient).
+
+    ``with_tail``: also return the ``qkv`` rows of the sequence's last w − 1 tokens (every rank; for the inference
+    cache), else ``None``."""
+    w = layer.config.conv_size
+    if not w:
+        return layer.project(x), None
+    raw = layer.qkv(x)  # [B, T_local, 3HD]
+    pieces = shard.local_pieces()
+    tails = torch.stack([raw[:, offset + length - (w - 1):offset + length] for offset, _, length in pieces], 1)
+    gathered = all_gather_with_grad(tails, shard.sp, "conv")  # [P, B, pieces, w - 1, 3HD]
+    # one table of every piece's tail, then zeros (what the sequence's first piece reads): every rank reads the
+    # gathered tensor, so every rank runs its backward (a collective) even when its only piece starts the sequence
+    table = torch.cat([gathered.transpose(0, 1).flatten(1, 2), tails.new_zeros(tails[:, :1].shape)], 1)
+    row = {start + length: rank * len(pieces) + j for rank in range(shard.sp.size)
+           for j, (start, length) in enumerate(shard.pieces(rank))}
+    row[0] = table.shape[1] - 1
+    mixed = [layer.short_conv(raw[:, offset:offset + length], table[:, row[start]])
+             for offset, start, length in pieces]
+    last = table[:, row[shard.seq_len]] if with_tail else None
+    return layer.project(x, mixed=torch.cat(mixed, 1)), last
+
+
 def _slice(p: Projections, offset: int, length: int) -> Projections:
     return Projections(*(None if x is None else x[:, offset:offset + length] for x in p))
 
@@ -547,6 +573,6 @@ def sp_layer_forward(layer, x: torch.Tensor, shard_group: SPGroup, layout: str, 
     if impl == "reference":
         impl = "chunked"
     shard = Shard(shard_group, layout, seq_len, cfg.segment_len)
-    p = layer.project(x)
+    p, _ = sp_project(layer, x, shard)
     memory = sp_memory_pass(layer, p, shard, impl)
     return layer.output(x, sp_aggregate(layer, p, memory, shard, impl))

@@ -88,7 +88,7 @@ def model_steps_worker(rank, world, cases, out_path):
             json.dump(results, handle)
 
 
-def model_step(rank, world, dp, sp, layout, memory, aggregation, state_init):
+def model_step(rank, world, dp, sp, layout, memory, aggregation, state_init, conv_size=0):
     """One training step of the whole model under dp × sp against one process on the whole batch."""
     from mcdist.config import ParallelConfig
     from mcdist.model import MCLanguageModel
@@ -97,7 +97,8 @@ def model_step(rank, world, dp, sp, layout, memory, aggregation, state_init):
 
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, memory=memory, aggregation=aggregation,
-                         state_init=state_init, segment_len=4, chunk_len=2, minibatch_len=2, top_k=2, inner_lr=0.1)
+                         state_init=state_init, segment_len=4, chunk_len=2, minibatch_len=2, top_k=2, inner_lr=0.1,
+                         conv_size=conv_size)
     reference = MCLanguageModel(config).double()
     model = MCLanguageModel(config).double()
     model.load_state_dict(reference.state_dict())
@@ -154,17 +155,19 @@ def failing_worker(rank, world, out_dir):
 
 
 def inference_worker(rank, world, cases, out_path):
-    """For each (layout, memory, aggregation, state_init, prompt_len, new_tokens): the largest difference between
-    the next-token logits of an SP Session (prefill + decode) and one process's full forward, over every step."""
+    """For each (layout, memory, aggregation, state_init, prompt_len, new_tokens[, conv_size]): the largest
+    difference between the next-token logits of an SP Session (prefill + decode) and one process's full forward,
+    over every step."""
     from mcdist.infer import Session
     from mcdist.model import MCLanguageModel
 
     results = {}
-    for layout, memory, aggregation, state_init, prompt_len, new_tokens in cases:
+    for case in cases:
+        layout, memory, aggregation, state_init, prompt_len, new_tokens = case[:6]
         torch.manual_seed(0)
         config = ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, memory=memory,
                              aggregation=aggregation, state_init=state_init, segment_len=4, chunk_len=2,
-                             minibatch_len=2, top_k=2, inner_lr=0.1)
+                             minibatch_len=2, top_k=2, inner_lr=0.1, conv_size=case[6] if len(case) > 6 else 0)
         model = MCLanguageModel(config).double()
         ids = torch.randint(0, 32, (2, prompt_len + new_tokens), generator=torch.Generator().manual_seed(1))
         full = model(ids, impl="chunked").logits
@@ -179,7 +182,7 @@ def inference_worker(rank, world, cases, out_path):
         held = torch.stack(counts)  # [rank, layer]
         every = torch.tensor([error], dtype=torch.float64)
         dist.all_reduce(every, op=dist.ReduceOp.MAX)
-        results["-".join(map(str, (layout, memory, aggregation, state_init, prompt_len, new_tokens)))] = {
+        results["-".join(map(str, case))] = {
             "error": float(every), "held": held.sum(0).tolist(),
             "imbalance": float((held.max(0).values - held.min(0).values).max()),
             "closed": [cache.position // config.segment_len for cache in session.caches]}

@@ -22,7 +22,9 @@ CASES += [("contiguous", "gated", "grm", "independent", 16, 9), ("zigzag", "line
 # 4 ranks: 37 = 2·P·C + 5 (zigzag), 19 = P·C + 3 (contiguous); the last piece's owner is rank 0 under zigzag and
 # rank 3 under contiguous
 CASES_4 = [("zigzag", "gated", "grm", "checkpoint", 37, 9), ("contiguous", "linear", "ssc", "checkpoint", 19, 9),
-           ("zigzag", "titans", "soup", "checkpoint", 32, 6)]
+           ("zigzag", "titans", "soup", "checkpoint", 32, 6), ("zigzag", "gated", "grm", "checkpoint", 35, 7, 4)]
+# the short convolution (last element: conv_size): the prefill's pieces read across ranks, decoding reads the tail
+CASES += [("zigzag", "gated", "ssc", "checkpoint", 19, 8, 3), ("contiguous", "dla", "grm", "checkpoint", 16, 6, 4)]
 
 
 @pytest.fixture(scope="module")

@@ -53,6 +53,10 @@ STEP_CASES = [
     (2, 2, "contiguous", "dla", "ssc", "independent"),
     (1, 4, "zigzag", "linear", "soup", "checkpoint"),
     (1, 4, "contiguous", "titans", "residual", "checkpoint"),
+    # the short convolution: each piece's first tokens read the last conv_size − 1 tokens of another rank's piece
+    (2, 2, "zigzag", "gated", "grm", "checkpoint", 4),
+    (1, 4, "zigzag", "dla", "ssc", "independent", 3),
+    (2, 2, "contiguous", "linear", "soup", "checkpoint", 5),
 ]
 
 

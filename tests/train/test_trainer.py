@@ -345,3 +345,15 @@ def test_eval_seq_lens_score_other_lengths_at_every_evaluation(tmp_path):
         check_run(tiny(tmp_path / "sp", "parallel.sp=2", "train.eval_seq_lens=[64, 48]"))
     with pytest.raises(ConfigError, match=r"train.eval_seq_lens = \[0\] is invalid; expected a list of positive"):
         tiny(tmp_path / "zero", "train.eval_seq_lens=[0]")
+
+
+def test_a_run_from_init_from_resumes_from_its_own_checkpoints(tmp_path):
+    short = run_training(tiny(tmp_path / "short", "train.steps=2"))
+    extension = ["train.seq_len=64", f"train.init_from={short['final_model']}", "train.steps=4"]
+    straight = run_training(tiny(tmp_path / "straight", *extension))
+    first = run_training(tiny(tmp_path / "split", *extension), callbacks=StopAtStep(2))
+    assert first["stopped_early"] and first["step"] == 2
+    second = run_training(tiny(tmp_path / "split", *extension))  # resume = auto: its own step-2 checkpoint
+    assert second["resumed_from"].endswith("step-000002")
+    assert curve(tmp_path / "split") == curve(tmp_path / "straight")
+    assert second["eval_loss"] == straight["eval_loss"]

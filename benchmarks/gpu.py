@@ -161,11 +161,13 @@ class _ssc_read:
 def layer_check(device, smoke) -> list:
     rows = []
     T = 96 if smoke else 1000  # not a multiple of the chunk: exercises the padding
-    for memory, aggregation in [("gated", "grm"), ("linear", "ssc"), ("gated", "soup"), ("linear", "residual")]:
+    cases = [("gated", "grm", 0), ("linear", "ssc", 0), ("gated", "soup", 0), ("linear", "residual", 0),
+             ("gated", "grm", 4)]  # the last with the short convolution of q, k, v
+    for memory, aggregation, conv_size in cases:
         for dtype in (torch.float32, torch.bfloat16):
             torch.manual_seed(0)
             config = ModelConfig(d_model=128 if not smoke else 32, n_heads=2, memory=memory, aggregation=aggregation,
-                                 segment_len=64 if not smoke else 32, chunk_len=16, top_k=3)
+                                 segment_len=64 if not smoke else 32, chunk_len=16, top_k=3, conv_size=conv_size)
             layer = MemoryCachingLayer(config).to(device)
             x = torch.randn(2, T, config.d_model, device=device)
             upstream = torch.randn(2, T, config.d_model, device=device)
@@ -181,7 +183,8 @@ def layer_check(device, smoke) -> list:
                 (y.float() * upstream).sum().backward()
                 results[name] = (y.float(), xi.grad.float(), [p.grad.clone() for p in layer.parameters()])
             ref = results["reference"]
-            row = dict(memory=memory, aggregation=aggregation, dtype=str(dtype).replace("torch.", ""))
+            row = dict(memory=memory, aggregation=aggregation, conv_size=conv_size,
+                       dtype=str(dtype).replace("torch.", ""))
             for name in ("chunked", "triton"):
                 got = results[name]
                 row[name] = dict(out=relative_error(got[0], ref[0]), grad_x=relative_error(got[1], ref[1]),

@@ -488,8 +488,12 @@ def _compare_with_ray(args, base: RunConfig, aggregations: list[str]) -> int:
         print(f"  {aggregation:<9} accuracy {result['eval_accuracy']:.3f}  eval loss {result['eval_loss']:.3f}  "
               f"(trained {result['train_seconds']:.0f} s, {result['ray_seconds']:.0f} s with Ray; "
               f"{result['final_model']})")
-    print(json.dumps({name: {"eval_accuracy": r["eval_accuracy"], "eval_loss": r["eval_loss"]}
-                      for name, r in results.items()}, sort_keys=True))
+    print("the same task at longer lengths (more filler between each key and its query; mcdist eval --seq-lens):")
+    for aggregation, result in results.items():
+        print(f"  {aggregation:<9} " + "  ".join(f"L {length}: accuracy {accuracy:.3f}"
+                                               for length, accuracy in result["accuracy_at"].items()))
+    print(json.dumps({name: {"eval_accuracy": r["eval_accuracy"], "eval_loss": r["eval_loss"],
+                             "accuracy_at": r["accuracy_at"]} for name, r in results.items()}, sort_keys=True))
     return 0
 
 

@@ -590,9 +590,13 @@ def compare_with_ray(base: RunConfig, aggregations: list[str], *,
         log: receives progress lines; ``None`` is silent.
 
     Returns:
-        ``{aggregation: {"eval_accuracy", "eval_loss"  (of the reloaded checkpoint), "train_eval_accuracy" (the
-        trainer's last evaluation), "final_model", "train_seconds", "ray_seconds", "tokens_per_s"}}``.
+        ``{aggregation: {"eval_accuracy", "eval_loss"  (of the reloaded checkpoint), "accuracy_at", "eval_loss_at"
+        ({"<length>": value} at 2× and 4× the training length: the same task with more filler between keys and
+        queries, :mod:`mcdist.evaluation`), "train_eval_accuracy" (the trainer's last evaluation), "final_model",
+        "train_seconds", "ray_seconds", "tokens_per_s"}}``.
     """
+    from mcdist.evaluation import evaluate_checkpoint as evaluate_lengths
+
     if base.train.task != "mqar":
         raise ConfigError(f"train.task = {base.train.task!r}: the comparison scores MQAR recall; expected 'mqar'")
     runs = {name: base.with_overrides([f"model.aggregation={name}",
@@ -613,9 +617,13 @@ def compare_with_ray(base: RunConfig, aggregations: list[str], *,
                 raise RuntimeError(f"the {name} run ended at step {trained.get('step')} before train.steps = "
                                    f"{run.train.steps} and saved no final model")
             scored = evaluate_checkpoint(trained["final_model"], run)
+            longer = evaluate_lengths(trained["final_model"], run, seq_lens=[2 * run.train.seq_len,
+                                                                              4 * run.train.seq_len])
             say(f"== {name}: reloaded {trained['final_model']}: accuracy {scored['eval_accuracy']:.4f}, loss "
                 f"{scored['eval_loss']:.4f} ==")
-            results[name] = {**scored, "train_eval_accuracy": trained.get("eval_accuracy"),
+            results[name] = {**scored, "accuracy_at": {str(e["seq_len"]): e["eval_accuracy"] for e in longer},
+                             "eval_loss_at": {str(e["seq_len"]): e["eval_loss"] for e in longer},
+                             "train_eval_accuracy": trained.get("eval_accuracy"),
                              "final_model": trained["final_model"], "train_seconds": trained.get("elapsed_s"),
                              "ray_seconds": seconds, "tokens_per_s": trained.get("tokens_per_s")}
     return results

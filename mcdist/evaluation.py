@@ -269,7 +269,8 @@ def evaluate_with_ray(model_dir: str | os.PathLike, run_config: RunConfig, *, sp
 
 
 def format_table(results: Sequence[dict]) -> str:
-    """The results as aligned text lines: one per length (and depth), one per position bucket below it."""
+    """The results as aligned text lines: one per length (and depth), one per position bucket below it; with
+    passkey depths, then the accuracy grid (a row per length, a column per depth: the needle-in-a-haystack view)."""
     lines = []
     for entry in results:
         depth = f"  depth {entry['depth']:.2f}" if "depth" in entry else ""
@@ -279,4 +280,12 @@ def format_table(results: Sequence[dict]) -> str:
             perplexity = math.exp(min(bucket["eval_loss"], 700.0))
             lines.append(f"    [{bucket['start']:>9,}, {bucket['end']:>9,})  accuracy {bucket['eval_accuracy']:.4f}  "
                          f"loss {bucket['eval_loss']:.4f}  ppl {perplexity:10.3f}  ({bucket['labelled']:,})")
+    depths = sorted({entry["depth"] for entry in results if "depth" in entry})
+    if depths:
+        grid = {(entry["seq_len"], entry["depth"]): entry["eval_accuracy"] for entry in results if "depth" in entry}
+        lines.append("accuracy by length (rows) and passkey depth (columns):")
+        lines.append(" " * 11 + "".join(f"{depth:>8.2f}" for depth in depths))
+        for length in sorted({length for length, _ in grid}):
+            lines.append(f"{length:>11,}" + "".join(f"{grid[(length, depth)]:>8.3f}" if (length, depth) in grid
+                                                   else " " * 8 for depth in depths))
     return "\n".join(lines)

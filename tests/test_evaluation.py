@@ -189,6 +189,9 @@ def test_cli_writes_one_line_per_length_and_depth(saved, tmp_path, capsys):
     assert all(e["task"] == "passkey" and len(e["by_position"]) == 2 for e in lines)
     assert out.read_text() == captured.out
     assert "seq_len        48  depth 0.50" in captured.err  # the table
+    grid = captured.err.splitlines()[-3:]  # the length × depth grid closes it
+    assert grid[0].split() == ["0.00", "0.50"]
+    assert [float(cell) for cell in grid[2].split()[1:]] == [round(e["eval_accuracy"], 3) for e in lines[2:]]
     for argv, message in ((["--depths", "0,x"], "--depths '0,x' is invalid"),
                           (["--seq-lens", "32,50", "--sp", "2"], "train.seq_len = 50 does not fit parallel.sp = 2"),
                           (["--dp", "0"], "--dp = 0 is invalid"),

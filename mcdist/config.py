@@ -313,6 +313,8 @@ class TrainConfig(_Config):
     grad_accum: int = 1
     min_lr_ratio: float = 0.1
     activation_checkpointing: bool = False
+    # LM head + cross-entropy this many tokens at a time (0 = all at once): the full logits are never held
+    loss_chunk: int = 0
     # checkpoints: every N steps (0 = at the end only), keep the last K, resume 'auto' | 'never' | a path
     checkpoint_every: int = 0
     keep_last: int = 3
@@ -336,6 +338,9 @@ class TrainConfig(_Config):
                 or self.checkpoint_every < 0:
             raise ConfigError(f"{s}.checkpoint_every = {self.checkpoint_every!r} is invalid; expected an integer "
                               ">= 0 (0 = only at the end)")
+        if not isinstance(self.loss_chunk, int) or isinstance(self.loss_chunk, bool) or self.loss_chunk < 0:
+            raise ConfigError(f"{s}.loss_chunk = {self.loss_chunk!r} is invalid; expected an integer >= 0 (tokens "
+                              "per chunk of the LM head and loss; 0 = all at once)")
         if not _is_finite_number(self.min_lr_ratio) or not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"{s}.min_lr_ratio = {self.min_lr_ratio!r} is invalid; expected a number in [0, 1]")
         if self.task == "tokens" and not self.data_path:

@@ -56,6 +56,11 @@ class ModelOutput:
     loss: Optional[torch.Tensor] = None  # mean cross-entropy over labels != -100
 
 
+def _cross_entropy_sum(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Σ cross-entropy of head(hidden) [n, vocab] against labels [n] (-100 ignored), in float32 or wider."""
+    return F.cross_entropy(at_least_float32(head(hidden)), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
 class MCLanguageModel(nn.Module):
     """A causal language model whose token mixers are Memory Caching layers.
 
@@ -104,6 +109,37 @@ class MCLanguageModel(nn.Module):
             loss = F.cross_entropy(at_least_float32(logits).reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                    ignore_index=IGNORE_INDEX)
         return ModelOutput(logits, loss)
+
+    def loss_sum(self, input_ids: torch.Tensor, labels: torch.Tensor, *, chunk_tokens: int = 0,
+                 impl: Optional[str] = None) -> torch.Tensor:
+        """Σ cross-entropy (float32 or wider) over the labelled tokens (labels != -100) of input_ids [B, T].
+
+        ``chunk_tokens > 0``: the logits are made and reduced ``chunk_tokens`` tokens at a time, each chunk under
+        activation checkpointing, so neither the forward nor the backward ever holds more than one chunk's
+        [chunk, vocab] logits (a long sequence's full logits are the largest activation by far: 128K tokens × a
+        32K vocabulary are 16 GiB in float32). The same value and gradients as ``chunk_tokens = 0`` up to float
+        summation order."""
+        hidden = self.hidden_states(input_ids, impl=impl).flatten(0, 1)  # [B·T, d_model]
+        labels = labels.reshape(-1)
+        if chunk_tokens <= 0:
+            return _cross_entropy_sum(self.lm_head, hidden, labels)
+        from torch.utils.checkpoint import checkpoint
+
+        total = None
+        for first in range(0, hidden.shape[0], chunk_tokens):
+            part = checkpoint(_cross_entropy_sum, self.lm_head, hidden[first:first + chunk_tokens],
+                              labels[first:first + chunk_tokens], use_reentrant=False)
+            total = part if total is None else total + part
+        return total
+
+    def logit_chunks(self, input_ids: torch.Tensor, *, chunk_tokens: int = 0, impl: Optional[str] = None):
+        """The logits of input_ids [B, T], ``chunk_tokens`` positions at a time (all at once for 0): yields
+        ``(first, logits [B, n, vocab])`` for positions ``[first, first + n)``; for evaluation, where only
+        per-token reductions (loss, arg-max) of the logits are needed."""
+        hidden = self.hidden_states(input_ids, impl=impl)  # [B, T, d_model]
+        step = chunk_tokens if chunk_tokens > 0 else hidden.shape[1]
+        for first in range(0, hidden.shape[1], step):
+            yield first, self.lm_head(hidden[:, first:first + step])
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -323,11 +323,10 @@ def build_model(run_config: RunConfig, mesh: Mesh, device: torch.device) -> torc
     return model
 
 
-def _loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Σ cross-entropy over this rank's labelled tokens (float32 or wider)."""
-    logits = model(input_ids).logits  # [b, t, V]
-    return F.cross_entropy(at_least_float32(logits).reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+def _loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Σ cross-entropy over this rank's labelled tokens (float32 or wider), the logits ``chunk`` tokens at a time
+    (``train.loss_chunk``; 0 = all at once)."""
+    return model.loss_sum(input_ids, labels, chunk_tokens=chunk)
 
 
 def _all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
@@ -391,17 +390,21 @@ def evaluate(model: torch.nn.Module, data: RankData, *, num_batches: int, device
     sums = torch.zeros(len(bounds) - 1, 3, dtype=torch.float64, device=device)  # per bucket: loss, correct, count
     was_training = model.training
     model.eval()
+    chunk_tokens = data.config.train.loss_chunk  # logits a few positions at a time, as training makes them
     try:
         for input_ids, labels in data.eval_batches(num_batches, depth=depth, seed=seed):
             input_ids, labels = input_ids.to(device), labels.to(device)
+            positions = max(1, chunk_tokens // input_ids.shape[0]) if chunk_tokens else 0
             with autocast():
-                logits = model(input_ids).logits  # [b, t, V]
-            losses = F.cross_entropy(at_least_float32(logits).transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
-                                     reduction="none")  # [b, t], 0 where unlabelled
-            mask = labels != IGNORE_INDEX  # [b, t]
-            correct = (logits.argmax(dim=-1) == labels) & mask
-            for column, values in enumerate((losses, correct, mask)):
-                sums[:, column].index_add_(0, bucket, values.double().sum(dim=0))
+                for first, logits in model.logit_chunks(input_ids, chunk_tokens=positions):  # [b, n, V]
+                    part = labels[:, first:first + logits.shape[1]]
+                    losses = F.cross_entropy(at_least_float32(logits).transpose(1, 2), part,
+                                             ignore_index=IGNORE_INDEX, reduction="none")  # [b, n], 0 unlabelled
+                    mask = part != IGNORE_INDEX  # [b, n]
+                    correct = (logits.argmax(dim=-1) == part) & mask
+                    for column, values in enumerate((losses, correct, mask)):
+                        sums[:, column].index_add_(0, bucket[first:first + logits.shape[1]],
+                                                   values.double().sum(dim=0))
     finally:
         model.train(was_training)
     _all_reduce(sums)
@@ -732,7 +735,7 @@ def run_training(config: RunConfig, *, callbacks: Optional[TrainCallbacks] = Non
             for input_ids, labels in batches:
                 input_ids, labels = input_ids.to(device), labels.to(device)
                 with autocast():
-                    total = _loss_sum(model, input_ids, labels)
+                    total = _loss_sum(model, input_ids, labels, cfg.loss_chunk)
                 (total / count[0].to(total.dtype)).backward()
                 loss_sum += total.detach().double()
             reduce_gradients(model)

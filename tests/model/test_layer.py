@@ -213,3 +213,29 @@ def test_bad_input_shapes_are_refused():
         linear_memory_chunked(*(torch.randn(1, 8, 2, 4) for _ in range(3)), segment_len=8, chunk_len=3)
     with pytest.raises(RuntimeError):
         layer(torch.randn(1, 8, 13, dtype=torch.float64))  # d_model 13 instead of 12
+
+
+@pytest.mark.parametrize("tie_embeddings", [False, True])
+def test_chunked_loss_equals_the_whole_logits_loss_and_its_gradients(tie_embeddings):
+    from mcdist.model import MCLanguageModel
+
+    torch.manual_seed(0)
+    model = MCLanguageModel(ModelConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=2, segment_len=4, chunk_len=2,
+                                        minibatch_len=2, tie_embeddings=tie_embeddings)).double()
+    ids = torch.randint(0, 40, (2, 13))
+    labels = torch.randint(0, 40, (2, 13))
+    labels[:, ::4] = -100
+    expected = torch.nn.functional.cross_entropy(model(ids).logits.reshape(-1, 40), labels.reshape(-1),
+                                                 ignore_index=-100, reduction="sum")
+    expected.backward()
+    reference = [p.grad.clone() for p in model.parameters()]
+    for chunk in (0, 1, 7, 26, 100):  # whole, one token, uneven, exactly B·T, more than B·T
+        model.zero_grad()
+        total = model.loss_sum(ids, labels, chunk_tokens=chunk)
+        total.backward()
+        torch.testing.assert_close(total, expected, rtol=1e-12, atol=1e-12)
+        for got, want in zip((p.grad for p in model.parameters()), reference):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    pieces = list(model.logit_chunks(ids, chunk_tokens=5))
+    assert [first for first, _ in pieces] == [0, 5, 10]
+    torch.testing.assert_close(torch.cat([logits for _, logits in pieces], 1), model(ids).logits)

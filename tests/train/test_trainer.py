@@ -357,3 +357,16 @@ def test_a_run_from_init_from_resumes_from_its_own_checkpoints(tmp_path):
     assert second["resumed_from"].endswith("step-000002")
     assert curve(tmp_path / "split") == curve(tmp_path / "straight")
     assert second["eval_loss"] == straight["eval_loss"]
+
+
+def test_loss_chunk_trains_and_evaluates_as_the_whole_logits_do(tmp_path):
+    whole = run_training(tiny(tmp_path / "whole", "train.dtype=float64", "train.steps=3"))
+    chunked = run_training(tiny(tmp_path / "chunked", "train.dtype=float64", "train.steps=3", "train.loss_chunk=9"))
+    for (step, loss, lr, norm), (step2, loss2, lr2, norm2) in zip(curve(tmp_path / "whole"),
+                                                                   curve(tmp_path / "chunked")):
+        assert (step, lr) == (step2, lr2)
+        assert loss2 == pytest.approx(loss, rel=1e-12) and norm2 == pytest.approx(norm, rel=1e-10)
+    assert chunked["eval_loss"] == pytest.approx(whole["eval_loss"], rel=1e-12)
+    assert chunked["eval_accuracy"] == whole["eval_accuracy"]
+    with pytest.raises(ConfigError, match="train.loss_chunk = -1 is invalid"):
+        tiny(tmp_path / "bad", "train.loss_chunk=-1")

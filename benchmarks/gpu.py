@@ -243,17 +243,18 @@ def train_check(device, smoke) -> dict:
         resumed = _train_losses(out)
         result["resume_max_loss_gap"] = max(abs(a - b) for a, b in zip(resumed, runs["triton"]))
         result["loss_fell"] = runs["triton"][-1] < runs["triton"][0]
-        if not smoke:  # throughput at a long sequence: d = 64 heads, C = 256, activation checkpointing
-            out = os.path.join(folder, "large")
+        if not smoke:  # throughput at a long sequence: d = 64 heads, C = 256, activation checkpointing; then the
+            # same with the logits made 4096 tokens at a time (train.loss_chunk): the peak memory both ways
             big = ["model.vocab_size=8192", "model.d_model=1024", "model.n_heads=16", "model.segment_len=256",
                    "model.chunk_len=64",
                    "train.seq_len=32768", "train.batch_size=1", "train.num_kv_pairs=64", "train.warmup_steps=1",
                    "train.activation_checkpointing=true", "train.eval_batches=1"]
-            torch.cuda.reset_peak_memory_stats()
-            final = run_training(_train_config(out, device, 4, big))
-            result["large"] = dict(seq_len=32768, d_model=1024, heads=16, tokens_per_s=final["tokens_per_s"],
-                                   peak_memory_gib=final["peak_memory_bytes"] / 2 ** 30,
-                                   loss=final["loss"], num_params=final["num_params"])
+            for name, extra in (("large", []), ("large_loss_chunk", ["train.loss_chunk=4096"])):
+                torch.cuda.reset_peak_memory_stats()
+                final = run_training(_train_config(os.path.join(folder, name), device, 4, big + extra))
+                result[name] = dict(seq_len=32768, d_model=1024, heads=16, tokens_per_s=final["tokens_per_s"],
+                                    peak_memory_gib=final["peak_memory_bytes"] / 2 ** 30,
+                                    loss=final["loss"], num_params=final["num_params"])
     print("train", result, flush=True)
     return result
 

@@ -315,6 +315,8 @@ class TrainConfig(_Config):
     activation_checkpointing: bool = False
     # LM head + cross-entropy this many tokens at a time (0 = all at once): the full logits are never held
     loss_chunk: int = 0
+    # AdamW state sharded over all dp × sp ranks (ZeRO stage 1): each rank holds ~1/world of it
+    shard_optimizer: bool = False
     # checkpoints: every N steps (0 = at the end only), keep the last K, resume 'auto' | 'never' | a path
     checkpoint_every: int = 0
     keep_last: int = 3
@@ -345,7 +347,7 @@ class TrainConfig(_Config):
             raise ConfigError(f"{s}.min_lr_ratio = {self.min_lr_ratio!r} is invalid; expected a number in [0, 1]")
         if self.task == "tokens" and not self.data_path:
             raise ConfigError(f"{s}.task = 'tokens' needs {s}.data_path (a file written by `mcdist data prepare`)")
-        for name in ("activation_checkpointing", "progress", "tensorboard"):
+        for name in ("activation_checkpointing", "progress", "tensorboard", "shard_optimizer"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{s}.{name} = {getattr(self, name)!r} is invalid; expected true or false")
         if not isinstance(self.resume, str) or not self.resume:

@@ -323,6 +323,20 @@ def build_model(run_config: RunConfig, mesh: Mesh, device: torch.device) -> torc
     return model
 
 
+def build_optimizer(model: torch.nn.Module, cfg, mesh: Mesh, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over the model's parameter groups; with ``train.shard_optimizer`` on more than one rank, its state
+    sharded over every rank of the world (``ZeroRedundancyOptimizer``: a rank steps the parameters it owns and
+    broadcasts them). Gradients are already summed over the world, so every rank's update is the one unsharded
+    AdamW makes, and the checkpointed state dict (consolidated on rank 0) has the same form either way."""
+    groups = _param_groups(model, cfg.weight_decay)
+    options = dict(lr=cfg.lr, betas=ADAM_BETAS, foreach=device.type == "cuda")
+    if cfg.shard_optimizer and mesh.distributed and dist.get_world_size() > 1:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, **options)
+    return torch.optim.AdamW(groups, **options)
+
+
 def _loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
     """Σ cross-entropy over this rank's labelled tokens (float32 or wider), the logits ``chunk`` tokens at a time
     (``train.loss_chunk``; 0 = all at once)."""
@@ -349,6 +363,13 @@ def _on_rank_0(rank: int, device: torch.device, action: Callable[[], object], fa
         raise error
     if float(ok[0]) < 1:
         raise RuntimeError(failure)
+
+
+def _optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state this rank holds (its shard under ``train.shard_optimizer``)."""
+    local = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer keeps this rank's shard in .optim
+    return sum(value.numel() * value.element_size() for state in local.state.values() for value in state.values()
+               if torch.is_tensor(value))
 
 
 def _peak_memory_bytes(device: torch.device) -> int:
@@ -629,8 +650,7 @@ def run_training(config: RunConfig, *, callbacks: Optional[TrainCallbacks] = Non
         return result
     model = build_model(config, mesh, device)
     num_params = sum(p.numel() for p in model.parameters())
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=ADAM_BETAS,
-                                  foreach=device.type == "cuda")
+    optimizer = build_optimizer(model, cfg, mesh, device)
 
     # resume: every rank reads the same verified files (nothing is sharded, so any dp × sp layout may resume)
     start_step, elapsed_before, tokens_seen, last_loss, evaluation, saved_world = 0, 0.0, 0, math.nan, {}, {}
@@ -707,6 +727,8 @@ def run_training(config: RunConfig, *, callbacks: Optional[TrainCallbacks] = Non
             ckpt.save_training_checkpoint(root, step, model=model, run_config=config, state=state,
                                           keep_last=cfg.keep_last)
 
+        if hasattr(optimizer, "consolidate_state_dict"):  # sharded: gather the whole state on rank 0 (collective)
+            optimizer.consolidate_state_dict(to=0)
         _on_rank_0(rank, device, write, f"rank 0 failed to save the checkpoint of step {step} under {root}")
         path = os.path.join(root, ckpt.step_dir_name(step))  # what save_training_checkpoint renamed into place
         last_checkpoint, last_saved_step = path, step
@@ -769,6 +791,9 @@ def run_training(config: RunConfig, *, callbacks: Optional[TrainCallbacks] = Non
                          "peak_memory_bytes": int(_all_reduce(torch.tensor([_peak_memory_bytes(device)],
                                                                            dtype=torch.float64, device=device),
                                                               dist.ReduceOp.MAX)[0]),
+                         "optimizer_state_bytes": int(_all_reduce(torch.tensor([_optimizer_state_bytes(optimizer)],
+                                                                               dtype=torch.float64, device=device),
+                                                                  dist.ReduceOp.MAX)[0]),
                          "comm_bytes_per_step": _communication(model, config, data, window_steps, grad_bytes,
                                                                bytes_per_value)}
                 reporter.record(entry)

@@ -370,3 +370,21 @@ def test_loss_chunk_trains_and_evaluates_as_the_whole_logits_do(tmp_path):
     assert chunked["eval_accuracy"] == whole["eval_accuracy"]
     with pytest.raises(ConfigError, match="train.loss_chunk = -1 is invalid"):
         tiny(tmp_path / "bad", "train.loss_chunk=-1")
+
+
+def test_shard_optimizer_steps_as_the_whole_optimizer_and_its_checkpoints_resume_either_way(tmp_path):
+    base = ["parallel.sp=2", "train.dtype=float64", "train.checkpoint_every=3"]
+    launch_local(tiny(tmp_path / "whole", *base))
+    launch_local(tiny(tmp_path / "sharded", *base, "train.shard_optimizer=true"))
+    assert curve(tmp_path / "sharded") == curve(tmp_path / "whole")  # the same AdamW update, bit for bit
+    held = {name: metrics(tmp_path / name)[-1]["optimizer_state_bytes"] for name in ("whole", "sharded")}
+    assert held["sharded"] < 0.75 * held["whole"], held  # each rank holds about half of the state
+    # a sharded run stopped at step 3 goes on unsharded in one process, and the other way round
+    launch_local(tiny(tmp_path / "to-one", *base, "train.shard_optimizer=true"), callbacks=StopAtStep(3))
+    run_training(tiny(tmp_path / "to-one", "train.dtype=float64", "train.checkpoint_every=3"))
+    launch_local(tiny(tmp_path / "to-sharded", *base), callbacks=StopAtStep(3))
+    launch_local(tiny(tmp_path / "to-sharded", *base, "train.shard_optimizer=true"))
+    for name in ("to-one", "to-sharded"):
+        for (step, loss, lr, _), (step2, loss2, lr2, _) in zip(curve(tmp_path / name), curve(tmp_path / "whole")):
+            assert (step, lr) == (step2, lr2) and loss == pytest.approx(loss2, rel=1e-10), name
+    assert len(curve(tmp_path / "to-one")) == len(curve(tmp_path / "whole"))

@@ -33,7 +33,8 @@ __all__ = ["check_request", "generate_from_checkpoint", "generate_local", "gener
            "generate_with_ray", "generate_with_model"]
 
 LAYOUTS = ("zigzag", "contiguous")
-REQUEST_KEYS = ("max_new_tokens", "temperature", "top_k", "seed", "eos_id", "layout", "batch_size")  # what check_request takes
+# what check_request takes
+REQUEST_KEYS = ("max_new_tokens", "temperature", "top_k", "seed", "eos_id", "layout", "batch_size")
 
 
 def check_request(prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,

@@ -564,22 +564,6 @@ def train_with_ray(
 # -- the main job: grm beside the base RNN ---------------------------------------------------------------------
 
 
-def evaluate_checkpoint(model_dir: str, config: RunConfig) -> dict:
-    """Load the saved model ``model_dir`` (``out_dir/checkpoint``) in this process and score it on the run's
-    evaluation batches (those the trainer scores; the same numbers as ``mcdist eval``)."""
-    import torch
-
-    from mcdist.checkpoint import load_model
-    from mcdist.train.simple import EVAL_SEED_OFFSET, evaluate_mqar
-
-    cfg = config.train
-    model, model_config = load_model(model_dir)
-    with torch.no_grad():
-        return evaluate_mqar(model, batch_size=cfg.batch_size, seq_len=cfg.seq_len, num_kv_pairs=cfg.num_kv_pairs,
-                             vocab_size=model_config.vocab_size, num_batches=cfg.eval_batches,
-                             seed=cfg.seed + EVAL_SEED_OFFSET, dtype=cfg.dtype)
-
-
 def compare_with_ray(base: RunConfig, aggregations: list[str], *,
                      log: Optional[Callable[[str], None]] = print) -> dict:
     """Train one model per aggregation through Ray (one Ray for all), reload each saved model and score it.
@@ -590,12 +574,12 @@ def compare_with_ray(base: RunConfig, aggregations: list[str], *,
         log: receives progress lines; ``None`` is silent.
 
     Returns:
-        ``{aggregation: {"eval_accuracy", "eval_loss"  (of the reloaded checkpoint), "accuracy_at", "eval_loss_at"
-        ({"<length>": value} at 2× and 4× the training length: the same task with more filler between keys and
-        queries, :mod:`mcdist.evaluation`), "train_eval_accuracy" (the trainer's last evaluation), "final_model",
-        "train_seconds", "ray_seconds", "tokens_per_s"}}``.
+        ``{aggregation: {"eval_accuracy", "eval_loss"  (of the reloaded checkpoint, on the evaluation batches the
+        trainer scores: the numbers of ``mcdist eval``), "accuracy_at", "eval_loss_at" ({"<length>": value} at 2× and
+        4× the training length: the same task with more filler between keys and queries), "train_eval_accuracy"
+        (the trainer's last evaluation), "final_model", "train_seconds", "ray_seconds", "tokens_per_s"}}``.
     """
-    from mcdist.evaluation import evaluate_checkpoint as evaluate_lengths
+    from mcdist.evaluation import evaluate_checkpoint
 
     if base.train.task != "mqar":
         raise ConfigError(f"train.task = {base.train.task!r}: the comparison scores MQAR recall; expected 'mqar'")
@@ -616,12 +600,13 @@ def compare_with_ray(base: RunConfig, aggregations: list[str], *,
             if not trained.get("final_model"):
                 raise RuntimeError(f"the {name} run ended at step {trained.get('step')} before train.steps = "
                                    f"{run.train.steps} and saved no final model")
-            scored = evaluate_checkpoint(trained["final_model"], run)
-            longer = evaluate_lengths(trained["final_model"], run, seq_lens=[2 * run.train.seq_len,
-                                                                              4 * run.train.seq_len])
+            # one load of the saved model, scored at the training length, then at 2× and 4× it
+            scored, *longer = evaluate_checkpoint(trained["final_model"], run,
+                                                  seq_lens=[length * run.train.seq_len for length in (1, 2, 4)])
             say(f"== {name}: reloaded {trained['final_model']}: accuracy {scored['eval_accuracy']:.4f}, loss "
                 f"{scored['eval_loss']:.4f} ==")
-            results[name] = {**scored, "accuracy_at": {str(e["seq_len"]): e["eval_accuracy"] for e in longer},
+            results[name] = {"eval_accuracy": scored["eval_accuracy"], "eval_loss": scored["eval_loss"],
+                             "accuracy_at": {str(e["seq_len"]): e["eval_accuracy"] for e in longer},
                              "eval_loss_at": {str(e["seq_len"]): e["eval_loss"] for e in longer},
                              "train_eval_accuracy": trained.get("eval_accuracy"),
                              "final_model": trained["final_model"], "train_seconds": trained.get("elapsed_s"),

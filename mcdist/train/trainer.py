@@ -337,12 +337,6 @@ def build_optimizer(model: torch.nn.Module, cfg, mesh: Mesh, device: torch.devic
     return torch.optim.AdamW(groups, **options)
 
 
-def _loss_sum(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Σ cross-entropy over this rank's labelled tokens (float32 or wider), the logits ``chunk`` tokens at a time
-    (``train.loss_chunk``; 0 = all at once)."""
-    return model.loss_sum(input_ids, labels, chunk_tokens=chunk)
-
-
 def _all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
@@ -440,27 +434,6 @@ def evaluate(model: torch.nn.Module, data: RankData, *, num_batches: int, device
         result["by_position"] = [{"start": bounds[i], "end": bounds[i + 1], **scores(sums[i])}
                                  for i in range(len(bounds) - 1)]
     return result
-
-
-def evaluate_task(model: torch.nn.Module, run_config: RunConfig, *, num_batches: Optional[int] = None,
-                  device: torch.device | str = "cpu") -> dict:
-    """Score ``model`` in this one process on the evaluation batches of ``run_config``'s task (any task).
-
-    Args:
-        model: a model (e.g. from ``mcdist.checkpoint.load_model``) on ``device``.
-        run_config: the run whose task, sizes and seed define the batches (its parallel section is ignored).
-        num_batches: batches to score (default ``train.eval_batches``).
-        device: where ``model`` is.
-
-    Returns:
-        ``{"eval_loss", "eval_accuracy"}``: what the trainer logs for the same weights (up to float rounding).
-    """
-    run_config = run_config.replace(parallel=ParallelConfig())
-    check_run(run_config)
-    device = torch.device(device)
-    return evaluate(model, RankData(run_config, Mesh.single()), device=device,
-                    autocast=autocast_for(run_config, device),
-                    num_batches=num_batches or run_config.train.eval_batches)
 
 
 # -- output ----------------------------------------------------------------------------------------------------
@@ -757,7 +730,7 @@ def run_training(config: RunConfig, *, callbacks: Optional[TrainCallbacks] = Non
             for input_ids, labels in batches:
                 input_ids, labels = input_ids.to(device), labels.to(device)
                 with autocast():
-                    total = _loss_sum(model, input_ids, labels, cfg.loss_chunk)
+                    total = model.loss_sum(input_ids, labels, chunk_tokens=cfg.loss_chunk)  # Σ CE, float32 or wider
                 (total / count[0].to(total.dtype)).backward()
                 loss_sum += total.detach().double()
             reduce_gradients(model)
@@ -785,15 +758,12 @@ def run_training(config: RunConfig, *, callbacks: Optional[TrainCallbacks] = Non
             reporter.advance(f"loss {loss:.4f} lr {lr:.2e}")
             is_last = done == cfg.steps or stop
             if done % cfg.log_every == 0 or is_last:
+                largest = _all_reduce(torch.tensor([_peak_memory_bytes(device), _optimizer_state_bytes(optimizer)],
+                                                   dtype=torch.float64, device=device), dist.ReduceOp.MAX)  # any rank
                 entry = {"kind": "train", "step": done, "loss": window_loss / window_steps, "lr": lr,
                          "grad_norm": grad_norm, "tokens_per_s": window_tokens / max(window_time, 1e-9),
                          "tokens_seen": tokens_seen, "elapsed_s": elapsed_before + time.perf_counter() - session_start,
-                         "peak_memory_bytes": int(_all_reduce(torch.tensor([_peak_memory_bytes(device)],
-                                                                           dtype=torch.float64, device=device),
-                                                              dist.ReduceOp.MAX)[0]),
-                         "optimizer_state_bytes": int(_all_reduce(torch.tensor([_optimizer_state_bytes(optimizer)],
-                                                                               dtype=torch.float64, device=device),
-                                                                  dist.ReduceOp.MAX)[0]),
+                         "peak_memory_bytes": int(largest[0]), "optimizer_state_bytes": int(largest[1]),
                          "comm_bytes_per_step": _communication(model, config, data, window_steps, grad_bytes,
                                                                bytes_per_value)}
                 reporter.record(entry)

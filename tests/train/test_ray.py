@@ -18,9 +18,10 @@ pytest.importorskip("ray.train")
 from mcdist import cli  # noqa: E402
 from mcdist.checkpoint import load_model  # noqa: E402
 from mcdist.config import ConfigError, RunConfig  # noqa: E402
+from mcdist.evaluation import evaluate_checkpoint  # noqa: E402
 from mcdist.train import state as ckpt  # noqa: E402
-from mcdist.train.ray_job import (RayConnectionError, _host_port, check_reachable,  # noqa: E402
-                                  evaluate_checkpoint, run_name, train_with_ray)
+from mcdist.train.ray_job import (RayConnectionError, _host_port, check_reachable, run_name,  # noqa: E402
+                                  train_with_ray)
 from mcdist.train.trainer import TrainCallbacks  # noqa: E402
 
 # Ray pickles the callbacks below into its workers, which cannot import this test module: send them by value.
@@ -181,7 +182,7 @@ def test_two_worker_sp2_run_finishes_and_its_checkpoint_loads(straight_run):
     # the final model reloads in one process and scores what the sp = 2 workers measured
     model, model_config = load_model(result["final_model"])
     assert model_config.aggregation == "grm" and isinstance(model, torch.nn.Module)
-    scored = evaluate_checkpoint(result["final_model"], tiny(out_dir))
+    [scored] = evaluate_checkpoint(result["final_model"], tiny(out_dir), device="cpu")
     assert scored["eval_accuracy"] == pytest.approx(result["eval_accuracy"], abs=1e-9)
     assert abs(scored["eval_loss"] - result["eval_loss"]) <= 1e-5 * abs(result["eval_loss"])
 

@@ -8,7 +8,7 @@ RUN_CONFIG ?= examples/main_job.json
 RUN_OUT ?= runs/main_job
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-slow bench clean-runs
+.PHONY: setup run test test-slow test-faults bench clean-runs
 
 setup: $(STAMP)
 
@@ -37,6 +37,14 @@ test: setup
 
 test-slow: setup
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -m slow $(PYTEST_ARGS)
+
+# The fault-injection suite, fast part and soak (docs/reliability.md): kills, damaged checkpoints, a full disk,
+# two trainers. `make test` runs its fast part. FAULT_TRIALS=N sets the soak's trials, FAULT_SEED=S its draws.
+FAULT_TRIALS ?=
+FAULT_SEED ?= 0
+test-faults: setup
+	TRITON_INTERPRET=1 MCDIST_FAULT_SEED=$(FAULT_SEED) $(if $(FAULT_TRIALS),MCDIST_FAULT_TRIALS=$(FAULT_TRIALS)) \
+		$(PYTHON) -m pytest tests/faults $(PYTEST_ARGS)
 
 bench: setup
 	$(PYTHON) -m mcdist.bench

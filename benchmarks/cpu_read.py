@@ -1,7 +1,7 @@
-"""CPU benchmark of the chunked read of cached states (mcdist.aggregate.cached_read_chunked), one thread.
+"""CPU benchmark of the chunked read of cached states (mcdist.ops.cached_read_chunked), one thread.
 
 Compares, in one run and on the same inputs:
-  new       mcdist.aggregate.cached_read_chunked: blocks of READ_BLOCK_STATES states, a few GEMMs per block,
+  new       mcdist.ops.cached_read_chunked: blocks of READ_BLOCK_STATES states, a few GEMMs per block,
             hand-written backward (torch.autograd.Function)
   old       BASELINE, the implementation before the blocked read, copied below (linear states; verbatim but
             for names): per query segment an einsum over all visible states at once, autograd through
@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from mcdist import aggregate
-from mcdist.aggregate import masked_softmax, merge_partials
+from mcdist.ops import masked_softmax, merge_partials
+from mcdist.ops.cached_read import chunked as aggregate
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -203,11 +203,12 @@ def model_step_child(args):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import sp_cpu
 
-    import mcdist.ops
+    import importlib
+
     from mcdist.model import MCLanguageModel
 
-    if args.child_model_step == "old":
-        mcdist.ops.cached_read_chunked = old_cached_read_chunked
+    if args.child_model_step == "old":  # the name ops.cached_read dispatches to, in its own package module
+        importlib.import_module("mcdist.ops.cached_read").cached_read_chunked = old_cached_read_chunked
     torch.manual_seed(0)
     model = MCLanguageModel(sp_cpu.model_config("grm", "independent"))
     ids = torch.randint(0, sp_cpu.VOCAB, (1, args.tokens), generator=torch.Generator().manual_seed(1))

@@ -11,7 +11,7 @@ written to DIR/gpu.json after every section; --budget-s stops starting new ones)
 2. `layer`: the MC layer with impl='triton' against impl='chunked' (outputs and gradients);
 3. `core`: the MC core (memory pass + read) forward+backward for none / grm / ssc (k = 8) beside
    scaled_dot_product_attention (flash backend) at the same B, H, T, d: milliseconds, TFLOP/s and the ratio;
-   ssc twice, with the 'blocks' and the 'gather' read (mcdist.ops.SSC_READ), plus the ssc read alone
+   ssc twice, with the 'blocks' and the 'gather' read (ops.cached_read's ssc_read argument), plus the ssc read alone
    (forward+backward, both kernels, same selection) and the top-k selection alone;
 4. `kernels`: the kernels' own benchmarks (linear memory: sequential walk vs scan; cached read: previous vs
    current tile choices), side by side in the same run;
@@ -58,7 +58,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from mcdist import ops  # noqa: E402
-from mcdist.aggregate import merge_partials, online_scores, segment_contexts, select_top_k  # noqa: E402
+from mcdist.ops import merge_partials, online_scores, segment_contexts, select_top_k  # noqa: E402
 from mcdist.config import ModelConfig  # noqa: E402
 from mcdist.layer import MemoryCachingLayer  # noqa: E402
 
@@ -92,8 +92,8 @@ def ssc_gather_check(device, smoke) -> dict:
     float32 with "tf32x3"/"ieee"."""
     from gpu_cached_read import random_selection
 
-    from mcdist.aggregate import cached_read_chunked
     from mcdist.kernels import cached_read
+    from mcdist.ops import cached_read_chunked
     from mcdist.kernels.ssc_read import ssc_read_triton
 
     if device == "cuda" and not smoke:
@@ -140,19 +140,6 @@ def ssc_gather_check(device, smoke) -> dict:
     if not ok:
         raise AssertionError(f"ssc gather check failed: {errors}")
     return {"ok": ok, "errors": errors, "bounds": bounds, "fp32_dot_precision": cached_read.FP32_DOT_PRECISION}
-
-
-class _ssc_read:
-    """Sets mcdist.ops.SSC_READ ('blocks' or 'gather') inside a with block."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def __enter__(self):
-        self.saved, ops.SSC_READ = ops.SSC_READ, self.value
-
-    def __exit__(self, *exc):
-        ops.SSC_READ = self.saved
 
 
 # -- 2. the layer end to end -----------------------------------------------------------------------------------
@@ -226,7 +213,7 @@ def train_check(device, smoke) -> dict:
     result = {"steps": steps}
     with tempfile.TemporaryDirectory() as folder:
         runs = {}
-        for name, extra in (("triton", ["model.impl=auto"]), ("chunked", ["model.impl=chunked"])):
+        for name, extra in (("triton", ["train.impl=auto"]), ("chunked", ["train.impl=chunked"])):
             out = os.path.join(folder, name)
             start = time.time()
             final = run_training(_train_config(out, device, steps, extra))
@@ -237,7 +224,7 @@ def train_check(device, smoke) -> dict:
         # bf16 rounding differs between the two paths, so the curves drift apart slowly; report how far
         result["max_loss_gap_triton_vs_chunked"] = max(abs(a - b) for a, b in zip(runs["triton"], runs["chunked"]))
         out = os.path.join(folder, "resumed")
-        config = _train_config(out, device, steps, ["model.impl=auto", f"train.checkpoint_every={steps // 2}"])
+        config = _train_config(out, device, steps, ["train.impl=auto", f"train.checkpoint_every={steps // 2}"])
         run_training(config, callbacks=StopAtStep(steps // 2))
         run_training(config)
         resumed = _train_losses(out)
@@ -322,7 +309,7 @@ def infer_check(device, smoke) -> dict:
 # -- 4. MC core vs SDPA ------------------------------------------------------------------------------------------
 
 
-def mc_core(q, k, v, u, aggregation, segment_len, top_k, state_dtype):
+def mc_core(q, k, v, u, aggregation, segment_len, top_k, state_dtype, ssc_read="blocks"):
     scale = 1.0 / math.sqrt(q.shape[-1])
     memory = ops.linear_memory(q, k, v, None, segment_len=segment_len, chunk_len=64, state_init="independent",
                                impl="triton")
@@ -335,7 +322,7 @@ def mc_core(q, k, v, u, aggregation, segment_len, top_k, state_dtype):
     if aggregation == "ssc":
         selected = select_top_k(u, closed, segment_len=segment_len, top_k=top_k, gate_scale=scale)
     part = ops.cached_read(q, u, memory.cached_states.to(state_dtype), closed, segment_len=segment_len,
-                           gate_scale=scale, selected=selected, impl="triton")
+                           gate_scale=scale, selected=selected, impl="triton", ssc_read=ssc_read)
     return merge_partials(part, (online.float(), r_online))[0]
 
 
@@ -393,13 +380,12 @@ def core_bench(device, smoke) -> list:
         for aggregation, ssc_read in (("none", "blocks"), ("grm", "blocks"), ("ssc", "blocks"), ("ssc", "gather")):
             def run():
                 leaves = [x.detach().requires_grad_() for x in (q, k, v, u)]
-                y = mc_core(*leaves, aggregation, segment_len, 8, dtype)
+                y = mc_core(*leaves, aggregation, segment_len, 8, dtype, ssc_read)
                 y.float().backward(upstream)
 
             kind = f"mc-{aggregation}" + ("-gather" if ssc_read == "gather" else "")
             try:
-                with _ssc_read(ssc_read):
-                    ms = timed(run, device)
+                ms = timed(run, device)
             except Exception as error:
                 ms = float("nan")
                 print("mc failed", kind, T, d, repr(error), flush=True)
@@ -416,7 +402,7 @@ def core_bench(device, smoke) -> list:
 def ssc_read_bench(q, k, v, u, upstream, segment_len, dtype, sdpa_ms, device, top_k=8) -> list:
     """The ssc read alone, forward+backward, with each kernel on the same states and selection; and the top-k
     selection alone (forward only; it is not differentiated), with the PyTorch sort and with the fused kernel
-    (mcdist.ops.SSC_SELECT) on the same inputs. Rows: read-ssc-blocks, read-ssc-gather, ssc-select-sort,
+    (ops.select_top_k's select argument) on the same inputs. Rows: read-ssc-blocks, read-ssc-gather, ssc-select-sort,
     ssc-select-fused.
 
     The two selections are also compared: on integer-valued u and contexts of the same shapes (exact scores in any
@@ -445,13 +431,12 @@ def ssc_read_bench(q, k, v, u, upstream, segment_len, dtype, sdpa_ms, device, to
         def run():
             leaves = [x.detach().requires_grad_() for x in (q, u, states, closed)]
             out, lse = ops.cached_read(*leaves, segment_len=segment_len, gate_scale=scale, selected=selected,
-                                       impl="triton")
+                                       impl="triton", ssc_read=ssc_read)
             torch.autograd.backward((out, lse), (upstream, g_lse))
 
         row = dict(kind=f"read-ssc-{ssc_read}", **shape)
         try:
-            with _ssc_read(ssc_read):
-                row["ms"] = timed(run, device)
+            row["ms"] = timed(run, device)
         except Exception as error:
             row.update(ms=float("nan"), error=repr(error))
             print("ssc read failed", ssc_read, T, d, repr(error), flush=True)
@@ -461,13 +446,9 @@ def ssc_read_bench(q, k, v, u, upstream, segment_len, dtype, sdpa_ms, device, to
     del states, selected
 
     def select(choice, u_in, contexts):
-        saved, ops.SSC_SELECT = ops.SSC_SELECT, choice
-        try:
-            with torch.no_grad():
-                return select_top_k(u_in, contexts, segment_len=segment_len, top_k=top_k, gate_scale=scale,
-                                    impl="triton")
-        finally:
-            ops.SSC_SELECT = saved
+        with torch.no_grad():
+            return select_top_k(u_in, contexts, segment_len=segment_len, top_k=top_k, gate_scale=scale,
+                                impl="triton", select=choice)
 
     chosen = {}
     for choice in ("sort", "fused"):

@@ -18,7 +18,7 @@ must be set by the caller when importing this module).
 from __future__ import annotations
 
 import argparse
-import contextlib
+import functools
 import json
 import os
 import sys
@@ -38,16 +38,6 @@ from mcdist.kernels.linear_memory import linear_memory_triton  # noqa: E402
 BOUNDS = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 # The two walks see the same rounded inputs and differ only in the order of float32 sums.
 WALK_BOUND = 1e-4
-
-
-@contextlib.contextmanager
-def walk(name):
-    """Runs the kernel with the state walk ``name`` ("sequential" or "scan") inside a with block."""
-    saved, lm.WALK = lm.WALK, name
-    try:
-        yield
-    finally:
-        lm.WALK = saved
 
 
 def chunked_reference(q, k, v, log_decay, segment_len, chunk_len, state_init, initial_state):
@@ -136,12 +126,11 @@ def check(device) -> dict:
             for name in lm.WALKS:
                 ker_in = {n: (x.to(device, dtype if n in ("q", "k", "v") else torch.float32)).requires_grad_()
                           for n, x in leaves.items()}
-                with walk(name):
-                    out = linear_memory_triton(ker_in["q"], ker_in["k"], ker_in["v"], ker_in.get("log_decay"),
-                                               segment_len=segment_len, chunk_len=chunk_len, state_init=state_init,
-                                               initial_state=ker_in.get("initial_state"))
-                    grads = torch.autograd.grad(out, list(ker_in.values()),
-                                                [u.to(o.dtype) for u, o in zip(upstream, out)])
+                out = linear_memory_triton(ker_in["q"], ker_in["k"], ker_in["v"], ker_in.get("log_decay"),
+                                           segment_len=segment_len, chunk_len=chunk_len, state_init=state_init,
+                                           initial_state=ker_in.get("initial_state"), walk=name)
+                grads = torch.autograd.grad(out, list(ker_in.values()),
+                                            [u.to(o.dtype) for u, o in zip(upstream, out)])
                 values[name] = list(out) + list(grads)
                 errors = {"online_out": _rel(out[0], ref[0]), "cached_states": _rel(out[1], ref[1]),
                           "final_state": _rel(out[2], ref[2])}
@@ -196,23 +185,23 @@ def bench(device) -> list:
                 leaves = [x.requires_grad_() for x in (q, k, v, log_decay) if x is not None]
                 kwargs = dict(segment_len=segment_len, chunk_len=chunk_len, state_init="checkpoint")
 
-                def forward():
+                def forward(name):
                     with torch.no_grad():
-                        return linear_memory_triton(q, k, v, log_decay, **kwargs)
+                        return linear_memory_triton(q, k, v, log_decay, walk=name, **kwargs)
 
                 out = linear_memory_triton(q, k, v, log_decay, **kwargs)
                 upstream = [torch.randn_like(o) for o in out]
                 del out
 
-                def forward_backward():
-                    outs = linear_memory_triton(q, k, v, log_decay, **kwargs)
+                def forward_backward(name):
+                    outs = linear_memory_triton(q, k, v, log_decay, walk=name, **kwargs)
                     torch.autograd.backward(outs, upstream)
 
                 record = {"D": D, "T": T, "memory": "gated" if gated else "linear"}
                 for name in lm.WALKS:
-                    with walk(name):
-                        fwd_ms = do_bench(forward, warmup=10, rep=40)
-                        fwd_bwd_ms = do_bench(forward_backward, warmup=10, rep=40, grad_to_none=leaves)
+                    fwd_ms = do_bench(functools.partial(forward, name), warmup=10, rep=40)
+                    fwd_bwd_ms = do_bench(functools.partial(forward_backward, name), warmup=10, rep=40,
+                                          grad_to_none=leaves)
                     record[name] = {
                         "fwd_ms": fwd_ms, "fwd_tflops": _flops(B, T, H, D, chunk_len, False) / fwd_ms * 1e-9,
                         "fwd_bwd_ms": fwd_bwd_ms,

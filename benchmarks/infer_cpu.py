@@ -56,7 +56,7 @@ def measure(aggregation: str, length: int, tokens: int) -> dict:
     decode_ms = statistics.median(per_token) * 1e3
     return dict(aggregation=aggregation, prompt=length, tokens=tokens, prefill_s=prefill_s, decode_ms=decode_ms,
                 forward_next_token_s=forward_s, speedup=forward_s * 1e3 / decode_ms, max_logit_diff=error,
-                cached_states=session.caches[0].states.shape[1])
+                cached_states=session.cache.layers[0].states.shape[1])
 
 
 def main(argv=None) -> int:

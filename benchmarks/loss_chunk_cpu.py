@@ -28,7 +28,7 @@ def one(vocab: int, tokens: int, chunk: int) -> dict:
     torch.set_num_threads(2)
     torch.manual_seed(0)
     model = MCLanguageModel(ModelConfig(vocab_size=vocab, d_model=64, n_layers=2, n_heads=2, segment_len=64,
-                                        chunk_len=16, impl="chunked"))
+                                        chunk_len=16))  # CPU tensors: impl 'auto' is the chunked path
     ids = torch.randint(0, vocab, (1, tokens))
     labels = torch.randint(0, vocab, (1, tokens))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

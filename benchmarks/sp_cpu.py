@@ -5,7 +5,7 @@
                                 [--repeats 1] [--warmup 0] [--forward-only] [--malloc-mmap-threshold BYTES]
                                 [--skip-main] [--skip-scaling] [--skip-strong] [--fresh/--no-fresh] [--force]
 
-One training step (forward + backward of ``parallel_loss``, then ``reduce_gradients``) of a tiny
+One training step (forward + backward of the loss share ``loss_sum / global_token_count``, gradients summed by DDP) of a tiny
 MCLanguageModel (d_model 64, 2 layers, 2 heads of dim 32, segment_len C = 1024, chunk_len 64, linear memory,
 float32, B = 1, zigzag layout, ``impl="chunked"``) on P processes started by ``mcdist.parallel.spawn.spawn``
 (gloo, one thread per rank), every rank holding L/P tokens. Ray is not needed.
@@ -16,7 +16,7 @@ float32, B = 1, zigzag layout, ``impl="chunked"``) on P processes started by ``m
    (``time.process_time()``: less sensitive than wall time to other jobs on the machine), peak RSS per rank
    (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, which includes the ~0.22 GiB of an imported torch; the
    increase over the RSS before the model was built is reported too), the bytes each rank received per layer
-   by purpose (``SPGroup.stats``, reset before every timed step) against SPEC §7.5 and against the exact ring
+   by purpose (``SPGroup.stats``, reset before every timed step) against the read budget of docs/distributed.md §5 and against the exact ring
    formula (``analytical_bytes``), and the time each rank spent blocked in communication (below).
    ``--forward-only`` runs the forward under ``torch.no_grad()`` instead (no saved activations).
 2. ``scaling``: grm independent at equal per-rank length L/P for P = 1 and 2; weak-scaling efficiency
@@ -69,17 +69,17 @@ def model_config(aggregation: str, state_init: str):
 
     return ModelConfig(vocab_size=VOCAB, d_model=D_MODEL, n_layers=N_LAYERS, n_heads=N_HEADS, memory="linear",
                        aggregation=aggregation, state_init=state_init, segment_len=C, chunk_len=CHUNK_LEN,
-                       top_k=TOP_K, impl="chunked")
+                       top_k=TOP_K)  # CPU tensors: impl 'auto' is the chunked path
 
 
-# -- analytical communication (SPEC §7.5) ---------------------------------------------------------------------
+# -- analytical communication (docs/distributed.md §5) ---------------------------------------------------------------------
 
 
 def analytical_bytes(seq_len: int, sp: int, rank: int, state_init: str) -> dict:
-    """Per layer, per rank: the bytes SPEC §7.5 budgets and the exact counts of the ring as implemented.
+    """Per layer, per rank: the bytes the read budget (docs/distributed.md §5) allows and the exact counts of the ring as implemented.
 
     ``needed_read``: the cached states of other ranks' segments that precede this rank's last token (the
-    segments some local token may read), × B·H·d²·bytes: SPEC's "(earlier segments) × H × d² × bytes".
+    segments some local token may read), × B·H·d²·bytes: the budget's "(earlier segments) × H × d² × bytes".
     ``prefix``: B·H·d²·bytes (one incoming state per rank) under checkpoint, else 0.
     ``ring_exact``: what the ring moves, (P−1) blocks of n_local states and contexts:
     (P−1)·n_local·B·H·(d²+d)·bytes; ``ring_backward_exact``: (2(P−1) + 1) blocks (block + gradient, then
@@ -169,7 +169,7 @@ class _Timers:
 
 def _instrument(timers: _Timers) -> None:
     """Wrap the ring exchange and the all-gathers of mcdist.parallel in timers (this process only)."""
-    from mcdist.parallel import comm, sp_layer
+    from mcdist.parallel import comm, ring_reader
 
     ring_init, ring_wait = comm.Exchange.__init__, comm.Exchange.wait
 
@@ -195,7 +195,7 @@ def _instrument(timers: _Timers) -> None:
         return out
 
     comm.all_gather_tensor = timed_gather  # used by _AllGather
-    sp_layer.all_gather_tensor = timed_gather  # used by _PieceScan and the ssc contexts
+    ring_reader.all_gather_tensor = timed_gather  # used by _PieceScan and the ssc contexts
 
 
 def _layer_groups(model, mesh, layout):
@@ -232,7 +232,7 @@ def step_worker(rank: int, world: int, cases: list, out_path: str) -> None:
     from mcdist.model import MCLanguageModel
     from mcdist.parallel.layout import shard_sequence
     from mcdist.parallel.mesh import build_mesh
-    from mcdist.parallel.model import parallel_loss, reduce_gradients
+    from mcdist.parallel.data_parallel import DataParallel, global_token_count
 
     timers = _Timers()
     _instrument(timers)
@@ -244,6 +244,7 @@ def step_worker(rank: int, world: int, cases: list, out_path: str) -> None:
         torch.manual_seed(0)
         model = MCLanguageModel(model_config(case["aggregation"], case["state_init"]))
         groups = _layer_groups(model, mesh, LAYOUT)
+        parallel = DataParallel(model, mesh)  # DDP over the ranks: the backward sums the gradients
         generator = torch.Generator().manual_seed(1)
         L = case["seq_len"]
         ids = torch.randint(0, VOCAB, (BATCH, L), generator=generator)
@@ -260,11 +261,10 @@ def step_worker(rank: int, world: int, cases: list, out_path: str) -> None:
             _barrier()
             start, cpu_start = time.perf_counter(), time.process_time()
             with torch.set_grad_enabled(not case["forward_only"]):
-                share, _ = parallel_loss(model, local_ids, local_labels)
+                share = parallel.loss_sum(local_ids, local_labels) / global_token_count(local_labels)
             forward = time.perf_counter() - start
             if not case["forward_only"]:
                 share.backward()
-                reduce_gradients(model)
             local, cpu = time.perf_counter() - start, time.process_time() - cpu_start
             _barrier()
             total = time.perf_counter() - start
@@ -441,7 +441,7 @@ def main(argv=None) -> dict:
                         help="fresh processes for every case, so the peak RSS is the case's own (default: on, "
                              "off with --quick, where one process set runs every case of one P)")
     parser.add_argument("--forward-only", action="store_true",
-                        help="main cases: forward of parallel_loss under no_grad only (memory: no saved activations)")
+                        help="main cases: forward of the loss under no_grad only (memory: no saved activations)")
     parser.add_argument("--malloc-mmap-threshold", type=int, default=None,
                         help="set MALLOC_MMAP_THRESHOLD_ (bytes) for the ranks: glibc then returns freed large blocks "
                              "to the OS, so the peak RSS shows the memory in use rather than the allocator's "

@@ -582,7 +582,7 @@ def _check_args(z, u, cached_states, contexts, selected, segment_len, query_offs
         raise ValueError(f"query_offset = {query_offset}, segment_offset = {segment_offset}; expected both >= 0")
     if z.device.type != "cuda" and not _interpreting():
         raise ValueError(f"cached_read_triton needs CUDA tensors (got device {z.device}); on CPU use "
-                         "mcdist.aggregate.cached_read_chunked, or set TRITON_INTERPRET=1 before importing triton")
+                         "mcdist.ops.cached_read_chunked, or set TRITON_INTERPRET=1 before importing triton")
 
 
 def _scalars(z, cached_states, contexts, selected, segment_len, gate_scale, query_offset, segment_offset):

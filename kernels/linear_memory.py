@@ -16,7 +16,7 @@ sequential walks, so D = 64 and D = 128 both fit):
     linear_memory_bwd_kernel_dqk   parallel over chunks: dq, dk, and the per-token terms of dlog_decay
     linear_memory_bwd_kernel_dv    parallel over chunks: dv
 
-With ``WALK = "scan"`` the two sequential walks are replaced by a two-level scan (docs/kernels.md, "Two-level
+With ``walk="scan"`` the two sequential walks are replaced by a two-level scan (docs/kernels.md, "Two-level
 scan"): ``linear_memory_kernel_chunk_term`` (parallel over chunks: each chunk's own term, a tl.dot) then
 ``linear_memory_fwd_kernel_scan`` / ``linear_memory_bwd_kernel_scan`` (sequential over chunks but elementwise,
 over flat blocks of the state: no dot in the loop).
@@ -28,7 +28,6 @@ The public op is :func:`linear_memory_triton`; it is registered as the custom op
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -48,11 +47,10 @@ _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_BLOCK_D = 64
 _MAX_STATE_BLOCK_D = 32
 
-# How the chunk-start states are carried across chunks (forward, and the state gradient in the backward):
-# "sequential" walks the chunks with one tl.dot per step (the measured default); "scan" computes every chunk's
-# own term in parallel and then carries the state with an elementwise loop (docs/kernels.md, "Two-level scan").
-# Read at every launch, so a script may assign it; MCDIST_LINEAR_WALK sets it at import.
-WALK = os.environ.get("MCDIST_LINEAR_WALK", "sequential")
+# How the chunk-start states are carried across chunks (forward, and the state gradient in the backward), the
+# ``walk`` argument: "sequential" walks the chunks with one tl.dot per step (the measured default); "scan" computes
+# every chunk's own term in parallel and then carries the state with an elementwise loop (docs/kernels.md,
+# "Two-level scan").
 WALKS = ("sequential", "scan")
 # Largest flat block of the D×D state per program of the scan's elementwise loop: 512 floats (4 per thread at
 # 4 warps) at D = 128, 32 programs per (batch, head); 256 at D = 64, 16 programs. Tests lower it.
@@ -583,11 +581,10 @@ def _scan_block(D: int) -> int:
     return min(_MAX_SCAN_BLOCK, max(256, triton.next_power_of_2(D * D) // 16))
 
 
-def _walk() -> str:
-    if WALK not in WALKS:
-        raise ValueError(f"MCDIST_LINEAR_WALK (mcdist.kernels.linear_memory.WALK) = {WALK!r}; expected one of "
-                         f"{WALKS}")
-    return WALK
+def _check_walk(walk: str) -> str:
+    if walk not in WALKS:
+        raise ValueError(f"walk = {walk!r}; expected one of {', '.join(repr(w) for w in WALKS)}")
+    return walk
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -610,8 +607,8 @@ _LAUNCH_SCAN = dict(num_warps=4)
 _SCAN_STAGES = 4  # iterations of the scan's elementwise loop in flight (tl.range prefetches its loads)
 
 
-def _forward_states(k, v, gc, initial_state, segment_len, chunk_len, independent):
-    """Runs the state walk chosen by WALK; returns (chunk_states, cached_states, final_state)."""
+def _forward_states(k, v, gc, initial_state, segment_len, chunk_len, independent, walk):
+    """Runs the state walk ``walk``; returns (chunk_states, cached_states, final_state)."""
     B, T, H, D = k.shape
     num_chunks = T // chunk_len
     num_segments = -(-T // segment_len)
@@ -621,7 +618,7 @@ def _forward_states(k, v, gc, initial_state, segment_len, chunk_len, independent
     final_state = torch.full((B, H, D, D), nan, device=k.device, dtype=torch.float32)
     use_decay = gc is not None
     has_init = initial_state is not None
-    if _walk() == "scan":
+    if _check_walk(walk) == "scan":
         block = _block_d(D)
         nk = triton.cdiv(D, block)
         linear_memory_kernel_chunk_term[(num_chunks, nk * nk, B * H)](
@@ -649,11 +646,11 @@ def _forward_states(k, v, gc, initial_state, segment_len, chunk_len, independent
     return chunk_states, cached_states, final_state
 
 
-def _forward(q, k, v, log_decay, initial_state, segment_len, chunk_len, independent):
+def _forward(q, k, v, log_decay, initial_state, segment_len, chunk_len, independent, walk):
     B, T, H, D = q.shape
     gc = _chunk_cumsum(log_decay, chunk_len) if log_decay is not None else None
     chunk_states, cached_states, final_state = _forward_states(
-        k, v, gc, initial_state, segment_len, chunk_len, independent)
+        k, v, gc, initial_state, segment_len, chunk_len, independent, walk)
     block = _block_d(D)
     nk = nv = triton.cdiv(D, block)
     out = torch.full_like(q, float("nan"))  # [B, T, H, D]
@@ -665,7 +662,8 @@ def _forward(q, k, v, log_decay, initial_state, segment_len, chunk_len, independ
     return out, cached_states, final_state
 
 
-def _backward(q, k, v, log_decay, initial_state, d_out, d_cached, d_final, segment_len, chunk_len, independent):
+def _backward(q, k, v, log_decay, initial_state, d_out, d_cached, d_final, segment_len, chunk_len, independent,
+              walk):
     B, T, H, D = q.shape
     num_chunks = T // chunk_len
     block = _block_d(D)
@@ -676,11 +674,11 @@ def _backward(q, k, v, log_decay, initial_state, d_out, d_cached, d_final, segme
     gc = _chunk_cumsum(log_decay, chunk_len) if use_decay else None
 
     # Recompute the chunk-start states instead of keeping them from the forward (B·T/c·H·D² floats).
-    chunk_states, _, _ = _forward_states(k, v, gc, initial_state, segment_len, chunk_len, independent)
+    chunk_states, _, _ = _forward_states(k, v, gc, initial_state, segment_len, chunk_len, independent, walk)
 
     d_chunk_end = torch.full_like(chunk_states, nan)  # [B, NT, H, D, D]
     d_initial = torch.full((B, H, D, D), nan, device=q.device, dtype=torch.float32)
-    if _walk() == "scan":
+    if _check_walk(walk) == "scan":
         linear_memory_kernel_chunk_term[(num_chunks, nk * nv, B * H)](
             q, d_out, gc if use_decay else q, d_chunk_end, d_initial,
             T, H=H, D=D, CHUNK=chunk_len, BK=block, BV=block, NK=nk, USE_DECAY=use_decay, REVERSE=True,
@@ -749,12 +747,13 @@ def _linear_memory_op(
     segment_len: int,
     chunk_len: int,
     independent: bool,
+    walk: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, log_decay, initial_state, segment_len, chunk_len, independent)
+    return _forward(q, k, v, log_decay, initial_state, segment_len, chunk_len, independent, walk)
 
 
 @_linear_memory_op.register_fake
-def _(q, k, v, log_decay, initial_state, segment_len, chunk_len, independent):
+def _(q, k, v, log_decay, initial_state, segment_len, chunk_len, independent, walk):
     B, T, H, D = q.shape
     num_segments = -(-T // segment_len)
     return (
@@ -777,14 +776,15 @@ def _linear_memory_backward_op(
     segment_len: int,
     chunk_len: int,
     independent: bool,
+    walk: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv, dlog_decay, dinitial_state); the last two are empty when their input is None."""
     return _backward(q, k, v, log_decay, initial_state, d_out, d_cached, d_final, segment_len, chunk_len,
-                     independent)
+                     independent, walk)
 
 
 @_linear_memory_backward_op.register_fake
-def _(q, k, v, log_decay, initial_state, d_out, d_cached, d_final, segment_len, chunk_len, independent):
+def _(q, k, v, log_decay, initial_state, d_out, d_cached, d_final, segment_len, chunk_len, independent, walk):
     B, T, H, D = q.shape
     empty = q.new_empty((0,), dtype=torch.float32)
     return (
@@ -797,11 +797,12 @@ def _(q, k, v, log_decay, initial_state, d_out, d_cached, d_final, segment_len, 
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, log_decay, initial_state, segment_len, chunk_len, independent = inputs
+    q, k, v, log_decay, initial_state, segment_len, chunk_len, independent, walk = inputs
     ctx.save_for_backward(q, k, v, log_decay, initial_state)
     ctx.segment_len = segment_len
     ctx.chunk_len = chunk_len
     ctx.independent = independent
+    ctx.walk = walk
 
 
 def _backward_formula(ctx, d_out, d_cached, d_final):
@@ -817,13 +818,13 @@ def _backward_formula(ctx, d_out, d_cached, d_final):
     dq, dk, dv, d_log_decay, d_initial = _linear_memory_backward_op(
         q, k, v, log_decay, initial_state,
         d_out.contiguous(), d_cached.float().contiguous(), d_final.float().contiguous(),
-        ctx.segment_len, ctx.chunk_len, ctx.independent,
+        ctx.segment_len, ctx.chunk_len, ctx.independent, ctx.walk,
     )
     return (
         dq, dk, dv,
         d_log_decay if log_decay is not None else None,
         d_initial if initial_state is not None else None,
-        None, None, None,
+        None, None, None, None,
     )
 
 
@@ -898,6 +899,7 @@ def linear_memory_triton(
     chunk_len: int,
     state_init: str,
     initial_state: Optional[torch.Tensor] = None,
+    walk: str = "sequential",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Linear memory pass with segment caching, chunkwise-parallel Triton kernels (differentiable).
 
@@ -915,24 +917,23 @@ def linear_memory_triton(
             (every segment starts from zeros).
         initial_state: ``[B, H, D, D]`` state before token 0 under ``"checkpoint"`` (zeros if None); must be
             None under ``"independent"``. Computed in float32.
+        walk: how the chunk-start states are carried across chunks, ``"sequential"`` (default) or ``"scan"``;
+            both give the same results up to float32 rounding.
 
     Returns:
         online_out: ``[B, T, H, D]`` in q's dtype, ``o_t = M_t q_t``.
         cached_states: ``[B, N, H, D, D]`` float32, N = ceil(T / segment_len), the state at each segment end.
         final_state: ``[B, H, D, D]`` float32, the state after the last token.
 
-    The chunk-start states are carried by the walk that ``WALK`` names (``MCDIST_LINEAR_WALK``): "sequential"
-    (default) or "scan"; both give the same results up to float32 rounding.
-
     Raises:
         ValueError: on shapes, dtypes, devices or lengths that do not fit (the message names the values), or a
-            ``WALK`` other than "sequential" and "scan".
+            ``walk`` other than "sequential" and "scan".
     """
     _validate(q, k, v, log_decay, segment_len, chunk_len, state_init, initial_state)
-    _walk()
+    _check_walk(walk)
     if log_decay is not None:
         log_decay = log_decay.float().contiguous()
     if initial_state is not None:
         initial_state = initial_state.float().contiguous()
     return _linear_memory_op(q.contiguous(), k.contiguous(), v.contiguous(), log_decay, initial_state,
-                             segment_len, chunk_len, state_init == "independent")
+                             segment_len, chunk_len, state_init == "independent", walk)

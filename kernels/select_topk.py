@@ -1,6 +1,6 @@
 """Triton kernel for the ssc selection: each token's top-k closed segments, scored and selected in one pass.
 
-Same contract as :func:`mcdist.aggregate.select_top_k`: for token t, the segments visible to it are
+Same contract as :func:`mcdist.ops.select_top_k`: for token t, the segments visible to it are
 j < (query_offset + t) // segment_len (and j < N); with r_tj = τ ⟨u_t, c_j⟩ it returns the K visible j of highest
 score in descending score order, equal scores in ascending index, −1 after the last visible one.
 
@@ -174,7 +174,7 @@ def _check_args(u, contexts, segment_len, top_k, query_offset):
                          f"{B}, {T}, {H}, {contexts.shape[1]} and query_offset = {query_offset}")
     if u.device.type != "cuda" and not interpreting():
         raise ValueError(f"select_top_k_triton needs CUDA tensors (got device {u.device}); on CPU use "
-                         "mcdist.aggregate.select_top_k, or set TRITON_INTERPRET=1 before importing triton")
+                         "mcdist.ops.select_top_k, or set TRITON_INTERPRET=1 before importing triton")
 
 
 def _select(u, contexts, segment_len, top_k, gate_scale, query_offset):
@@ -221,7 +221,7 @@ def select_top_k_triton(
         query_offset: global position of token 0.
     Returns:
         [B, T, H, K] int64 segment indices, descending score, equal scores in ascending index, −1 where fewer than
-        K segments are visible: equal to :func:`mcdist.aggregate.select_top_k` where the scores are computed alike.
+        K segments are visible: equal to :func:`mcdist.ops.select_top_k` where the scores are computed alike.
     """
     _check_args(u, contexts, int(segment_len), int(top_k), int(query_offset))
     return _select_top_k_op(u.detach(), contexts.detach(), int(segment_len), int(top_k), float(gate_scale),

@@ -115,7 +115,8 @@ def source_digests() -> dict:
 
     root = os.path.dirname(os.path.abspath(mcdist.__file__))
     digests = {}
-    for name in ("layer.py", "ops.py", "aggregate.py", "reference.py", "memory/linear.py", "memory/deep.py",
+    for name in ("layer.py", "reference.py", "ops/dispatch.py", "ops/linear_memory/chunked.py",
+                 "ops/deep_memory/chunked.py", "ops/cached_read/chunked.py", "ops/select_top_k/chunked.py",
                  "bench.py"):
         try:
             with open(os.path.join(root, name), "rb") as handle:

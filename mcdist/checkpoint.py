@@ -18,10 +18,13 @@ for a model larger than ``max_shard_size``, shards ``<dir>/model-00001-of-0000N.
 
 Saving is atomic per file and ordered: every file is written under a temporary name in the target folder and
 fsynced; the files of the previous save are hard-linked to backups; then the new weights (shards, then the
-index) and last ``config.json`` are renamed into place, and weight files of the previous layout that the new
-one does not overwrite are removed. If any step fails, the previous checkpoint is put back from the backups; a
-process killed in the middle leaves the backups (``.<name>.bak-<tag>``) beside the files, and
-:func:`load_model` names them when the folder does not load.
+index) and last ``config.json`` are renamed into place, and only then are weight files of the previous layout
+that the new one does not overwrite removed (the index first: while it exists it is what loads). A switch
+between one file and shards, with the same config, therefore loads the old or the new weights at every moment;
+a re-save with the same shard count or another config passes moments where the folder mixes two saves, which
+loading refuses (save ids, the config in each header), never loads. If any step fails, the previous checkpoint
+is put back from the backups; a process killed in the middle leaves the backups (``.<name>.bak-<tag>``) beside
+the files, and :func:`load_model` names them when the folder does not load (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -253,13 +256,15 @@ def save_model(model: torch.nn.Module, config: ModelConfig, directory: str | os.
             except OSError:  # no hard links here: the renames below are still ordered, only not undoable
                 pass
         try:
-            for name in old_names:  # weight files of the previous layout that nothing overwrites
-                if name not in new_names:
-                    os.unlink(os.path.join(directory, name))
-                    renamed.append(name)
             for tmp, name in written:
                 os.replace(tmp, os.path.join(directory, name))
                 renamed.append(name)
+            # only now, weight files of the previous layout that nothing overwrote: the index first (while it is
+            # there it wins over model.safetensors, so each moment loads one whole layout), then its shards
+            for name in sorted(old_names, key=lambda old: old != INDEX_NAME):
+                if name not in new_names:
+                    os.unlink(os.path.join(directory, name))
+                    renamed.append(name)
         except BaseException:
             for name in renamed:  # put the previous checkpoint back
                 if name in new_names and os.path.lexists(os.path.join(directory, name)):

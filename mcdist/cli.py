@@ -14,7 +14,22 @@ import re
 import sys
 from typing import Optional
 
-from mcdist.config import ConfigError, RunConfig, parse_size
+import torch
+
+from mcdist import bench
+from mcdist.checkpoint import CheckpointError, load_config
+from mcdist.config import IMPLS, ConfigError, RunConfig, parse_size, write_text_atomic
+from mcdist.data.prepare import load_tokenizer, prepare_tokens
+from mcdist.evaluation import (evaluate_checkpoint, evaluate_local, evaluate_under_torchrun, evaluate_with_ray,
+                               format_table)
+from mcdist.infer_job import (check_request, generate_from_checkpoint, generate_local, generate_under_torchrun,
+                              generate_with_ray)
+from mcdist.runners.ray import RayConnectionError
+from mcdist.runners.torchrun import in_torchrun, world_size_from_environment
+from mcdist.train.compare import compare_aggregations
+from mcdist.train.ray_job import train_with_ray
+from mcdist.train.state import export_checkpoint
+from mcdist.train.trainer import launch_local, train_under_torchrun
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -104,6 +119,9 @@ def _build_parser() -> argparse.ArgumentParser:
                                "workers with --ray (default 1; under torchrun, all its processes)")
     generate.add_argument("--layout", choices=["zigzag", "contiguous"], default="zigzag",
                           help="how a prompt is sharded over the ranks (default zigzag)")
+    generate.add_argument("--impl", choices=IMPLS, default="auto",
+                          help="which implementation computes the layers, as train.impl (default auto: Triton on "
+                               "CUDA, chunked PyTorch on the CPU)")
     add_job_args(generate, "run the ranks as Ray Train workers")
 
     compare = commands.add_parser("compare", help="train one model per aggregation on the same task")
@@ -112,8 +130,9 @@ def _build_parser() -> argparse.ArgumentParser:
                          help="comma-separated model.aggregation values (default grm,none)")
     compare.add_argument("--quiet", action="store_true", help="print only the summary")
     compare.add_argument("--ray", action="store_true",
-                         help="train through Ray Train (ray.* and parallel.* of the config), then reload and score "
-                              "each saved model (make run)")
+                         help="train through Ray Train (ray.* and parallel.* of the config; default: "
+                              "parallel.dp · parallel.sp local processes), then reload and score each saved model "
+                              "(make run)")
 
     bench = commands.add_parser("bench", help="run the benchmarks (arguments go to mcdist.bench)")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for python -m mcdist.bench")
@@ -183,8 +202,6 @@ def _apply_ray_flags(args, run_config: RunConfig) -> RunConfig:
 
 
 def _cmd_train(args) -> int:
-    from mcdist.train.trainer import launch_local
-
     run_config = _apply_ray_flags(args, _load_run_config(args.config, args.overrides))
     changes = {}
     if args.device != "auto":
@@ -198,36 +215,18 @@ def _cmd_train(args) -> int:
     if args.ray:
         if args.nprocs is not None:
             raise UsageError("--nprocs is for local processes; with --ray use --workers")
-        from mcdist.train.ray_job import RayConnectionError, train_with_ray
-
         try:
             result = train_with_ray(run_config, log=None if args.quiet else print)
         except (RayConnectionError, ImportError) as error:
             raise UsageError(str(error)) from error
         print(json.dumps(result, sort_keys=True))
         return 0
-    if "TORCHELASTIC_RUN_ID" in os.environ:  # one of torchrun's processes: it made RANK, WORLD_SIZE, MASTER_*
-        return _train_under_torchrun(run_config)
-    result = launch_local(run_config, args.nprocs)
-    print(json.dumps(result, sort_keys=True))
-    return 0
-
-
-def _train_under_torchrun(run_config: RunConfig) -> int:
-    """This rank of a torchrun job: join the process group torchrun describes, train, print rank 0's result."""
-    import torch.distributed as dist
-
-    from mcdist.parallel.failure import guarded
-    from mcdist.parallel.mesh import init_distributed
-    from mcdist.train.trainer import run_training
-
-    init_distributed(run_config.parallel.backend, timeout_s=run_config.parallel.timeout_s)
-    try:
-        result = guarded(run_training)(run_config)
-        if dist.get_rank() == 0:
-            print(json.dumps(result, sort_keys=True))
-    finally:
-        dist.destroy_process_group()
+    if in_torchrun():  # one of torchrun's processes: it made RANK, WORLD_SIZE, MASTER_*
+        result = train_under_torchrun(run_config)
+    else:
+        result = launch_local(run_config, args.nprocs)
+    if _speaks():
+        print(json.dumps(result, sort_keys=True))
     return 0
 
 
@@ -242,8 +241,6 @@ def _parse_list(text: Optional[str], flag: str, kind: type) -> Optional[list]:
 
 def _torchrun_ranks(args, command: str) -> Optional[int]:
     """Under torchrun: its world size, after refusing --ray; else None."""
-    from mcdist.jobs import in_torchrun, world_size_from_environment
-
     if not in_torchrun():
         return None
     if args.ray:
@@ -253,8 +250,6 @@ def _torchrun_ranks(args, command: str) -> Optional[int]:
 
 def _speaks() -> bool:
     """Whether this process prints results: always, except on ranks other than 0 under torchrun."""
-    from mcdist.jobs import in_torchrun
-
     return not in_torchrun() or os.environ.get("RANK", "0") == "0"
 
 
@@ -263,8 +258,6 @@ def _emit(records: list[str], out: Optional[str]) -> None:
     if not _speaks():
         return
     if out is not None:
-        from mcdist.config import write_text_atomic
-
         write_text_atomic(out, "".join(records))
     sys.stdout.write("".join(records))
 
@@ -283,9 +276,6 @@ def _check_ray_flags(args, local_ranks: int) -> None:
 
 
 def _cmd_eval(args) -> int:
-    from mcdist.evaluation import (evaluate_checkpoint, evaluate_local, evaluate_under_torchrun, evaluate_with_ray,
-                                   format_table)
-
     model_overrides = [item for item in args.overrides if item.strip().startswith("model.")]
     if model_overrides:
         raise UsageError(f"--set {model_overrides[0]}: eval takes the model section from the checkpoint's "
@@ -308,8 +298,6 @@ def _cmd_eval(args) -> int:
             results = evaluate_under_torchrun(checkpoint, run_config, sp=args.sp, dp=args.dp, device=args.device,
                                               **options)
         elif args.ray:
-            from mcdist.train.ray_job import RayConnectionError
-
             try:
                 results = evaluate_with_ray(checkpoint, run_config, sp=sp, dp=args.dp, address=args.address,
                                             device=args.device, cpus_per_worker=args.workers_cpus or 1,
@@ -390,10 +378,6 @@ def _decode(tokenizer, ids: list[int]) -> str:
 
 
 def _cmd_generate(args) -> int:
-    from mcdist.checkpoint import load_config
-    from mcdist.infer_job import (check_request, generate_from_checkpoint, generate_local, generate_under_torchrun,
-                                  generate_with_ray)
-
     if args.sp is not None and args.sp < 1:
         raise UsageError(f"--sp = {args.sp} is invalid; expected a positive integer")
     torchrun = _torchrun_ranks(args, "generate")
@@ -404,8 +388,6 @@ def _cmd_generate(args) -> int:
     _check_ray_flags(args, 1 if torchrun else sp)
     tokenizer = None
     if args.tokenizer is not None:
-        from mcdist.data.prepare import load_tokenizer
-
         try:
             tokenizer = load_tokenizer(args.tokenizer)
         except (ImportError, ValueError) as error:
@@ -414,15 +396,15 @@ def _cmd_generate(args) -> int:
     checkpoint = os.fspath(args.checkpoint)
     request = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    seed=args.seed, eos_id=args.eos_id, layout=args.layout, batch_size=args.batch_size)
+    kernels = dict(impl=args.impl)
     # with --ray the checkpoint may live only on the cluster's filesystem: the workers check it there
     vocab_size = load_config(checkpoint).vocab_size if not args.ray or os.path.isdir(checkpoint) else None
     try:
         prompts = check_request(prompts, vocab_size=vocab_size, **request)
+        request.update(kernels)
         if torchrun:
             new_ids = generate_under_torchrun(checkpoint, prompts, device=args.device, **request)
         elif args.ray:
-            from mcdist.train.ray_job import RayConnectionError
-
             try:
                 new_ids = generate_with_ray(checkpoint, prompts, workers=sp, address=args.address,
                                             device=args.device, cpus_per_worker=args.workers_cpus or 1,
@@ -446,63 +428,41 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_compare(args) -> int:
-    from mcdist.train import train
-
     aggregations = [name.strip() for name in args.aggregations.split(",") if name.strip()]
     if not aggregations:
         raise UsageError("--aggregations is empty; expected a comma-separated list such as grm,none")
     base = _load_run_config(args.config, args.overrides)
-    if args.ray:
-        return _compare_with_ray(args, base, aggregations)
-    results = {}
-    for aggregation in aggregations:
-        out_dir = os.path.join(base.train.out_dir, aggregation)
-        run_config = base.with_overrides([f"model.aggregation={aggregation}", f"train.out_dir={out_dir}"])
-        if not args.quiet:
-            print(f"== {aggregation} ==")
-        results[aggregation] = train(run_config, device=args.device, log=None if args.quiet else print)
-    print(f"MQAR: seq_len {base.train.seq_len}, {base.train.num_kv_pairs} key-value pairs, "
-          f"memory {base.model.memory}, segment_len {base.model.segment_len}")
-    for aggregation, result in results.items():
-        print(f"  {aggregation:<9} accuracy {result['eval_accuracy']:.3f}  eval loss {result['eval_loss']:.3f}  "
-              f"({result['elapsed_s']:.0f} s)")
-    print(json.dumps({name: {"eval_accuracy": r["eval_accuracy"], "eval_loss": r["eval_loss"]}
-                      for name, r in results.items()}, sort_keys=True))
-    return 0
-
-
-def _compare_with_ray(args, base: RunConfig, aggregations: list[str]) -> int:
-    from mcdist.train.ray_job import RayConnectionError, compare_with_ray
-
+    changes = {}
     if args.device != "auto":
-        base = base.replace(train=base.train.replace(device=args.device))
+        changes["device"] = args.device
+    if args.quiet:
+        changes["progress"] = False
+    if changes:
+        base = base.replace(train=base.train.replace(**changes))
     try:
-        results = compare_with_ray(base, aggregations, log=None if args.quiet else print)
+        results = compare_aggregations(base, aggregations, ray=args.ray, log=None if args.quiet else print)
     except (RayConnectionError, ImportError) as error:
         raise UsageError(str(error)) from error
     model, parallel = base.model, base.parallel
+    where = "through Ray" if args.ray else "on local processes"
     print(f"MQAR recall: seq_len {base.train.seq_len}, {base.train.num_kv_pairs} key-value pairs, memory "
-          f"{model.memory}, segment_len {model.segment_len}, {base.train.steps} steps through Ray "
-          f"(dp {parallel.dp} × sp {parallel.sp} workers); accuracy of each saved model, reloaded:")
+          f"{model.memory}, segment_len {model.segment_len}, {base.train.steps} steps {where} (dp {parallel.dp} × "
+          f"sp {parallel.sp} ranks); accuracy of each saved model, reloaded:")
     for aggregation, result in results.items():
         print(f"  {aggregation:<9} accuracy {result['eval_accuracy']:.3f}  eval loss {result['eval_loss']:.3f}  "
-              f"(trained {result['train_seconds']:.0f} s, {result['ray_seconds']:.0f} s with Ray; "
+              f"(trained {result['train_seconds']:.0f} s, {result['seconds']:.0f} s in all; "
               f"{result['final_model']})")
     print("the same task at longer lengths (more filler between each key and its query; mcdist eval --seq-lens):")
     for aggregation, result in results.items():
         print(f"  {aggregation:<9} " + "  ".join(f"L {length}: accuracy {accuracy:.3f}"
                                                for length, accuracy in result["accuracy_at"].items()))
     print(json.dumps({name: {"eval_accuracy": r["eval_accuracy"], "eval_loss": r["eval_loss"],
-                             "accuracy_at": r["accuracy_at"]} for name, r in results.items()}, sort_keys=True))
+                             "accuracy_at": r["accuracy_at"], "train_loss": r["train_loss"]}
+                      for name, r in results.items()}, sort_keys=True))
     return 0
 
 
 def _cmd_bench(args) -> int:
-    try:
-        from mcdist import bench
-    except ImportError as error:
-        raise UsageError(f"the benchmarks are not available: {error}") from error
-
     bench_args = list(args.bench_args)
     if bench_args and bench_args[0] == "--":
         bench_args = bench_args[1:]
@@ -511,8 +471,6 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_data(args) -> int:
-    from mcdist.data.prepare import prepare_tokens
-
     try:
         result = prepare_tokens(args.inputs, args.output, tokenizer=args.tokenizer, eos_token=args.eos_token,
                                 dtype=args.dtype, val_fraction=args.val_fraction, text_key=args.text_key)
@@ -532,10 +490,6 @@ def _cmd_data(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    import torch
-
-    from mcdist.train.state import export_checkpoint
-
     dtype = getattr(torch, args.dtype) if args.dtype else None
     if args.max_shard_size is not None:
         try:
@@ -549,8 +503,6 @@ def _cmd_export(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``) and return the exit status."""
-    from mcdist.checkpoint import CheckpointError
-
     parser = _build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -26,6 +26,7 @@ QK_NORMS = ("l2", "none")
 SEGMENTATIONS = ("constant", "logarithmic")
 LAYOUTS = ("contiguous", "zigzag")
 IMPLS = ("auto", "chunked", "reference", "triton")
+MIXERS = ("mc", "attention")
 
 
 class ConfigError(ValueError):
@@ -156,7 +157,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 @dataclass
 class ModelConfig(_Config):
-    """The language model and its Memory Caching mixer (SPEC §2–§6).
+    """The language model and its Memory Caching mixer (docs/math.md §2–§6).
 
     ``chunk_len`` is the chunk of the chunkwise-parallel linear memory; ``minibatch_len`` the mini-batch of the
     deep memory's inner gradient descent. Both must divide ``segment_len``.
@@ -188,14 +189,26 @@ class ModelConfig(_Config):
     output_norm: bool = True
     # short causal depthwise convolution of q, k, v over the last conv_size tokens (then SiLU); 0 = none
     conv_size: int = 0
+    # the token mixer of every block: "mc" (Memory Caching) or "attention" (the baseline, docs/math.md,
+    # "Attention baseline"); layer_pattern, e.g. "mc,mc,attention", picks one per layer ("" = all `mixer`)
+    mixer: str = "mc"
+    layer_pattern: str = ""
+    rope_base: float = 10000.0  # RoPE of the attention mixer
 
     # deep memory (dla, titans)
     expansion: int = 2
     minibatch_len: int = 8
     inner_lr: float = 0.1
 
-    impl: str = "auto"
     init_std: float = 0.02
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
+        """As every section; a legacy ``impl`` key (configs saved before it became the runtime option
+        ``train.impl``) is dropped: it chose kernels, not the model."""
+        if isinstance(data, Mapping) and "impl" in data:
+            data = {key: value for key, value in data.items() if key != "impl"}
+        return super().from_dict(data)
 
     def __post_init__(self) -> None:
         s = self.SECTION
@@ -214,7 +227,6 @@ class ModelConfig(_Config):
         _check_choice(s, "segmentation", self.segmentation, SEGMENTATIONS)
         _check_choice(s, "pool", self.pool, POOLS)
         _check_choice(s, "qk_norm", self.qk_norm, QK_NORMS)
-        _check_choice(s, "impl", self.impl, IMPLS)
         for name in ("mlp_ratio", "inner_lr", "norm_eps", "init_std"):
             _check_positive_float(s, name, getattr(self, name))
         if not isinstance(self.gate_scale, (int, float)) or self.gate_scale < 0 or not math.isfinite(self.gate_scale):
@@ -230,12 +242,29 @@ class ModelConfig(_Config):
         if self.segment_len % self.minibatch_len != 0:
             raise ConfigError(f"{s}.minibatch_len = {self.minibatch_len} does not divide {s}.segment_len = "
                               f"{self.segment_len}; expected a divisor")
-        if self.segmentation == "logarithmic" and self.impl not in ("reference", "auto"):
-            raise ConfigError(f"{s}.segmentation = 'logarithmic' is implemented by the reference path only; "
-                              f"{s}.impl = {self.impl!r} expected 'reference' or 'auto'")
         for name in ("tie_embeddings", "share_uq", "output_gate", "output_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{s}.{name} = {getattr(self, name)!r} is invalid; expected true or false")
+        _check_choice(s, "mixer", self.mixer, MIXERS)
+        _check_positive_float(s, "rope_base", self.rope_base)
+        if not isinstance(self.layer_pattern, str):
+            raise ConfigError(f"{s}.layer_pattern = {self.layer_pattern!r} is invalid; expected a comma-separated "
+                              f"string of {list(MIXERS)}, e.g. \"mc,mc,attention\"")
+        if self.layer_pattern.strip():
+            kinds = [kind.strip() for kind in self.layer_pattern.split(",")]
+            if len(kinds) != self.n_layers or any(kind not in MIXERS for kind in kinds):
+                raise ConfigError(f"{s}.layer_pattern = {self.layer_pattern!r} is invalid; expected {self.n_layers} "
+                                  f"(= {s}.n_layers) comma-separated mixers, each one of {list(MIXERS)}")
+        if "attention" in self.mixers and self.dim_head % 2:
+            raise ConfigError(f"{s}.head_dim = {self.dim_head} is odd; an attention layer's RoPE needs an even "
+                              "head_dim")
+
+    @property
+    def mixers(self) -> tuple:
+        """The mixer of each layer, in order ("mc" or "attention")."""
+        if self.layer_pattern.strip():
+            return tuple(kind.strip() for kind in self.layer_pattern.split(","))
+        return (self.mixer,) * self.n_layers
 
     @property
     def dim_head(self) -> int:
@@ -243,7 +272,7 @@ class ModelConfig(_Config):
 
     @property
     def scale(self) -> float:
-        """The gate temperature τ (SPEC §5)."""
+        """The gate temperature τ (docs/math.md §5)."""
         return self.gate_scale or 1.0 / math.sqrt(self.dim_head)
 
     @property
@@ -252,7 +281,7 @@ class ModelConfig(_Config):
 
     @classmethod
     def paper_plain(cls, **overrides) -> "ModelConfig":
-        """The configuration that is exactly the paper's equations (SPEC §6): no additions."""
+        """The configuration that is exactly the paper's equations (docs/math.md §7): no additions."""
         base = dict(qk_norm="none", gate_scale=1.0, output_gate=False, output_norm=False)
         base.update(overrides)
         return cls(**base)
@@ -260,7 +289,7 @@ class ModelConfig(_Config):
 
 @dataclass
 class ParallelConfig(_Config):
-    """Device mesh and sequence-parallel layout (SPEC §7)."""
+    """Device mesh, sequence-parallel layout and data parallelism (docs/distributed.md)."""
 
     SECTION = "parallel"
 
@@ -269,6 +298,8 @@ class ParallelConfig(_Config):
     layout: str = "zigzag"
     backend: str = "auto"  # auto = nccl on CUDA, gloo on CPU
     timeout_s: float = 300.0
+    # FSDP2 over every dp × sp rank: weights, gradients and optimizer state sharded (false: DDP, replicated)
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         s = self.SECTION
@@ -277,6 +308,8 @@ class ParallelConfig(_Config):
         _check_choice(s, "layout", self.layout, LAYOUTS)
         _check_choice(s, "backend", self.backend, ("auto", "nccl", "gloo"))
         _check_positive_float(s, "timeout_s", self.timeout_s)
+        if not isinstance(self.fsdp, bool):
+            raise ConfigError(f"{s}.fsdp = {self.fsdp!r} is invalid; expected true or false")
 
     @property
     def world_size(self) -> int:
@@ -327,6 +360,9 @@ class TrainConfig(_Config):
     # weights above this size are saved as safetensors shards + model.safetensors.index.json ("500MB", "5GB", bytes)
     max_shard_size: str = "5GB"
     device: str = "auto"
+    # which implementation computes the layers: 'auto' (Triton on CUDA, chunked PyTorch on the CPU), 'chunked',
+    # 'triton' or 'reference' (token loops); a runtime choice, not part of the model (docs/architecture.md)
+    impl: str = "auto"
     progress: bool = True
     tensorboard: bool = False
 
@@ -367,6 +403,7 @@ class TrainConfig(_Config):
         if not isinstance(self.out_dir, str) or not self.out_dir:
             raise ConfigError(f"{s}.out_dir = {self.out_dir!r} is invalid; expected a non-empty path")
         _check_choice(s, "dtype", self.dtype, ("float32", "float64", "bfloat16"))
+        _check_choice(s, "impl", self.impl, IMPLS)
         try:
             parse_size(self.max_shard_size)
         except ValueError as error:
@@ -417,7 +454,11 @@ class RunConfig(_Config):
         unknown = sorted(set(data) - set(cls.SECTIONS))
         if unknown:
             raise ConfigError(f"run config: unknown section(s) {unknown}; known sections are {sorted(cls.SECTIONS)}")
-        return cls(**{name: cls.SECTIONS[name].from_dict(data.get(name, {})) for name in cls.SECTIONS})
+        sections = {name: data.get(name, {}) for name in cls.SECTIONS}
+        model, train = sections["model"], sections["train"]
+        if isinstance(model, Mapping) and "impl" in model and isinstance(train, Mapping) and "impl" not in train:
+            sections["train"] = {**train, "impl": model["impl"]}  # a config written when impl was model.impl
+        return cls(**{name: cls.SECTIONS[name].from_dict(sections[name]) for name in cls.SECTIONS})
 
     def to_dict(self) -> dict:
         return {name: getattr(self, name).to_dict() for name in self.SECTIONS}

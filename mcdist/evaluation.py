@@ -3,7 +3,7 @@
 What people who train long-context models look at first: does the loss keep falling as the context grows (the
 loss of the tokens at positions ``[64K, 128K)`` against those at ``[0, 8K)``), does the model still retrieve at
 lengths beyond those it trained on, and at every depth. One call scores the model on the run's evaluation data
-(the batches the trainer scores: :meth:`mcdist.train.trainer.RankData.eval_batches`) at each of ``seq_lens``,
+(the batches the trainer scores: :meth:`mcdist.train.data.RankData.eval_batches`) at each of ``seq_lens``,
 for the passkey task at each of ``depths``, with the label positions split into ``buckets`` position buckets
 that double in width (:func:`position_edges`).
 
@@ -12,6 +12,7 @@ sp rank holding only its pieces of every sequence (a rank's data and activation 
 of a dp group scoring different rows. Sums over buckets are all-reduced once per length, so every layout gives
 the same numbers up to float rounding (tested).
 
+* :func:`evaluate_on_data`: one rank's evaluation batches (:class:`~mcdist.train.data.RankData`), scored.
 * :func:`evaluate_model`: every rank of an initialised process group, or one process (the model already on its
   device and, under sp, parallelized).
 * :func:`evaluate_checkpoint`: load the saved model in this process and score it.
@@ -27,12 +28,25 @@ import os
 from typing import Callable, List, Optional, Sequence
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 
 from mcdist.checkpoint import CheckpointError, load_config, load_model
 from mcdist.config import ConfigError, ParallelConfig, RunConfig
+from mcdist.data.mqar import IGNORE_INDEX
+from mcdist.device import autocast_for, resolve_device
+from mcdist.layer import at_least_float32
+from mcdist.parallel.mesh import Mesh, build_mesh
+from mcdist.parallel.model import parallelize
+from mcdist.runners.problems import first_problem, problem
+from mcdist.runners.ray import run_on_ray, unique_run_name
+from mcdist.runners.spawned import run_spawned
+from mcdist.runners.torchrun import run_under_torchrun, world_size_from_environment
+from mcdist.train.checks import check_run, length_run
+from mcdist.train.data import RankData
 
-__all__ = ["check_evaluation", "evaluate_checkpoint", "evaluate_local", "evaluate_model", "evaluate_under_torchrun",
-           "evaluate_with_ray", "format_table", "position_edges"]
+__all__ = ["check_evaluation", "evaluate_checkpoint", "evaluate_local", "evaluate_model", "evaluate_on_data",
+           "evaluate_under_torchrun", "evaluate_with_ray", "format_table", "position_edges"]
 
 
 def position_edges(seq_len: int, buckets: int) -> List[int]:
@@ -63,13 +77,12 @@ def check_evaluation(run_config: RunConfig, *, seq_lens: Optional[Sequence[int]]
         depths: passkey depths in [0, 1] (passkey only); default: the uniform depth of the training data.
         buckets: position buckets (:func:`position_edges`).
         num_batches: batches per length and depth (default ``train.eval_batches``).
-        seed: the synthetic tasks' evaluation seed (default ``train.seed + 1000003``, what the trainer scores).
+        seed: the synthetic tasks' evaluation seed (default ``train.seed + EVAL_SEED_OFFSET`` of
+            :mod:`mcdist.train.data`, what the trainer scores).
 
     Raises:
         ConfigError (a ValueError): naming the value and what was expected.
     """
-    from mcdist.train.trainer import check_run, length_run
-
     task = run_config.train.task
     lengths = [run_config.train.seq_len] if seq_lens is None else list(seq_lens)
     if not lengths:
@@ -102,11 +115,67 @@ def check_evaluation(run_config: RunConfig, *, seq_lens: Optional[Sequence[int]]
     return lengths
 
 
+@torch.no_grad()
+def evaluate_on_data(model: torch.nn.Module, data: RankData, *, num_batches: int, device: torch.device, autocast,
+                     edges: Optional[Sequence[int]] = None, depth: Optional[float] = None,
+                     seed: Optional[int] = None, impl: Optional[str] = None) -> dict:
+    """Mean loss and accuracy (arg-max = label, over labelled positions) on ``data``'s evaluation batches, every
+    rank of the mesh ``data`` belongs to (a collective when there are several).
+
+    Args:
+        autocast: what the forward runs under (:func:`mcdist.device.autocast_for`).
+        edges: position bucket boundaries ``0 = e_0 < e_1 < ... < e_K = seq_len``: the result then also holds
+            ``by_position``, one ``{"start", "end", "eval_loss", "eval_accuracy", "labelled"}`` per bucket of
+            label positions ``[e_i, e_i+1)`` (global positions, whatever the sp layout).
+        depth, seed: as :meth:`~mcdist.train.data.RankData.eval_batches`.
+        impl: which implementation computes the layers (``train.impl``); ``None``: the model's default.
+
+    Returns:
+        ``{"eval_loss", "eval_accuracy", "labelled"}`` (+ ``by_position``), the same on every rank.
+    """
+    bounds = [0, data.seq_len] if edges is None else list(edges)
+    positions = torch.cat([torch.arange(start, start + length) for start, length in data.pieces])  # [t] global
+    bucket = torch.bucketize(positions, torch.tensor(bounds[1:-1], dtype=torch.int64), right=True).to(device)
+    sums = torch.zeros(len(bounds) - 1, 3, dtype=torch.float64, device=device)  # per bucket: loss, correct, count
+    was_training = model.training
+    model.eval()
+    chunk_tokens = data.config.train.loss_chunk  # logits a few positions at a time, as training makes them
+    try:
+        for input_ids, labels in data.eval_batches(num_batches, depth=depth, seed=seed):
+            input_ids, labels = input_ids.to(device), labels.to(device)
+            positions = max(1, chunk_tokens // input_ids.shape[0]) if chunk_tokens else 0
+            with autocast():
+                for first, logits in model.logit_chunks(input_ids, chunk_tokens=positions, impl=impl):  # [b, n, V]
+                    part = labels[:, first:first + logits.shape[1]]
+                    losses = F.cross_entropy(at_least_float32(logits).transpose(1, 2), part,
+                                             ignore_index=IGNORE_INDEX, reduction="none")  # [b, n], 0 unlabelled
+                    mask = part != IGNORE_INDEX  # [b, n]
+                    correct = (logits.argmax(dim=-1) == part) & mask
+                    for column, values in enumerate((losses, correct, mask)):
+                        sums[:, column].index_add_(0, bucket[first:first + logits.shape[1]],
+                                                   values.double().sum(dim=0))
+    finally:
+        model.train(was_training)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sums)
+
+    def scores(row: torch.Tensor) -> dict:
+        count = float(row[2])
+        return {"eval_loss": float(row[0]) / max(count, 1.0), "eval_accuracy": float(row[1]) / max(count, 1.0),
+                "labelled": int(count)}
+
+    result = scores(sums.sum(dim=0))
+    if edges is not None:
+        result["by_position"] = [{"start": bounds[i], "end": bounds[i + 1], **scores(sums[i])}
+                                 for i in range(len(bounds) - 1)]
+    return result
+
+
 def evaluate_model(model: torch.nn.Module, run_config: RunConfig, *, mesh=None, device: torch.device | str = "cpu",
                    seq_lens: Optional[Sequence[int]] = None, depths: Optional[Sequence[float]] = None,
                    buckets: int = 1, num_batches: Optional[int] = None, seed: Optional[int] = None) -> List[dict]:
-    """Score ``model`` on every rank of ``mesh`` (default: this one process); arguments as
-    :func:`check_evaluation`.
+    """Score ``model`` on every rank of ``mesh`` (default: this one process) with ``train.impl``; arguments as
+    :func:`check_evaluation`. The trainer's evaluations are this call.
 
     Returns:
         One result per length (and depth), the same on every rank: ``{"seq_len", "depth" (passkey sweeps),
@@ -115,9 +184,6 @@ def evaluate_model(model: torch.nn.Module, run_config: RunConfig, *, mesh=None, 
         over labelled positions (MQAR values, passkey digits, every next token of a token file); a bucket with no
         labelled position reports 0 for both and ``labelled = 0``.
     """
-    from mcdist.parallel.mesh import Mesh
-    from mcdist.train.trainer import RankData, autocast_for, evaluate, length_run
-
     mesh = mesh or Mesh.single()
     if mesh.dp * mesh.sp != run_config.parallel.world_size:
         raise ConfigError(f"the mesh is dp {mesh.dp} × sp {mesh.sp}; run_config.parallel says dp "
@@ -125,14 +191,15 @@ def evaluate_model(model: torch.nn.Module, run_config: RunConfig, *, mesh=None, 
     lengths = check_evaluation(run_config, seq_lens=seq_lens, depths=depths, buckets=buckets,
                                num_batches=num_batches, seed=seed)
     device = torch.device(device)
-    autocast = autocast_for(run_config, device)
+    autocast = autocast_for(run_config.train.dtype, device)
     results = []
     for length in lengths:
         data = RankData(length_run(run_config, length), mesh)
         edges = position_edges(length, buckets) if buckets > 1 else None
         for depth in (depths if depths is not None else [None]):
-            scored = evaluate(model, data, num_batches=num_batches or run_config.train.eval_batches, device=device,
-                              autocast=autocast, edges=edges, depth=depth, seed=seed)
+            scored = evaluate_on_data(model, data, num_batches=num_batches or run_config.train.eval_batches,
+                                      device=device, autocast=autocast, edges=edges, depth=depth, seed=seed,
+                                      impl=run_config.train.impl)
             results.append({"seq_len": length, **({} if depth is None else {"depth": float(depth)}), **scored})
     return results
 
@@ -151,8 +218,6 @@ def evaluate_checkpoint(model_dir: str | os.PathLike, run_config: RunConfig, *, 
     :func:`check_evaluation`; returns as :func:`evaluate_model`. Raises CheckpointError (a missing or corrupt
     ``model_dir``, naming it) or ConfigError.
     """
-    from mcdist.train.simple import resolve_device
-
     model_dir = os.fspath(model_dir)
     run_config = _with_model_config(run_config, model_dir, ParallelConfig())
     check_evaluation(run_config, seq_lens=seq_lens, depths=depths, buckets=buckets, num_batches=num_batches,
@@ -168,11 +233,8 @@ def evaluate_checkpoint(model_dir: str | os.PathLike, run_config: RunConfig, *, 
 
 def _evaluate_on_rank(rank: int, world_size: int, device: str, where: str, model_dir: str, config: dict,
                       options: dict) -> dict:
-    """One rank's part (a :mod:`mcdist.jobs` rank function): ``{"results": [...]}`` or the first rank's problem."""
-    from mcdist.jobs import first_problem, problem
-    from mcdist.parallel.mesh import build_mesh
-    from mcdist.parallel.model import parallelize
-
+    """One rank's part (a :mod:`mcdist.runners` rank function): ``{"results": [...]}`` or the first rank's
+    problem."""
     run_config = RunConfig.from_dict(config)
     model, mine = None, None
     try:
@@ -204,16 +266,14 @@ def evaluate_local(model_dir: str | os.PathLike, run_config: RunConfig, *, sp: i
     ranks laid out as ``run_config.parallel.layout``, the batch's rows over ``dp`` groups (``train.batch_size``
     must be a multiple of ``dp``). ``dp = sp = 1`` runs in this process on the CPU. The whole run is bounded by
     ``timeout_s``."""
-    from mcdist.jobs import run_local
-
     model_dir = os.path.abspath(os.fspath(model_dir))
     run_config = _parallel_for(run_config, dp, sp)
     options = dict(seq_lens=seq_lens, depths=depths, buckets=buckets, num_batches=num_batches, seed=seed)
     check_evaluation(_with_model_config(run_config, model_dir, run_config.parallel), **options)
     if dp * sp == 1:
         return evaluate_checkpoint(model_dir, run_config, device="cpu", **options)
-    return run_local(_evaluate_on_rank, dp * sp, model_dir, run_config.to_dict(), options, what="evaluation",
-                     timeout_s=timeout_s)["results"]
+    return run_spawned(_evaluate_on_rank, dp * sp, model_dir, run_config.to_dict(), options, what="evaluation",
+                       timeout_s=timeout_s)["results"]
 
 
 def evaluate_under_torchrun(model_dir: str | os.PathLike, run_config: RunConfig, *, sp: Optional[int] = None,
@@ -224,8 +284,6 @@ def evaluate_under_torchrun(model_dir: str | os.PathLike, run_config: RunConfig,
     """:func:`evaluate_local` as this process's rank of a torchrun job of ``dp · sp`` processes (``sp`` default:
     the world size over ``dp``); NCCL and one GPU per rank when CUDA is there and ``device`` is not ``cpu``, else
     gloo. Every rank returns the results."""
-    from mcdist.jobs import run_torchrun, world_size_from_environment
-
     world = world_size_from_environment()
     if sp is None:
         if isinstance(dp, bool) or not isinstance(dp, int) or dp < 1 or world % dp:
@@ -236,8 +294,8 @@ def evaluate_under_torchrun(model_dir: str | os.PathLike, run_config: RunConfig,
         raise ConfigError(f"dp {dp} × sp {sp} = {dp * sp} does not equal torchrun's world size {world}; expected "
                           "dp · sp = nproc-per-node · nnodes")
     options = dict(seq_lens=seq_lens, depths=depths, buckets=buckets, num_batches=num_batches, seed=seed)
-    return run_torchrun(_evaluate_on_rank, os.path.abspath(os.fspath(model_dir)), run_config.to_dict(), options,
-                        what="evaluation", device=device, timeout_s=timeout_s)["results"]
+    return run_under_torchrun(_evaluate_on_rank, os.path.abspath(os.fspath(model_dir)), run_config.to_dict(),
+                              options, what="evaluation", device=device, timeout_s=timeout_s)["results"]
 
 
 def evaluate_with_ray(model_dir: str | os.PathLike, run_config: RunConfig, *, sp: int = 1, dp: int = 1,
@@ -250,22 +308,20 @@ def evaluate_with_ray(model_dir: str | os.PathLike, run_config: RunConfig, *, sp
 
     Every worker loads ``model_dir`` (made absolute here) and reads the run's data files at their paths, so both
     must be on the workers' machines (this one, or a shared filesystem); when the model is not on this machine
-    the workers' check is the only one. The Ray arguments as :func:`mcdist.jobs.run_ray`.
+    the workers' check is the only one. The Ray arguments as :func:`mcdist.runners.ray.run_on_ray`.
     """
-    from mcdist.jobs import run_ray
-
     model_dir = os.path.abspath(os.fspath(model_dir))
     run_config = _parallel_for(run_config, dp, sp)
     options = dict(seq_lens=seq_lens, depths=depths, buckets=buckets, num_batches=num_batches, seed=seed)
     if os.path.isdir(model_dir):
         check_evaluation(_with_model_config(run_config, model_dir, run_config.parallel), **options)
     lengths = ", ".join(str(length) for length in (seq_lens or [run_config.train.seq_len]))
-    result = run_ray(_evaluate_on_rank, model_dir, run_config.to_dict(), options, workers=dp * sp,
-                     what="evaluation through Ray", name="mcdist-eval", address=address, use_gpu=use_gpu,
-                     device=device, cpus_per_worker=cpus_per_worker, storage_path=storage_path, timeout_s=timeout_s,
-                     log=log, describe=f"{run_config.train.task} at L = {lengths}, dp {dp} × sp {sp} "
-                                       f"({run_config.parallel.layout}), model {model_dir}")
-    return result["results"]
+    run = run_on_ray(_evaluate_on_rank, model_dir, run_config.to_dict(), options, workers=dp * sp,
+                     what="evaluation through Ray", name=unique_run_name("mcdist-eval"), address=address,
+                     use_gpu=use_gpu, device=device, cpus_per_worker=cpus_per_worker, storage_path=storage_path,
+                     timeout_s=timeout_s, log=log, describe=f"{run_config.train.task} at L = {lengths}, dp {dp} × "
+                                                            f"sp {sp} ({run_config.parallel.layout}), model {model_dir}")
+    return run.result["results"]
 
 
 def format_table(results: Sequence[dict]) -> str:

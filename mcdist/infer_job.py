@@ -7,10 +7,12 @@ continuation does not depend on the prompts beside it. Greedy decoding (``temper
 
 * :func:`generate_from_checkpoint`: one process, or every rank of an initialised process group (pass the
   group's :class:`~mcdist.parallel.comm.SPGroup`; every rank returns the same ids).
-* :func:`generate_local`: ``nprocs`` gloo processes on this machine's CPUs (:func:`mcdist.jobs.run_local`).
+* :func:`generate_local`: ``nprocs`` gloo processes on this machine's CPUs
+  (:func:`mcdist.runners.spawned.run_spawned`).
 * :func:`generate_with_ray`: one Ray Train worker per rank (Ray sets up the process group: gloo on CPUs, NCCL on
-  GPUs), connected as ``mcdist train --ray`` connects (:func:`mcdist.jobs.run_ray`).
-* :func:`generate_under_torchrun`: this process is one rank of a ``torchrun`` job.
+  GPUs), connected as ``mcdist train --ray`` connects (:func:`mcdist.runners.ray.run_on_ray`).
+* :func:`generate_under_torchrun`: this process is one rank of a ``torchrun`` job
+  (:func:`mcdist.runners.torchrun.run_under_torchrun`).
 
 Every rank loads the model from ``model_dir`` itself, so the folder must be readable at the same path on every
 machine that runs a rank (one machine, or a shared filesystem). A rank that cannot load it reports the error to
@@ -28,6 +30,13 @@ import torch
 import torch.distributed as dist
 
 from mcdist.checkpoint import CheckpointError, load_config, load_model
+from mcdist.device import resolve_device
+from mcdist.infer import Session, generate
+from mcdist.parallel.comm import SPGroup
+from mcdist.runners.problems import first_problem, problem
+from mcdist.runners.ray import run_on_ray, unique_run_name
+from mcdist.runners.spawned import run_spawned
+from mcdist.runners.torchrun import run_under_torchrun
 
 __all__ = ["check_request", "generate_from_checkpoint", "generate_local", "generate_under_torchrun",
            "generate_with_ray", "generate_with_model"]
@@ -84,8 +93,6 @@ def check_request(prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temp
 
 
 def _resolve_device(device: str, sp) -> torch.device:
-    from mcdist.train.simple import resolve_device
-
     if device == "auto" and sp is not None and sp.size > 1:  # the tensors the collectives take
         device = "cuda" if dist.get_backend(sp.group) == "nccl" else "cpu"
     return resolve_device(device)
@@ -98,8 +105,6 @@ def generate_with_model(model, prompts: Sequence[Sequence[int]], *, max_new_toke
     Prompts of equal length decode together, ``batch_size`` at a time, in one :class:`~mcdist.infer.Session`
     (every row samples with its own generator, so a prompt continues as it would alone). Arguments as
     :func:`generate_from_checkpoint`."""
-    from mcdist.infer import Session, generate
-
     prompts = check_request(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                             seed=seed, eos_id=eos_id, layout=layout, batch_size=batch_size,
                             vocab_size=model.config.vocab_size)
@@ -137,7 +142,8 @@ def generate_from_checkpoint(model_dir: str | os.PathLike, prompts: Sequence[Seq
         seed: seeds each prompt's sampling generator.
         eos_id: stop a prompt's continuation after this id (kept as its last new id).
         device: ``auto`` (CUDA when available; under ``sp``, CUDA with an NCCL group, else CPU), ``cpu``, ``cuda:N``.
-        impl: kernel choice (``auto``, ``chunked``, ``triton``); default the model config's.
+        impl: which implementation computes the layers (``auto``, ``chunked``, ``triton``, ``reference``: as
+            ``train.impl``); ``None``: ``auto``.
         sp: the :class:`~mcdist.parallel.comm.SPGroup` of an initialised process group to spread each prompt over;
             every rank calls with the same arguments and gets the same result. ``None``: this process alone.
         layout: how a prompt is sharded under ``sp`` (``zigzag`` or ``contiguous``).
@@ -163,11 +169,8 @@ def generate_from_checkpoint(model_dir: str | os.PathLike, prompts: Sequence[Seq
 
 def _generate_on_rank(rank: int, world_size: int, device: str, where: str, model_dir: str, prompts,
                       options: dict) -> dict:
-    """This rank's part of a distributed generation (a :mod:`mcdist.jobs` rank function): ``{"new_ids": ...}``,
+    """This rank's part of a distributed generation (a :mod:`mcdist.runners` rank function): ``{"new_ids": ...}``,
     or the problem of a rank (any) that cannot load the model or finds the request invalid for it."""
-    from mcdist.jobs import first_problem, problem
-    from mcdist.parallel.comm import SPGroup
-
     sp = SPGroup(dist.group.WORLD, rank, world_size, tuple(range(world_size)))
     model, mine = None, None
     try:
@@ -197,8 +200,6 @@ def generate_local(model_dir: str | os.PathLike, prompts: Sequence[Sequence[int]
     ``nprocs = 1`` runs in this process on the CPU. The whole run is bounded by ``timeout_s`` (TimeoutError after
     every process is terminated). Returns rank 0's result (every rank holds the same).
     """
-    from mcdist.jobs import run_local
-
     if isinstance(nprocs, bool) or not isinstance(nprocs, int) or nprocs < 1:
         raise ValueError(f"nprocs = {nprocs!r} is invalid; expected a positive integer")
     model_dir = os.path.abspath(os.fspath(model_dir))
@@ -207,8 +208,8 @@ def generate_local(model_dir: str | os.PathLike, prompts: Sequence[Sequence[int]
     prompts = _driver_checks(model_dir, prompts, options, need_local=True)
     if nprocs == 1:
         return generate_from_checkpoint(model_dir, prompts, device="cpu", **options)
-    return run_local(_generate_on_rank, nprocs, model_dir, prompts, options, what="generation",
-                     timeout_s=timeout_s)["new_ids"]
+    return run_spawned(_generate_on_rank, nprocs, model_dir, prompts, options, what="generation",
+                       timeout_s=timeout_s)["new_ids"]
 
 
 def generate_under_torchrun(model_dir: str | os.PathLike, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -217,15 +218,13 @@ def generate_under_torchrun(model_dir: str | os.PathLike, prompts: Sequence[Sequ
                             device: str = "auto", timeout_s: float = 600.0) -> List[List[int]]:
     """:func:`generate_from_checkpoint` as this process's rank of a torchrun job: each prompt spread over all of
     torchrun's processes (NCCL and one GPU each when CUDA is there and ``device`` is not ``cpu``, else gloo).
-    Every rank returns the same ids (:func:`mcdist.jobs.run_torchrun`)."""
-    from mcdist.jobs import run_torchrun
-
+    Every rank returns the same ids (:func:`mcdist.runners.torchrun.run_under_torchrun`)."""
     model_dir = os.path.abspath(os.fspath(model_dir))
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed, eos_id=eos_id,
                    impl=impl, layout=layout, batch_size=batch_size)
     prompts = check_request(prompts, **{key: options[key] for key in REQUEST_KEYS})
-    return run_torchrun(_generate_on_rank, model_dir, prompts, options, what="generation", device=device,
-                        timeout_s=timeout_s)["new_ids"]
+    return run_under_torchrun(_generate_on_rank, model_dir, prompts, options, what="generation", device=device,
+                              timeout_s=timeout_s)["new_ids"]
 
 
 # -- Ray -----------------------------------------------------------------------------------------------------------
@@ -244,7 +243,8 @@ def generate_with_ray(model_dir: str | os.PathLike, prompts: Sequence[Sequence[i
             the workers' machines: this one, or a filesystem they share. When it is not on this machine, the
             workers' check is the only one.
         workers: Ray workers = sequence-parallel ranks.
-        address, use_gpu, device, cpus_per_worker, storage_path, timeout_s, log: as :func:`mcdist.jobs.run_ray`.
+        address, use_gpu, device, cpus_per_worker, storage_path, timeout_s, log: as
+            :func:`mcdist.runners.ray.run_on_ray`.
         The others: as :func:`generate_from_checkpoint`.
 
     Returns:
@@ -255,14 +255,13 @@ def generate_with_ray(model_dir: str | os.PathLike, prompts: Sequence[Sequence[i
             message then names its node). RayConnectionError: ``address`` cannot be reached. ImportError: no
             Ray Train. RuntimeError: a worker failed otherwise.
     """
-    from mcdist.jobs import run_ray
-
     model_dir = os.path.abspath(os.fspath(model_dir))
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed, eos_id=eos_id,
                    impl=impl, layout=layout, batch_size=batch_size)
     prompts = _driver_checks(model_dir, prompts, options, need_local=False)
-    result = run_ray(_generate_on_rank, model_dir, prompts, options, workers=workers, what="generation through Ray",
-                     name="mcdist-generate", address=address, use_gpu=use_gpu, device=device,
-                     cpus_per_worker=cpus_per_worker, storage_path=storage_path, timeout_s=timeout_s, log=log,
+    run = run_on_ray(_generate_on_rank, model_dir, prompts, options, workers=workers,
+                     what="generation through Ray", name=unique_run_name("mcdist-generate"), address=address,
+                     use_gpu=use_gpu, device=device, cpus_per_worker=cpus_per_worker, storage_path=storage_path,
+                     timeout_s=timeout_s, log=log,
                      describe=f"{len(prompts)} prompt(s), sp {workers} ({layout}), model {model_dir}")
-    return result["new_ids"]
+    return run.result["new_ids"]

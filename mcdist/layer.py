@@ -1,40 +1,26 @@
-"""The Memory Caching layer (SPEC §2–§6).
+"""The Memory Caching layer (docs/math.md §2–§6).
 
-``MemoryCachingLayer.forward`` runs four steps that sequence parallelism (``mcdist.parallel``) reuses one by one:
-``project`` → ``memory_pass`` → ``aggregate`` → ``output``. The layer itself knows nothing about distribution.
+``MemoryCachingLayer.forward`` computes every token's output one way: ``project`` → memory pass →
+:func:`aggregate` → ``output``, asking a *reader* (``mcdist.readers``) for what depends on where the tokens are:
+the whole sequence in one process (:class:`~mcdist.readers.LocalReader`), this rank's pieces of it under
+sequence parallelism (the reader of the shard context ``mcdist.parallel`` gave the layer), or one token after a
+prompt (:class:`~mcdist.readers.DecodeReader`, with a :class:`~mcdist.readers.LayerCache`). The layer knows
+nothing about distribution beyond asking its shard context, when it has one, for a reader.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from mcdist import ops
-from mcdist.aggregate import (merge_partials, online_scores, residual_read_chunked, segment_contexts,
-                              select_top_k)
 from mcdist.config import ModelConfig
-from mcdist.memory.deep import (apply_minibatch_weights, deep_memory_chunked, deep_memory_reference,
-                                deep_online_read)
-
-
-class Projections(NamedTuple):
-    q: torch.Tensor  # [B, T, H, D]
-    k: torch.Tensor  # [B, T, H, D]
-    v: torch.Tensor  # [B, T, H, D]
-    u: torch.Tensor  # [B, T, H, D] gate queries (the connector)
-    log_decay: Optional[torch.Tensor]  # [B, T, H] for `gated`
-    theta: Optional[torch.Tensor]  # [B, T, H] step scales for deep memory
-
-
-class MemoryResult(NamedTuple):
-    online_out: torch.Tensor  # [B, T, H, D]: M_t(q_t)
-    cached_states: object  # [B, N, H, D, D], or (W1 [B, N, H, E, D], W2 [B, N, H, D, E])
-    final_state: object  # [B, H, D, D], or DeepState
-    minibatch_weights: object = None  # deep memory: (W1 [B, NB, H, E, D], W2 [B, NB, H, D, E])
+from mcdist.readers import DecodeReader, LayerCache, LocalReader, MemoryResult, Projections, Reader
+from mcdist.reference import memory_caching_reference
 
 
 def at_least_float32(x: torch.Tensor) -> torch.Tensor:
@@ -89,6 +75,7 @@ class MemoryCachingLayer(nn.Module):
         if config.output_gate:
             self.gate_proj = nn.Linear(width, H * D, bias=False)
         self.out_proj = nn.Linear(H * D, width, bias=False)
+        self.shard = None  # sequence parallelism's shard context (mcdist.parallel.parallelize), or None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -107,7 +94,6 @@ class MemoryCachingLayer(nn.Module):
             nn.init.normal_(self.step_proj.weight, std=std)
             nn.init.zeros_(self.step_proj.bias)
 
-    # -- the four steps ----------------------------------------------------------------------------------------
     def short_conv(self, raw: torch.Tensor, prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The short convolution (``conv_size = w``) of q, k, v: SiLU(Σ_j w_j ⊙ raw_{t-w+1+j}), causal.
 
@@ -173,6 +159,15 @@ class MemoryCachingLayer(nn.Module):
             params["decay"] = torch.sigmoid(self.decay_logit)
         return params
 
+    def initial_memory(self, batch: int, dtype: torch.dtype, device):
+        """M_0 for ``batch`` sequences whose inputs have ``dtype``: zeros [B, H, D, D], or the deep memory's
+        learned initial weights (DeepState), in the states' dtype (float32 at least)."""
+        cfg = self.config
+        if cfg.is_deep:
+            return ops.deep_state_of((self.init_w1, self.init_w2), batch, ops.state_dtype(dtype))
+        return torch.zeros(batch, cfg.n_heads, cfg.dim_head, cfg.dim_head, dtype=ops.state_dtype(dtype),
+                           device=device)
+
     def memory_pass(self, p: Projections, *, impl: str, initial_state=None) -> MemoryResult:
         """Online reads M_t(q_t), cached states at every segment end, and the final state."""
         cfg = self.config
@@ -181,41 +176,12 @@ class MemoryCachingLayer(nn.Module):
                                        chunk_len=cfg.chunk_len, state_init=cfg.state_init,
                                        initial_state=initial_state, impl=impl)
             return MemoryResult(result.online_out, result.cached_states, result.final_state)
-        run = deep_memory_reference if impl == "reference" else deep_memory_chunked
-        result = run(p.k, p.v, p.theta, segment_len=cfg.segment_len, minibatch_len=cfg.minibatch_len,
-                     state_init=cfg.state_init, initial_state=initial_state, **self.deep_parameters())
-        online = deep_online_read(p.q, result.minibatch_weights, cfg.minibatch_len)
-        return MemoryResult(online, result.cached_states, result.final_state, result.minibatch_weights)
-
-    def aggregate(self, p: Projections, memory: MemoryResult, *, impl: str) -> torch.Tensor:
-        """y_t from the online read and the cached states before t (SPEC §6). Returns [B, T, H, D]."""
-        cfg = self.config
-        online = memory.online_out
-        if cfg.aggregation == "none":
-            return online
-        C = cfg.segment_len
-        if cfg.aggregation == "residual":
-            return online + residual_read_chunked(p.q, memory.cached_states, segment_len=C)
-        closed, running = segment_contexts(p.k, C, cfg.pool)
-        r_online = online_scores(p.u, running, cfg.scale)
-        selected = None
-        if cfg.aggregation == "ssc":
-            selected = select_top_k(p.u, closed, segment_len=C, top_k=cfg.top_k, gate_scale=cfg.scale, impl=impl)
-        read = dict(segment_len=C, gate_scale=cfg.scale, selected=selected, impl=impl)
-        if cfg.aggregation == "soup" and cfg.is_deep:
-            # Soup over the MLP: mix the first layers' outputs, φ, then mix the second layers' outputs.
-            w1s, w2s = memory.cached_states
-            mb1, mb2 = memory.minibatch_weights
-            b = cfg.minibatch_len
-            first = merge_partials(ops.cached_read(p.q, p.u, w1s, closed, **read),
-                                   (apply_minibatch_weights(p.q, mb1, b), r_online))[0]
-            hidden = F.gelu(first)
-            second = merge_partials(ops.cached_read(hidden, p.u, w2s, closed, **read),
-                                    (apply_minibatch_weights(hidden, mb2, b), r_online))[0]
-            return p.q.to(second.dtype) + second
-        # grm and ssc (and soup over linear memory, which equals grm exactly)
-        cached = ops.cached_read(p.q, p.u, memory.cached_states, closed, **read)
-        return merge_partials(cached, (online.to(cached[0].dtype), r_online))[0]
+        result = ops.deep_memory(p.k, p.v, p.theta, segment_len=cfg.segment_len, minibatch_len=cfg.minibatch_len,
+                                 state_init=cfg.state_init, initial_state=initial_state, impl=impl,
+                                 **self.deep_parameters())
+        online = ops.deep_online_read(p.q, result.minibatch_weights, cfg.minibatch_len)
+        return MemoryResult(online, result.cached_states, result.final_state, result.minibatch_weights,
+                            cfg.minibatch_len)
 
     def output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """o_t = W_o (RMSNorm_head(y_t) ⊙ SiLU(x_t W_gate)), the norm and gate as configured."""
@@ -228,18 +194,113 @@ class MemoryCachingLayer(nn.Module):
             y = y * F.silu(self.gate_proj(x))
         return self.out_proj(y)
 
-    def forward(self, x: torch.Tensor, *, impl: Optional[str] = None) -> torch.Tensor:
-        requested = impl or self.config.impl
-        if requested == "auto" and self.config.segmentation == "logarithmic":
-            requested = "reference"  # the only path that implements it
-        impl = ops.resolve_impl(requested, x)
-        if impl == "reference":
-            from mcdist.reference import memory_caching_reference
+    def start_cache(self, cache: LayerCache, batch: int, dtype: torch.dtype, device, group_size: int = 1) -> None:
+        """Make ``cache`` a started cache that holds no token: every later token goes through the decode step.
+        ``group_size``: the ranks the cached states will be spread over (1 in one process)."""
+        cfg = self.config
+        B, H, D = batch, cfg.n_heads, cfg.dim_head
+        cdt, sdt = (torch.float64 if dtype == torch.float64 else torch.float32), ops.state_dtype(dtype)
+        if cfg.is_deep:
+            E = cfg.expansion * D
+            states = (torch.zeros(B, 0, H, E, D, dtype=sdt, device=device),
+                      torch.zeros(B, 0, H, D, E, dtype=sdt, device=device))
+        else:
+            states = torch.zeros(B, 0, H, D, D, dtype=sdt, device=device)
+        contexts = torch.zeros(B, 0, H, D, dtype=cdt, device=device)
+        cache.position, cache.states, cache.contexts, cache.segments = 0, states, contexts, []
+        cache.all_contexts, cache.state = contexts, self.initial_memory(B, dtype, device)
+        cache.context_sum = torch.zeros(B, H, D, dtype=cdt, device=device)
+        cache.pending, cache.owned_counts, cache.conv_tail = None, [0] * group_size, None
 
+    def resolve_impl(self, impl: Optional[str], x: torch.Tensor) -> str:
+        """The implementation a forward asks the ops for: ``impl`` ('auto' when None), checked for x's device.
+        'auto' stays 'auto': each op then picks its own (Triton where it has a kernel for CUDA tensors, else
+        chunked), while an explicit 'triton' raises where an op has no kernel. Logarithmic segmentation runs the
+        token loop, which 'auto' picks for it."""
+        requested = impl or "auto"
+        if self.config.segmentation == "logarithmic":
+            if requested not in ("auto", "reference"):
+                raise ValueError(f"segmentation = 'logarithmic' is implemented by impl = 'reference' only; got "
+                                 f"impl = {requested!r}")
+            return "reference"
+        resolved = ops.resolve_impl(requested, x)  # validates the name, and 'triton' against the device
+        return "auto" if requested == "auto" else resolved
+
+    def forward(self, x: torch.Tensor, *, impl: Optional[str] = None, cache: Optional[LayerCache] = None):
+        """The layer over x [B, T, d_model] -> [B, T, d_model].
+
+        ``cache``: None for a plain forward (training, evaluation). An empty :class:`LayerCache` makes this a
+        prefill (the parallel path over x, then the cache holds what later tokens read); a filled one continues
+        the sequence token by token from it (x: the next tokens, on every rank alike under sequence parallelism).
+        Under sequence parallelism (``self.shard``, set by ``mcdist.parallel.parallelize``) x is this rank's slice
+        of the sequence for a plain forward or a prefill."""
+        impl = self.resolve_impl(impl, x)
+        if impl == "reference":
+            if cache is not None or self.shard is not None:
+                raise ValueError("impl = 'reference' (the token loop) runs a whole sequence in one process; under "
+                                 "sequence parallelism or with a decode cache use 'auto', 'chunked' or 'triton'")
             return self.output(x, memory_caching_reference(self, self.project(x)))
-        if self.config.segmentation != "constant":
-            raise ValueError(f"segmentation = {self.config.segmentation!r} is implemented by impl = 'reference' "
-                             f"only; got impl = {impl!r}")
-        p = self.project(x)
-        memory = self.memory_pass(p, impl=impl)
-        return self.output(x, self.aggregate(p, memory, impl=impl))
+        if cache is None:
+            return self.compute(x, self.sequence_reader(x, impl))
+        outputs, first = [], 0
+        if not cache.filled:  # prefill: the parallel path over whole mini-batches, the rest token by token
+            cfg = self.config
+            T = x.shape[1]
+            first = T - T % cfg.minibatch_len if cfg.is_deep else T
+            if self.shard is not None and first != T:
+                raise ValueError(f"a sequence-parallel prefill needs whole mini-batches on every rank; got {T} "
+                                 f"tokens here with minibatch_len {cfg.minibatch_len}")
+            if first:
+                outputs.append(self.compute(x[:, :first], self.sequence_reader(x[:, :first], impl, cache)))
+            else:
+                self.start_cache(cache, x.shape[0], x.dtype, x.device)
+        group = self.shard.sp if self.shard is not None else None
+        for t in range(first, x.shape[1]):
+            outputs.append(self.compute(x[:, t:t + 1], DecodeReader(self.config, cache, impl, group)))
+        return torch.cat(outputs, 1)
+
+    def sequence_reader(self, x: torch.Tensor, impl: str, cache: Optional[LayerCache] = None) -> Reader:
+        """The reader of a sequence from its start: this rank's pieces of it under the shard context, else the
+        whole of it in this process. With an empty ``cache``, the reader fills it (prefill)."""
+        if self.shard is not None:
+            return self.shard.reader(self, x, impl, cache)
+        return LocalReader(self.config, impl, cache)
+
+    def compute(self, x: torch.Tensor, reader: Reader) -> torch.Tensor:
+        """The one computation path: projections, memory pass, aggregation, output, with ``reader``."""
+        p = reader.project(self, x)
+        memory = reader.memory(self, p)
+        y = aggregate(self.config, p, memory, reader)
+        reader.finish(self, p, memory)
+        return self.output(x, y)
+
+
+def aggregate(config: ModelConfig, p: Projections, memory: MemoryResult, reader: Reader) -> torch.Tensor:
+    """y_t from the online read and the cached states before t (docs/math.md §6). Returns [B, T, H, D].
+
+    The only place outside the token-loop reference that branches on the aggregation; ``reader`` supplies the
+    cached part (its states are ``memory.cached_states``)."""
+    online = memory.online_out
+    if config.aggregation == "none":
+        return online
+    if config.aggregation == "residual":
+        return online + reader.total(p.q, memory.cached_states)
+    r_online = ops.online_scores(p.u, reader.running_contexts(p), config.scale)
+    selected = None
+    if config.aggregation == "ssc":
+        selected = reader.select(p.u, top_k=config.top_k, gate_scale=config.scale)
+    read = dict(gate_scale=config.scale, selected=selected)
+    if config.aggregation == "soup" and config.is_deep:
+        # Soup over the MLP: mix the first layers' outputs, φ, then mix the second layers' outputs.
+        w1s, w2s = memory.cached_states
+        mb1, mb2 = memory.minibatch_weights
+        b = memory.minibatch_len
+        first = ops.merge_partials(reader.read(p.q, p.u, w1s, **read),
+                                   (ops.apply_minibatch_weights(p.q, mb1, b), r_online))[0]
+        hidden = F.gelu(first)
+        second = ops.merge_partials(reader.read(hidden, p.u, w2s, **read),
+                                    (ops.apply_minibatch_weights(hidden, mb2, b), r_online))[0]
+        return p.q.to(second.dtype) + second
+    # grm and ssc (and soup over linear memory, which equals grm exactly: docs/math.md §6)
+    cached = reader.read(p.q, p.u, memory.cached_states, **read)
+    return ops.merge_partials(cached, (online.to(cached[0].dtype), r_online))[0]

@@ -1,16 +1,22 @@
-"""The language model: embedding → blocks [RMSNorm → MC mixer → RMSNorm → SwiGLU MLP] → RMSNorm → LM head."""
+"""The language model: embedding → blocks [RMSNorm → MC mixer → RMSNorm → SwiGLU MLP] → RMSNorm → LM head.
+
+Decoding runs through the same forward: ``model(input_ids, cache=cache)`` with a :class:`DecodeCache` (the
+convention of Hugging Face ``past_key_values``): an empty cache (``model.new_cache()``) makes the forward a
+prefill, a filled one continues the sequence token by token (docs/inference.md)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mcdist.attention import AttentionLayer, KVCache
 from mcdist.config import ModelConfig
 from mcdist.layer import MemoryCachingLayer, at_least_float32
+from mcdist.readers import LayerCache
 
 IGNORE_INDEX = -100
 
@@ -38,22 +44,39 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """RMSNorm → mixer → RMSNorm → SwiGLU, both residual; ``mixer``: "mc" (Memory Caching) or "attention"."""
+
+    def __init__(self, config: ModelConfig, mixer: str = "mc"):
         super().__init__()
         self.mixer_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.mixer = MemoryCachingLayer(config)
+        self.mixer = AttentionLayer(config) if mixer == "attention" else MemoryCachingLayer(config)
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = SwiGLU(config.d_model, int(config.mlp_ratio * config.d_model))
 
-    def forward(self, x: torch.Tensor, *, impl: Optional[str] = None) -> torch.Tensor:
-        x = x + self.mixer(self.mixer_norm(x), impl=impl)
+    def forward(self, x: torch.Tensor, *, impl: Optional[str] = None,
+                cache=None) -> torch.Tensor:  # cache: the mixer's (LayerCache or KVCache)
+        x = x + self.mixer(self.mixer_norm(x), impl=impl, cache=cache)
         return x + self.mlp(self.mlp_norm(x))
+
+
+@dataclass
+class DecodeCache:
+    """What the model keeps between decoded tokens: one cache per block, of its mixer's kind
+    (:class:`~mcdist.readers.LayerCache` for an MC layer, :class:`~mcdist.attention.KVCache` for attention)."""
+
+    layers: List[object]
+
+    @property
+    def position(self) -> int:
+        """Tokens of the sequence taken so far."""
+        return self.layers[0].position if self.layers and self.layers[0].filled else 0
 
 
 @dataclass
 class ModelOutput:
     logits: torch.Tensor  # [B, T, vocab]
     loss: Optional[torch.Tensor] = None  # mean cross-entropy over labels != -100
+    cache: Optional[DecodeCache] = None  # the updated cache, when the forward was given one
 
 
 def _cross_entropy_sum(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -73,7 +96,7 @@ class MCLanguageModel(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(Block(config, mixer) for mixer in config.mixers)
         self.final_norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.reset_parameters()
@@ -88,19 +111,30 @@ class MCLanguageModel(nn.Module):
             nn.init.normal_(block.mlp.gate_up.weight, std=std)
             nn.init.normal_(block.mlp.down.weight, std=std / (2 * self.config.n_layers) ** 0.5)
 
-    def hidden_states(self, input_ids: torch.Tensor, *, impl: Optional[str] = None) -> torch.Tensor:
+    def new_cache(self) -> DecodeCache:
+        """An empty decode cache: the next forward with it is a prefill."""
+        return DecodeCache([KVCache() if isinstance(block.mixer, AttentionLayer) else LayerCache()
+                            for block in self.blocks])
+
+    def hidden_states(self, input_ids: torch.Tensor, *, impl: Optional[str] = None,
+                      cache: Optional[DecodeCache] = None) -> torch.Tensor:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T]; got shape {tuple(input_ids.shape)}")
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must be integer token ids; got dtype {input_ids.dtype}")
+        if cache is not None and len(cache.layers) != len(self.blocks):
+            raise ValueError(f"cache holds {len(cache.layers)} layers; this model has {len(self.blocks)} "
+                             "(make it with model.new_cache())")
         x = self.embed(input_ids)
-        for block in self.blocks:
-            x = block(x, impl=impl)
+        for index, block in enumerate(self.blocks):
+            x = block(x, impl=impl, cache=None if cache is None else cache.layers[index])
         return self.final_norm(x)
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
-                impl: Optional[str] = None) -> ModelOutput:
-        logits = self.lm_head(self.hidden_states(input_ids, impl=impl))
+                cache: Optional[DecodeCache] = None, impl: Optional[str] = None) -> ModelOutput:
+        """Logits [B, T, vocab] (and the mean loss over labels != -100 when given). With ``cache``: a prefill
+        (empty cache) or the next tokens of the cached sequence; the cache is updated in place and returned."""
+        logits = self.lm_head(self.hidden_states(input_ids, impl=impl, cache=cache))
         loss = None
         if labels is not None:
             if labels.shape != input_ids.shape:
@@ -108,7 +142,7 @@ class MCLanguageModel(nn.Module):
                                  f"{tuple(labels.shape)}")
             loss = F.cross_entropy(at_least_float32(logits).reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                    ignore_index=IGNORE_INDEX)
-        return ModelOutput(logits, loss)
+        return ModelOutput(logits, loss, cache)
 
     def loss_sum(self, input_ids: torch.Tensor, labels: torch.Tensor, *, chunk_tokens: int = 0,
                  impl: Optional[str] = None) -> torch.Tensor:
@@ -141,5 +175,3 @@ class MCLanguageModel(nn.Module):
         for first in range(0, hidden.shape[1], step):
             yield first, self.lm_head(hidden[:, first:first + step])
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())

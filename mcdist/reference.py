@@ -1,4 +1,4 @@
-"""The token-loop reference of the whole MC read (SPEC §4–§6): one token at a time, the equations as written.
+"""The token-loop reference of the whole MC read (docs/math.md §4–§6): one token at a time, the equations as written.
 
 Slow and obviously right; the oracle the chunked path, the kernels and sequence parallelism are tested against.
 It also carries *logarithmic segmentation*: token t (position p = t + 1) splits its prefix [0, p) into the
@@ -12,8 +12,7 @@ from functools import lru_cache
 
 import torch
 
-from mcdist.memory.deep import deep_memory_reference, mlp_read
-from mcdist.memory.linear import state_dtype
+from mcdist import ops
 
 
 def constant_segments(t: int, segment_len: int):
@@ -40,7 +39,7 @@ def memory_caching_reference(layer, p) -> torch.Tensor:
     """
     cfg = layer.config
     B, T, H, D = p.q.shape
-    sdt = state_dtype(p.q.dtype)
+    sdt = ops.state_dtype(p.q.dtype)
     q, k, v, u = (x.to(sdt) for x in (p.q, p.k, p.v, p.u))
     if cfg.segmentation == "logarithmic":
         if cfg.is_deep:
@@ -51,8 +50,8 @@ def memory_caching_reference(layer, p) -> torch.Tensor:
         split = lambda t: constant_segments(t, cfg.segment_len)  # noqa: E731
 
     if cfg.is_deep:
-        deep = deep_memory_reference(p.k, p.v, p.theta, segment_len=cfg.segment_len, minibatch_len=cfg.minibatch_len,
-                                     state_init=cfg.state_init, **layer.deep_parameters())
+        deep = ops.deep_memory(p.k, p.v, p.theta, segment_len=cfg.segment_len, minibatch_len=cfg.minibatch_len,
+                               state_init=cfg.state_init, impl="reference", **layer.deep_parameters())
 
         def block_state(start, end):  # constant segmentation: block = one segment
             index = start // cfg.segment_len
@@ -63,7 +62,7 @@ def memory_caching_reference(layer, p) -> torch.Tensor:
             return deep.minibatch_weights[0][:, index], deep.minibatch_weights[1][:, index]
 
         def read(state, z):
-            return mlp_read(z, state[0], state[1])
+            return ops.mlp_read(z, state[0], state[1])
     else:
         decay = torch.ones(B, T, H, dtype=sdt) if p.log_decay is None else torch.exp(p.log_decay.to(sdt))
 
@@ -125,7 +124,7 @@ def memory_caching_reference(layer, p) -> torch.Tensor:
             if cfg.is_deep:
                 w1 = mix([s[0] for s in states] + [online[0]])
                 w2 = mix([s[1] for s in states] + [online[1]])
-                outputs.append(mlp_read(q[:, t], w1, w2))
+                outputs.append(ops.mlp_read(q[:, t], w1, w2))
             else:
                 outputs.append(read(mix(states + [online]), q[:, t]))
             continue

@@ -376,3 +376,42 @@ def test_leftover_backups_are_named_when_a_checkpoint_does_not_load(tmp_path):
     os.rename(directory / WEIGHTS_NAME, directory / f".{WEIGHTS_NAME}.bak-123-abc")  # as a killed save leaves it
     with pytest.raises(CheckpointError, match=r"\.model\.safetensors\.bak-123-abc"):
         load_model(directory)
+
+
+@pytest.mark.parametrize("before, after", [(None, 2048), (2048, None), (2048, "8KB")],
+                         ids=["one-file-to-shards", "shards-to-one-file", "shards-to-fewer-shards"])
+def test_a_layout_switch_killed_at_any_rename_or_unlink_loads_the_old_or_the_new_weights(tmp_path, monkeypatch,
+                                                                                       before, after):
+    """Snapshot the folder before every rename/unlink of a save (every state a kill can leave); each one loads
+    whole, the old weights or the new (same config), never a mix nor nothing."""
+    import shutil
+
+    config = _config()
+    torch.manual_seed(1)
+    old = MCLanguageModel(config).eval()
+    torch.manual_seed(5)
+    new = MCLanguageModel(config).eval()
+    directory = tmp_path / "ckpt"
+    save_model(old, config, directory, **({} if before is None else {"max_shard_size": before}))
+    snapshots = []
+    for name in ("replace", "unlink", "rename"):
+        original = getattr(os, name)
+
+        def wrapped(*args, _original=original, **kwargs):
+            target = tmp_path / "snapshots" / f"{len(snapshots):02d}"
+            shutil.copytree(directory, target)
+            snapshots.append(target)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(checkpoint_module.os, name, wrapped)
+    save_model(new, config, directory, **({} if after is None else {"max_shard_size": after}))
+    monkeypatch.undo()
+    snapshots.append(directory)
+    old_logits, new_logits = _logits(old), _logits(new)
+    seen = []
+    for folder in snapshots:
+        logits = _logits(load_model(folder)[0])
+        assert torch.isfinite(logits).all()
+        assert torch.equal(logits, old_logits) or torch.equal(logits, new_logits), folder.name
+        seen.append("old" if torch.equal(logits, old_logits) else "new")
+    assert seen[0] == "old" and seen[-1] == "new" and len(snapshots) >= 4

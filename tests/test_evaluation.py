@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from checks import import_optional
 from mcdist import cli
 from mcdist.checkpoint import CheckpointError, save_model
 from mcdist.config import ConfigError, ModelConfig, RunConfig
@@ -20,7 +21,7 @@ from mcdist.data.tokens import write_tokens
 from mcdist.evaluation import (check_evaluation, evaluate_checkpoint, evaluate_local, evaluate_with_ray,
                                position_edges)
 from mcdist.model import MCLanguageModel
-from mcdist.train.simple import EVAL_SEED_OFFSET
+from mcdist.train.data import EVAL_SEED_OFFSET
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,7 +34,7 @@ def saved(tmp_path_factory):
     """(checkpoint folder, model) of a tiny float64 model: vocabulary 64, C = 4, grm over gated memory."""
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, memory="gated", aggregation="grm",
-                         segment_len=SEGMENT_LEN, chunk_len=2, minibatch_len=2, impl="chunked")
+                         segment_len=SEGMENT_LEN, chunk_len=2, minibatch_len=2)
     model = MCLanguageModel(config).double().eval()
     folder = str(tmp_path_factory.mktemp("evaluation") / "checkpoint")
     save_model(model, config, folder)
@@ -83,7 +84,7 @@ def assert_matches(result, totals, edges):
     assert result["eval_loss"] == pytest.approx(sum(row[0] for row in totals) / count, rel=1e-10)
     assert result["eval_accuracy"] == pytest.approx(sum(row[1] for row in totals) / count, rel=1e-12)
     assert [(b["start"], b["end"]) for b in result["by_position"]] == list(zip(edges[:-1], edges[1:]))
-    for bucket, (loss, correct, labelled) in zip(result["by_position"], totals):
+    for bucket, (loss, correct, labelled) in zip(result["by_position"], totals, strict=True):
         assert bucket["labelled"] == labelled
         assert bucket["eval_loss"] == pytest.approx(loss / max(labelled, 1), rel=1e-10)
         assert bucket["eval_accuracy"] == pytest.approx(correct / max(labelled, 1), rel=1e-12)
@@ -147,11 +148,11 @@ def test_sequence_and_data_parallel_processes_give_the_numbers_of_one_process(sa
                                 **options)
     for other in (spread, contiguous):
         assert len(other) == len(alone)
-        for mine, theirs in zip(alone, other):
+        for mine, theirs in zip(alone, other, strict=True):
             assert theirs["labelled"] == mine["labelled"]
             assert theirs["eval_loss"] == pytest.approx(mine["eval_loss"], rel=1e-9)
             assert theirs["eval_accuracy"] == mine["eval_accuracy"]
-            for a, b in zip(mine["by_position"], theirs["by_position"]):
+            for a, b in zip(mine["by_position"], theirs["by_position"], strict=True):
                 assert (a["start"], a["end"], a["labelled"]) == (b["start"], b["end"], b["labelled"])
                 assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-9)
 
@@ -203,14 +204,14 @@ def test_cli_writes_one_line_per_length_and_depth(saved, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_ray_workers_give_the_numbers_of_one_process(saved):
-    pytest.importorskip("ray.train.torch")
+    import_optional("ray.train.torch", "ray")
     folder, _ = saved
     config = run_config("passkey", seq_len=48)
     alone = evaluate_checkpoint(folder, config, device="cpu", depths=[0.25], buckets=2)
     spread = evaluate_with_ray(folder, config, sp=2, depths=[0.25], buckets=2, device="cpu", log=None)
     assert spread[0]["labelled"] == alone[0]["labelled"]
     assert spread[0]["eval_loss"] == pytest.approx(alone[0]["eval_loss"], rel=1e-9)
-    for a, b in zip(alone[0]["by_position"], spread[0]["by_position"]):
+    for a, b in zip(alone[0]["by_position"], spread[0]["by_position"], strict=True):
         assert b["labelled"] == a["labelled"] and b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-9)
 
 

@@ -8,6 +8,7 @@ import socket
 import pytest
 import torch
 
+from checks import import_optional
 from mcdist import cli
 from mcdist.checkpoint import CheckpointError, save_model
 from mcdist.config import ModelConfig
@@ -30,7 +31,7 @@ def saved(tmp_path_factory):
     """(checkpoint folder, the model) of a tiny float64 model with a byte-sized vocabulary."""
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=256, d_model=16, n_layers=2, n_heads=2, memory="gated", aggregation="grm",
-                         segment_len=SEGMENT_LEN, chunk_len=2, minibatch_len=2, top_k=2, impl="chunked")
+                         segment_len=SEGMENT_LEN, chunk_len=2, minibatch_len=2, top_k=2)
     model = MCLanguageModel(config).double().eval()
     folder = str(tmp_path_factory.mktemp("generate") / "checkpoint")
     save_model(model, config, folder)
@@ -125,6 +126,21 @@ def run_cli(capsys, *argv):
     return status, [json.loads(line) for line in captured.out.splitlines()] if status == 0 else captured.err
 
 
+def test_cli_impl_reaches_the_decode_session(saved, prompts, one_process, capsys):
+    """--impl chunked continues a prompt as one process does; --impl reference, which a decode cache cannot use,
+    is refused naming it (so the option reaches the session); an unknown one is refused by the parser."""
+    ids = ",".join(map(str, prompts[0]))
+    status, records = run_cli(capsys, "--checkpoint", saved[0], "--prompt-ids", ids, "--max-new-tokens",
+                              str(NEW_TOKENS), "--device", "cpu", "--impl", "chunked")
+    assert status == 0 and [record["new_ids"] for record in records] == one_process[:1]
+    status, err = run_cli(capsys, "--checkpoint", saved[0], "--prompt-ids", ids, "--max-new-tokens", "1",
+                          "--impl", "reference")
+    assert status == 2 and "impl = 'reference'" in err and len(err.strip().splitlines()) == 1, err
+    status, err = run_cli(capsys, "--checkpoint", saved[0], "--prompt-ids", "1", "--max-new-tokens", "1",
+                          "--impl", "fastest")
+    assert status == 2 and "--impl: invalid choice: 'fastest'" in err
+
+
 def test_cli_token_ids_and_out_file(saved, prompts, one_process, capsys, tmp_path):
     out = tmp_path / "runs" / "generated.jsonl"
     status, records = run_cli(capsys, "--checkpoint", saved[0], "--prompt-ids", ",".join(map(str, prompts[0])),
@@ -206,7 +222,7 @@ def test_cli_missing_checkpoint_and_unreachable_ray_exit_2(capsys, tmp_path):
     missing = str(tmp_path / "no-checkpoint")
     status, err = run_cli(capsys, "--checkpoint", missing, "--prompt-ids", "1", "--max-new-tokens", "1")
     assert status == 2 and missing in err
-    pytest.importorskip("ray.train")
+    import_optional("ray.train", "ray")
     address = f"127.0.0.1:{closed_port()}"
     folder = str(tmp_path / "checkpoint")
     config = ModelConfig(vocab_size=8, d_model=8, n_heads=1, segment_len=4, chunk_len=2, minibatch_len=2)

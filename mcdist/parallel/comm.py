@@ -25,9 +25,6 @@ class CommStats:
         self.sent.clear()
         self.received.clear()
 
-    def as_dict(self) -> dict:
-        return {"sent": dict(self.sent), "received": dict(self.received)}
-
 
 def nbytes(tensors: Sequence[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)

@@ -10,8 +10,11 @@ from __future__ import annotations
 import functools
 
 import torch.distributed as dist
+from torch.distributed import distributed_c10d
 
 FAILURE_KEY = "mcdist/failed_rank"
+# how the error of a rank begins when it only reports that another rank failed (that rank's error names the cause)
+PEER_ERROR_PREFIX = "another rank"
 
 
 class PeerFailure(RuntimeError):
@@ -20,9 +23,7 @@ class PeerFailure(RuntimeError):
 
 def _store():
     try:
-        from torch.distributed.distributed_c10d import _get_default_store
-
-        return _get_default_store()
+        return distributed_c10d._get_default_store()
     except Exception:  # no process group, or a torch without the helper
         return None
 

@@ -1,4 +1,4 @@
-"""How a sequence is split across the P ranks of a sequence-parallel group (SPEC §7.1).
+"""How a sequence is split across the P ranks of a sequence-parallel group (docs/distributed.md §2).
 
 - ``contiguous``: rank r holds tokens [r·L/P, (r+1)·L/P).
 - ``zigzag``: the sequence is cut into 2P blocks; rank r holds blocks r and 2P−1−r (equal causal work).
@@ -39,8 +39,10 @@ def rank_pieces(seq_len: int, sp: int, rank: int, layout: str) -> List[Piece]:
     raise ValueError(f"layout = {layout!r}; expected 'contiguous' or 'zigzag'")
 
 
-def all_pieces(seq_len: int, sp: int, layout: str) -> List[List[Piece]]:
-    return [rank_pieces(seq_len, sp, rank, layout) for rank in range(sp)]
+def last_piece_owner(seq_len: int, sp: int, layout: str) -> int:
+    """The rank holding a sharded sequence's last piece (it is last in that rank's local order)."""
+    return next(rank for rank in range(sp) if any(start + length == seq_len
+                                                  for start, length in rank_pieces(seq_len, sp, rank, layout)))
 
 
 def shard_sequence(x: torch.Tensor, sp: int, rank: int, layout: str, *, dim: int = 1) -> torch.Tensor:

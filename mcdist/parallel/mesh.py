@@ -38,7 +38,13 @@ def init_distributed(backend: str = "auto", *, timeout_s: float = 300.0, rank: O
 
 @dataclass
 class Mesh:
-    """The dp × sp mesh as seen from one rank. Ranks are laid out as rank = dp_rank · sp + sp_rank."""
+    """The dp × sp mesh as seen from one rank. Ranks are laid out as rank = dp_rank · sp + sp_rank.
+
+    ``device_mesh`` is torch's ``DeviceMesh`` of shape (dp, sp) with dimensions named "dp" and "sp" (``None`` in
+    one process); ``sp_group`` and ``dp_group`` are its two dimensions' process groups. ``dp_sp_mesh`` is the
+    same ranks flattened into one dimension "dp_sp": the group over which data parallelism (DDP or FSDP2,
+    :mod:`mcdist.parallel.data_parallel`) sums gradients, a process group of its own, never the sp group.
+    """
 
     dp: int
     sp: int
@@ -47,6 +53,8 @@ class Mesh:
     sp_group: object  # a ProcessGroup, or None for a single process
     dp_group: object
     sp_ranks: tuple  # global ranks of this rank's sp group, in sp order
+    device_mesh: object = None  # DeviceMesh (dp, sp), or None for a single process
+    dp_sp_mesh: object = None  # DeviceMesh (dp·sp,): every rank, for gradient reduction
 
     @property
     def distributed(self) -> bool:
@@ -57,11 +65,24 @@ class Mesh:
         return cls(1, 1, 0, 0, None, None, (0,))
 
 
-def build_mesh(config: ParallelConfig) -> Mesh:
-    """Create the sp and dp groups for ``config`` on an initialised process group.
+def _backend_options(backend: str, timeout: datetime.timedelta):
+    """(backend, options) for a mesh dimension: a new process group with the run's collective timeout."""
+    if backend == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return backend, options
+    from torch._C._distributed_c10d import Backend as BackendOptions  # DeviceMesh's own type for these options
 
-    Every rank must call this (new_group is collective). Fails before any communication if dp·sp does not
-    equal the world size.
+    return backend, BackendOptions.Options(backend, timeout)
+
+
+def build_mesh(config: ParallelConfig) -> Mesh:
+    """The (dp, sp) device mesh of ``config`` on an initialised process group (``init_device_mesh``).
+
+    Every rank must call this (creating groups is collective). Each mesh dimension, and the flattened "dp_sp"
+    one, gets a process group of its own with ``config.timeout_s`` (none is the default group, so a gradient
+    all-reduce never queues behind, or in front of, the ring of sequence parallelism). Fails before any
+    communication if dp·sp does not equal the world size.
     """
     if not dist.is_initialized():
         if config.world_size != 1:
@@ -72,17 +93,15 @@ def build_mesh(config: ParallelConfig) -> Mesh:
     if config.world_size != world:
         raise ValueError(f"parallel.dp·sp = {config.dp}·{config.sp} = {config.world_size} does not equal the "
                          f"world size {world}")
-    sp_group = dp_group = None
-    sp_ranks = ()
-    timeout = datetime.timedelta(seconds=config.timeout_s)
-    for d in range(config.dp):
-        ranks = list(range(d * config.sp, (d + 1) * config.sp))
-        group = dist.new_group(ranks, timeout=timeout)
-        if rank in ranks:
-            sp_group, sp_ranks = group, tuple(ranks)
-    for s in range(config.sp):
-        ranks = list(range(s, world, config.sp))
-        group = dist.new_group(ranks, timeout=timeout)
-        if rank in ranks:
-            dp_group = group
-    return Mesh(config.dp, config.sp, rank // config.sp, rank % config.sp, sp_group, dp_group, sp_ranks)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device_type = "cuda" if "nccl" in str(dist.get_backend()) else "cpu"
+    options = _backend_options("nccl" if device_type == "cuda" else "gloo",
+                               datetime.timedelta(seconds=config.timeout_s))
+    device_mesh = init_device_mesh(device_type, (config.dp, config.sp), mesh_dim_names=("dp", "sp"),
+                                   backend_override={"dp": options, "sp": options})
+    dp_sp_mesh = device_mesh["dp", "sp"]._flatten("dp_sp", backend_override=options)  # torchtitan's way
+    sp_mesh = device_mesh["sp"]
+    return Mesh(config.dp, config.sp, device_mesh.get_local_rank("dp"), device_mesh.get_local_rank("sp"),
+                sp_mesh.get_group(), device_mesh["dp"].get_group(), tuple(sp_mesh.mesh.tolist()), device_mesh,
+                dp_sp_mesh)

@@ -1,4 +1,4 @@
-"""Run a function on N local processes with an initialised process group (tests, benchmarks, `make run`)."""
+"""Run a function on N local processes with an initialised process group (mcdist.runners.spawned, tests, benchmarks)."""
 
 from __future__ import annotations
 
@@ -7,21 +7,21 @@ import socket
 import time
 from typing import Callable
 
+import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mcdist.parallel.mesh import init_distributed
 
 
 def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on (for the rendezvous of spawned processes)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
 def _entry(rank, fn, world_size, port, backend, collective_timeout_s, threads, args):
-    import torch
-    import torch.distributed as dist
-
     torch.set_num_threads(threads)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
@@ -39,8 +39,6 @@ def _leave_together(rank: int, world_size: int, timeout_s: float) -> None:
     abort in C++ ("terminate called without an active exception"). A store barrier does not pair up with a
     collective a failed peer left half-done (``dist.barrier`` would). Rank 0 holds the store, so it leaves
     last. Best effort: any store error, or ``timeout_s``, just lets the rank go on."""
-    import torch.distributed as dist
-
     try:
         store = dist.distributed_c10d._get_default_store()
 

@@ -1,5 +1,3 @@
-"""Training loops. ``simple`` is the single-process trainer; distributed trainers build on it."""
-
-from mcdist.train.simple import evaluate_mqar, learning_rate_at, resolve_device, train
-
-__all__ = ["evaluate_mqar", "learning_rate_at", "resolve_device", "train"]
+"""Training: the trainer (:mod:`mcdist.train.trainer`), each rank's data (:mod:`mcdist.train.data`), the checks
+a run passes first (:mod:`mcdist.train.checks`), training checkpoints (:mod:`mcdist.train.state`), the run
+through Ray Train (:mod:`mcdist.train.ray_job`) and ``mcdist compare`` (:mod:`mcdist.train.compare`)."""

@@ -1,16 +1,22 @@
 """The trainer: one function, :func:`run_training`, for a single process, spawned processes, torchrun and Ray.
 
 Every rank of a ``dp × sp`` mesh calls :func:`run_training` with the same :class:`~mcdist.config.RunConfig`.
-It builds the model (the MC layers sequence-parallel when ``sp > 1``), AdamW with linear warmup and a cosine
-decay to ``min_lr_ratio · lr``, the rank's data, resumes from a checkpoint, trains, evaluates and saves.
+It builds the model (the MC layers sequence-parallel when ``sp > 1``), AdamW (betas :data:`ADAM_BETAS`, weight
+decay on matrices and embeddings only: :func:`param_groups`) with linear warmup and a cosine decay to
+``min_lr_ratio · lr`` (:func:`learning_rate_at`), the rank's data, resumes from a checkpoint, trains, evaluates
+(:func:`mcdist.evaluation.evaluate_model`: the numbers ``mcdist eval`` gives) and saves. The layers compute with
+``train.impl``. It runs in one process, on spawned local processes (:func:`launch_local`), as a rank of a torchrun
+job (:func:`train_under_torchrun`) or on Ray workers (:func:`mcdist.train.ray_job.train_with_ray`), each through
+its launcher in :mod:`mcdist.runners`.
 
 What a step computes. The global batch of step ``n`` is ``grad_accum`` micro-batches of ``batch_size``
 sequences; sample ``i = (n · grad_accum + micro) · batch_size + row`` is a pure function of ``(train.seed, i)``
-(:class:`RankData`). Rank ``(dp_rank, sp_rank)`` takes rows ``[dp_rank · b, (dp_rank + 1) · b)``,
+(:class:`~mcdist.train.data.RankData`). Rank ``(dp_rank, sp_rank)`` takes rows ``[dp_rank · b, (dp_rank + 1) · b)``,
 ``b = batch_size / dp``, and of each row only its own pieces of the sequence (``shard_sequence`` semantics;
 from a token file it reads nothing else). Each micro-batch adds ``Σ cross-entropy / N`` to the gradients,
-``N`` = labelled tokens of the whole step on every rank, so after the gradient all-reduce (a plain sum,
-``reduce_gradients``) every rank holds exactly the gradient of the mean loss over the whole step: the same as
+``N`` = labelled tokens of the whole step on every rank, so after the gradient reduction over every rank (a
+plain sum: DDP, or FSDP2's reduce-scatter under ``parallel.fsdp``; :mod:`mcdist.parallel.data_parallel`) every
+rank holds exactly the gradient of the mean loss over the whole step (its shard of it under FSDP): the same as
 one big batch, whatever ``dp``, ``sp`` and ``grad_accum``. Gradients are clipped after the reduction.
 
 Precision: ``train.dtype = bfloat16`` runs the forward under ``torch.autocast(bfloat16)`` on a GPU (parameters,
@@ -29,40 +35,35 @@ Outputs in ``train.out_dir`` (rank 0 writes them):
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 import json
 import math
 import os
 import sys
-import tempfile
 import time
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from mcdist.checkpoint import CheckpointError
-from mcdist.config import ConfigError, ParallelConfig, RunConfig
-from mcdist.data.mqar import IGNORE_INDEX, make_mqar_batch
-from mcdist.data.passkey import make_passkey_batch, passkey_min_seq_len, passkey_min_vocab_size
-from mcdist.data.rows import mqar_row, passkey_row
-from mcdist.data.tokens import TokenFile, TokenFileError, window_for_sample
-from mcdist.layer import at_least_float32
-from mcdist.parallel.layout import check_sequence_length, rank_pieces, shard_sequence
+from mcdist.config import ConfigError, RunConfig, write_text_atomic
+from mcdist.data.mqar import IGNORE_INDEX
+from mcdist.device import autocast_for, resolve_device
+from mcdist.evaluation import evaluate_model
+from mcdist.model import MCLanguageModel
+from mcdist.parallel.failure import PEER_ERROR_PREFIX
 from mcdist.parallel.mesh import Mesh, build_mesh
-from mcdist.parallel.model import communication_report, parallelize, reduce_gradients
+from mcdist.parallel.data_parallel import DataParallel
+from mcdist.parallel.model import communication_report, parallelize
+from mcdist.runners.spawned import run_spawned
+from mcdist.runners.torchrun import run_under_torchrun
 from mcdist.train import state as ckpt
-from mcdist.train.simple import (ADAM_BETAS, EVAL_SEED_OFFSET, _param_groups, check_task, learning_rate_at,
-                                 resolve_device)
+from mcdist.train.checks import check_run
+from mcdist.train.data import RankData
 
-TRAIN_SPLIT = 0
-EVAL_SPLIT = 1
 FINAL_MODEL_DIR = "checkpoint"
 METRICS_NAME = "metrics.jsonl"
-_MASK64 = (1 << 64) - 1
-_PEER_RESUME_ERROR = "another rank could not resume"
+ADAM_BETAS = (0.9, 0.95)
 
 
 # -- callbacks -------------------------------------------------------------------------------------------------
@@ -104,237 +105,79 @@ class StopAtStep(TrainCallbacks):
         return step >= self.step
 
 
-# -- data ------------------------------------------------------------------------------------------------------
+# -- schedule and optimizer ----------------------------------------------------------------------------------
 
 
-def sample_seed(seed: int, split: int, index: int) -> int:
-    """A 63-bit seed for sample ``index`` of ``split``: splitmix64 of the three, so nearby indices decorrelate."""
-    value = (seed * 0x9E3779B97F4A7C15 + split * 0xD1B54A32D192ED03 + index) & _MASK64
-    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (value ^ (value >> 31)) & ((1 << 63) - 1)
+def learning_rate_at(step: int, *, lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup over ``warmup_steps`` to ``lr``, then a
+    cosine to ``min_lr_ratio · lr`` at the last step."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    decay_steps = max(total_steps - warmup_steps - 1, 1)
+    progress = min((step - warmup_steps) / decay_steps, 1.0)
+    return lr * (min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-class RankData:
-    """The micro-batches one rank trains and evaluates on: its dp rows, and its sp pieces of each row.
-
-    Args:
-        run_config: the run (task, sizes, seed, parallel layout).
-        mesh: this rank's place in the dp × sp mesh.
-        record_reads: token files record every read (tests check that a rank reads only its slice).
-
-    Synthetic tasks (mqar, passkey) draw each training sample from its own seed :func:`sample_seed`
-    ``(seed, TRAIN_SPLIT, sample)``, and only this rank's pieces of it (:mod:`mcdist.data.rows`); evaluation draws
-    ``eval_batches`` whole batches from one generator seeded with ``seed + EVAL_SEED_OFFSET`` (the batches
-    ``mcdist eval`` scores). Token files: sample ``i`` reads window ``window_for_sample(i)`` (every window once
-    per epoch, shuffled by the seed); evaluation reads the first windows of ``val_data_path`` in order, or, with
-    no validation file, windows of the training file drawn with the evaluation seed (not held out).
-    """
-
-    def __init__(self, run_config: RunConfig, mesh: Mesh, *, record_reads: bool = False):
-        cfg = run_config.train
-        self.task = cfg.task
-        self.config = run_config
-        self.seed = cfg.seed
-        self.seq_len = cfg.seq_len
-        self.batch_size = cfg.batch_size
-        self.grad_accum = cfg.grad_accum
-        self.local_batch = cfg.batch_size // mesh.dp
-        self.first_row = mesh.dp_rank * self.local_batch
-        self.sp, self.sp_rank, self.layout = mesh.sp, mesh.sp_rank, run_config.parallel.layout
-        self.pieces = rank_pieces(cfg.seq_len, mesh.sp, mesh.sp_rank, self.layout)
-        self.train_file = self.val_file = None
-        if self.task == "tokens":
-            self.train_file = TokenFile(cfg.data_path, record_reads=record_reads)
-            if cfg.val_data_path:
-                self.val_file = TokenFile(cfg.val_data_path, record_reads=record_reads)
-
-    @property
-    def local_seq_len(self) -> int:
-        return sum(length for _, length in self.pieces)
-
-    def fingerprint(self) -> dict:
-        """What identifies the data beyond the config's fields (token files: size, vocabulary, dtype)."""
-        if self.train_file is None:
-            return {}
-        header = self.train_file.header
-        return {"num_tokens": header["num_tokens"], "vocab_size": header["vocab_size"], "dtype": header["dtype"]}
-
-    def _synthetic(self, count: int, generator: torch.Generator,
-                   depth: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        model = self.config.model
-        if self.task == "mqar":
-            return make_mqar_batch(count, self.seq_len, self.config.train.num_kv_pairs, model.vocab_size, generator)
-        return make_passkey_batch(count, self.seq_len, model.vocab_size, generator, depth=depth)
-
-    def _shard(self, x: torch.Tensor) -> torch.Tensor:
-        return shard_sequence(x, self.sp, self.sp_rank, self.layout) if self.sp > 1 else x
-
-    def _token_rows(self, file: TokenFile, samples, shuffle: bool, seed: int):
-        count = file.num_windows(self.seq_len)
-        rows = [file.read_window(window_for_sample(sample, count, seed, shuffle=shuffle), self.seq_len, self.pieces)
-                for sample in samples]
-        return torch.stack([ids for ids, _ in rows]), torch.stack([labels for _, labels in rows])
-
-    def train_batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's part of micro-batch ``micro`` of optimizer step ``step`` (0-based).
-
-        Returns:
-            ``(input_ids, labels)``, int64 ``[batch_size / dp, seq_len / sp]`` each (labels aligned with inputs).
-        """
-        first = (step * self.grad_accum + micro) * self.batch_size + self.first_row
-        samples = range(first, first + self.local_batch)
-        if self.train_file is not None:
-            return self._token_rows(self.train_file, samples, True, self.seed)
-        rows = [self._synthetic_row(sample_seed(self.seed, TRAIN_SPLIT, sample)) for sample in samples]
-        return torch.stack([ids for ids, _ in rows]), torch.stack([labels for _, labels in rows])
-
-    def _synthetic_row(self, row_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's pieces of one training row, drawn piece by piece (:mod:`mcdist.data.rows`)."""
-        pieces = self.pieces if self.sp > 1 else None
-        vocab = self.config.model.vocab_size
-        if self.task == "mqar":
-            return mqar_row(row_seed, self.seq_len, self.config.train.num_kv_pairs, vocab, pieces)
-        return passkey_row(row_seed, self.seq_len, vocab, pieces)
-
-    def eval_batches(self, num_batches: int, *, depth: Optional[float] = None,
-                     seed: Optional[int] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's part of each of the ``num_batches`` evaluation batches (the same ones at every eval).
-
-        ``depth`` (passkey only) places every passkey at that depth in [0, 1]; ``seed`` replaces the evaluation
-        seed ``train.seed + EVAL_SEED_OFFSET`` (the generator of the synthetic batches, the window order of a
-        training file read without a validation file)."""
-        seed = self.seed + EVAL_SEED_OFFSET if seed is None else seed
-        rows = slice(self.first_row, self.first_row + self.local_batch)
-        if self.train_file is not None:
-            file = self.val_file or self.train_file
-            for index in range(num_batches):
-                first = index * self.batch_size + self.first_row
-                yield self._token_rows(file, range(first, first + self.local_batch), self.val_file is None, seed)
-            return
-        generator = torch.Generator().manual_seed(seed)
-        for _ in range(num_batches):
-            ids, labels = self._synthetic(self.batch_size, generator, depth)  # [B, T] each: the whole global batch
-            yield self._shard(ids[rows]), self._shard(labels[rows])
-
-
-# -- checks ----------------------------------------------------------------------------------------------------
-
-
-def length_run(run_config: RunConfig, seq_len: int) -> RunConfig:
-    """``run_config`` scoring sequences of ``seq_len`` tokens (evaluation only: no extra lengths, no initial
-    weights to load, no TensorBoard)."""
-    return run_config.replace(train=run_config.train.replace(seq_len=seq_len, eval_seq_lens=(), init_from="",
-                                                             tensorboard=False))
-
-
-def check_run(run_config: RunConfig) -> None:
-    """Refuse, naming the fields, a run that cannot start (before any rank communicates, so all fail alike)."""
-    train, model, parallel = run_config.train, run_config.model, run_config.parallel
-    if train.batch_size % parallel.dp != 0:
-        raise ConfigError(f"train.batch_size = {train.batch_size} is not divisible by parallel.dp = {parallel.dp}; "
-                          "expected a multiple (batch_size is the global batch of all dp ranks)")
-    if parallel.sp > 1:
-        try:
-            check_sequence_length(train.seq_len, parallel.sp, model.segment_len, parallel.layout)
-        except ValueError as error:
-            raise ConfigError(f"train.seq_len = {train.seq_len} does not fit parallel.sp = {parallel.sp}: "
-                              f"{error}") from error
-    if train.task == "mqar":
-        check_task(run_config.replace(parallel=ParallelConfig()))
-    elif train.task == "passkey":
-        if train.seq_len < passkey_min_seq_len():
-            raise ConfigError(f"train.seq_len = {train.seq_len} is too short for the passkey task; expected at "
-                              f"least {passkey_min_seq_len()}")
-        if model.vocab_size < passkey_min_vocab_size():
-            raise ConfigError(f"model.vocab_size = {model.vocab_size} is too small for the passkey task; expected "
-                              f"at least {passkey_min_vocab_size()}")
-    else:
-        for name in ("data_path", "val_data_path"):
-            path = getattr(train, name)
-            if not path:
-                continue
-            try:
-                file = TokenFile(path)
-            except TokenFileError as error:
-                raise ConfigError(f"train.{name}: {error}") from error
-            if file.vocab_size > model.vocab_size:
-                raise ConfigError(f"train.{name} = {path!r} holds ids of a vocabulary of {file.vocab_size}; "
-                                  f"model.vocab_size = {model.vocab_size} expected at least that")
-            if file.num_windows(train.seq_len) < 1:
-                raise ConfigError(f"train.{name} = {path!r} holds {file.num_tokens} tokens, fewer than "
-                                  f"train.seq_len + 1 = {train.seq_len + 1}")
-    if train.init_from:
-        from mcdist.checkpoint import load_config
-
-        try:
-            saved = load_config(train.init_from)
-        except CheckpointError as error:
-            raise ConfigError(f"train.init_from: {error}") from error
-        problems = ckpt.model_differences(saved, model)
-        if problems:
-            raise ConfigError(f"train.init_from = {train.init_from!r} holds a model that does not fit this run: "
-                              + "; ".join(problems[:6]) + (f"; ... ({len(problems)} differences)"
-                                                           if len(problems) > 6 else ""))
-    for length in train.eval_seq_lens:  # each scored as a run of that length would be
-        try:
-            check_run(length_run(run_config, length))
-        except ConfigError as error:
-            raise ConfigError(f"train.eval_seq_lens: length {length} cannot be evaluated: {error}") from error
-    if train.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError("train.tensorboard = true needs the tensorboard package, which is not installed; run "
-                          "`pip install tensorboard` (or install mcdist[logging]) or set train.tensorboard=false")
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW's two groups: weight decay on parameters of two or more dimensions (matrices, embeddings), none on
+    norms' gains and biases."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 # -- model -----------------------------------------------------------------------------------------------------
 
 
 def apply_activation_checkpointing(model: torch.nn.Module) -> None:
-    """Recompute each block's activations in the backward instead of storing them (non-reentrant checkpoint)."""
-    from torch.utils.checkpoint import checkpoint
+    """Recompute each block's activations in the backward instead of storing them: every block of
+    ``model.blocks`` is put inside torch's ``checkpoint_wrapper`` (non-reentrant ``torch.utils.checkpoint``;
+    keyword arguments such as ``impl=`` pass through). State-dict names do not change (the wrapper strips its
+    ``_checkpoint_wrapped_module.`` prefix when saving and restores it when loading)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
-    for block in model.blocks:
-        inner = block.forward
-
-        def forward(x, *, impl=None, _inner=inner):
-            if not torch.is_grad_enabled():
-                return _inner(x, impl=impl)
-            return checkpoint(_inner, x, impl=impl, use_reentrant=False)
-
-        block.forward = forward
+    for index, block in enumerate(model.blocks):
+        model.blocks[index] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
 
 
-def build_model(run_config: RunConfig, mesh: Mesh, device: torch.device) -> torch.nn.Module:
-    """The model of ``run_config`` on ``device``, seeded, parallelized over the mesh, checkpointed if asked."""
-    from mcdist.model import MCLanguageModel
-
-    torch.manual_seed(run_config.train.seed)
+def build_model(run_config: RunConfig, mesh: Mesh, device: torch.device) -> DataParallel:
+    """The model of ``run_config``, seeded, sequence-parallel over the mesh, checkpointed if asked, and under data
+    parallelism over every rank (DDP, or FSDP2 with ``parallel.fsdp``); its ``.model`` is the language model."""
+    torch.manual_seed(run_config.train.seed)  # the same weights on every rank (DDP also broadcasts rank 0's)
     model = MCLanguageModel(run_config.model)
     if run_config.train.dtype == "float64":
         model.double()
-    model.to(device)
-    if mesh.distributed and dist.get_world_size() > 1:  # every rank starts from rank 0's weights
-        for tensor in model.state_dict().values():
-            dist.broadcast(tensor, src=0)
+    fsdp = run_config.parallel.fsdp and mesh.dp * mesh.sp > 1
+    if not fsdp:  # fully_shard moves each rank's shard to the device itself: the whole model need not fit there
+        model.to(device)
     parallelize(model, mesh, run_config.parallel.layout)
     if run_config.train.activation_checkpointing:
         apply_activation_checkpointing(model)
+    parallel = DataParallel(model, mesh, fsdp=fsdp)
     model.train()
-    return model
+    return parallel
 
 
 def build_optimizer(model: torch.nn.Module, cfg, mesh: Mesh, device: torch.device) -> torch.optim.Optimizer:
     """AdamW over the model's parameter groups; with ``train.shard_optimizer`` on more than one rank, its state
     sharded over every rank of the world (``ZeroRedundancyOptimizer``: a rank steps the parameters it owns and
     broadcasts them). Gradients are already summed over the world, so every rank's update is the one unsharded
-    AdamW makes, and the checkpointed state dict (consolidated on rank 0) has the same form either way."""
-    groups = _param_groups(model, cfg.weight_decay)
+    AdamW makes, and the checkpointed state dict (consolidated on rank 0) has the same form either way. Under
+    ``parallel.fsdp`` the parameters are FSDP's shards, and so is the AdamW state made for them."""
+    groups = param_groups(model, cfg.weight_decay)
     options = dict(lr=cfg.lr, betas=ADAM_BETAS, foreach=device.type == "cuda")
     if cfg.shard_optimizer and mesh.distributed and dist.get_world_size() > 1:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
         return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, **options)
     return torch.optim.AdamW(groups, **options)
+
+
+def _saved_weights(path: str) -> dict:
+    """The full weights of a checkpoint folder (training or weights-only), on the CPU, verified."""
+    from mcdist.checkpoint import load_model
+
+    return load_model(path, map_location="cpu")[0].state_dict()
 
 
 def _all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
@@ -362,8 +205,8 @@ def _on_rank_0(rank: int, device: torch.device, action: Callable[[], object], fa
 def _optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of optimizer state this rank holds (its shard under ``train.shard_optimizer``)."""
     local = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer keeps this rank's shard in .optim
-    return sum(value.numel() * value.element_size() for state in local.state.values() for value in state.values()
-               if torch.is_tensor(value))
+    values = [getattr(value, "_local_tensor", value) for state in local.state.values() for value in state.values()]
+    return sum(value.numel() * value.element_size() for value in values if torch.is_tensor(value))  # FSDP: shard
 
 
 def _peak_memory_bytes(device: torch.device) -> int:
@@ -375,65 +218,6 @@ def _peak_memory_bytes(device: torch.device) -> int:
         return 0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
-
-
-def autocast_for(run_config: RunConfig, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-    """What the forward runs under: autocast to bfloat16 for ``train.dtype = bfloat16`` on a GPU, else nothing."""
-    if run_config.train.dtype == "bfloat16" and device.type == "cuda":
-        return lambda: torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, data: RankData, *, num_batches: int, device: torch.device, autocast,
-             edges: Optional[Sequence[int]] = None, depth: Optional[float] = None,
-             seed: Optional[int] = None) -> dict:
-    """Mean loss and accuracy (arg-max = label, over labelled positions) on the evaluation batches, all ranks.
-
-    Args:
-        edges: position bucket boundaries ``0 = e_0 < e_1 < ... < e_K = seq_len``: the result then also holds
-            ``by_position``, one ``{"start", "end", "eval_loss", "eval_accuracy", "labelled"}`` per bucket of
-            label positions ``[e_i, e_i+1)`` (global positions, whatever the sp layout).
-        depth, seed: as :meth:`RankData.eval_batches`.
-
-    Returns:
-        ``{"eval_loss", "eval_accuracy", "labelled"}`` (+ ``by_position``), the same on every rank.
-    """
-    bounds = [0, data.seq_len] if edges is None else list(edges)
-    positions = torch.cat([torch.arange(start, start + length) for start, length in data.pieces])  # [t] global
-    bucket = torch.bucketize(positions, torch.tensor(bounds[1:-1], dtype=torch.int64), right=True).to(device)
-    sums = torch.zeros(len(bounds) - 1, 3, dtype=torch.float64, device=device)  # per bucket: loss, correct, count
-    was_training = model.training
-    model.eval()
-    chunk_tokens = data.config.train.loss_chunk  # logits a few positions at a time, as training makes them
-    try:
-        for input_ids, labels in data.eval_batches(num_batches, depth=depth, seed=seed):
-            input_ids, labels = input_ids.to(device), labels.to(device)
-            positions = max(1, chunk_tokens // input_ids.shape[0]) if chunk_tokens else 0
-            with autocast():
-                for first, logits in model.logit_chunks(input_ids, chunk_tokens=positions):  # [b, n, V]
-                    part = labels[:, first:first + logits.shape[1]]
-                    losses = F.cross_entropy(at_least_float32(logits).transpose(1, 2), part,
-                                             ignore_index=IGNORE_INDEX, reduction="none")  # [b, n], 0 unlabelled
-                    mask = part != IGNORE_INDEX  # [b, n]
-                    correct = (logits.argmax(dim=-1) == part) & mask
-                    for column, values in enumerate((losses, correct, mask)):
-                        sums[:, column].index_add_(0, bucket[first:first + logits.shape[1]],
-                                                   values.double().sum(dim=0))
-    finally:
-        model.train(was_training)
-    _all_reduce(sums)
-
-    def scores(row: torch.Tensor) -> dict:
-        count = float(row[2])
-        return {"eval_loss": float(row[0]) / max(count, 1.0), "eval_accuracy": float(row[1]) / max(count, 1.0),
-                "labelled": int(count)}
-
-    result = scores(sums.sum(dim=0))
-    if edges is not None:
-        result["by_position"] = [{"start": bounds[i], "end": bounds[i + 1], **scores(sums[i])}
-                                 for i in range(len(bounds) - 1)]
-    return result
 
 
 # -- output ----------------------------------------------------------------------------------------------------
@@ -523,8 +307,6 @@ def _keep_metrics_up_to(path: str, step: int) -> None:
                     continue
                 if isinstance(entry, dict) and isinstance(entry.get("step"), int) and entry["step"] <= step:
                     kept.append(json.dumps(entry, sort_keys=True) + "\n")
-    from mcdist.config import write_text_atomic
-
     write_text_atomic(path, "".join(kept))
 
 
@@ -580,6 +362,7 @@ def _device_for(run_config: RunConfig) -> torch.device:
     return device
 
 
+@ckpt.releases_run_lock  # rank 0 takes out_dir's lock below; released however the run ends
 def run_training(config: RunConfig, *, callbacks: Optional[TrainCallbacks] = None) -> dict:
     """Train as ``config`` says on this rank of the (initialised, or single-process) world; see the module doc.
 
@@ -606,35 +389,40 @@ def run_training(config: RunConfig, *, callbacks: Optional[TrainCallbacks] = Non
     rank = dist.get_rank() if mesh.distributed else 0
     device = _device_for(config)
     use_bf16 = cfg.dtype == "bfloat16" and device.type == "cuda"
-    autocast = autocast_for(config, device)
-
+    autocast = autocast_for(cfg.dtype, device)
     data = RankData(config, mesh)
-    other_lengths = [(length, RankData(length_run(config, length), mesh)) for length in cfg.eval_seq_lens]
 
     def score() -> dict:
-        """The evaluation at seq_len, plus ``eval_loss_at`` / ``eval_accuracy_at`` {length: value} for the
-        ``eval_seq_lens``."""
-        result = evaluate(model, data, num_batches=cfg.eval_batches, device=device, autocast=autocast)
-        if other_lengths:
-            at = {str(length): evaluate(model, other, num_batches=cfg.eval_batches, device=device,
-                                        autocast=autocast) for length, other in other_lengths}
-            result["eval_loss_at"] = {length: value["eval_loss"] for length, value in at.items()}
-            result["eval_accuracy_at"] = {length: value["eval_accuracy"] for length, value in at.items()}
+        """The evaluation (:func:`mcdist.evaluation.evaluate_model`) at seq_len, plus ``eval_loss_at`` /
+        ``eval_accuracy_at`` {length: value} for the ``eval_seq_lens``."""
+        first, *others = evaluate_model(model, config, mesh=mesh, device=device,
+                                        seq_lens=[cfg.seq_len, *cfg.eval_seq_lens])
+        result = {key: first[key] for key in ("eval_loss", "eval_accuracy", "labelled")}
+        if others:
+            result["eval_loss_at"] = {str(other["seq_len"]): other["eval_loss"] for other in others}
+            result["eval_accuracy_at"] = {str(other["seq_len"]): other["eval_accuracy"] for other in others}
         return result
-    model = build_model(config, mesh, device)
+
+    parallel = build_model(config, mesh, device)
+    model = parallel.model
     num_params = sum(p.numel() for p in model.parameters())
     optimizer = build_optimizer(model, cfg, mesh, device)
 
-    # resume: every rank reads the same verified files (nothing is sharded, so any dp × sp layout may resume)
+    # resume: every rank reads the same verified files (they hold the full weights and optimizer state, so any
+    # dp × sp layout, sharded or not, may resume: each rank takes its own part)
     start_step, elapsed_before, tokens_seen, last_loss, evaluation, saved_world = 0, 0.0, 0, math.nan, {}, {}
-    resume_path, resume_error = None, None
+    resume_path, resume_error, run_id = None, None, None
     try:
+        if rank == 0:  # one run per out_dir (docs/reliability.md)
+            ckpt.acquire_run_lock(cfg.out_dir)
         resume_path = resolve_resume(config, callbacks)
+        run_id = ckpt.resumed_run_id(resume_path)
         if resume_path is not None:
+            ckpt.check_resume_target(cfg.out_dir, resume_path)
             state, saved_world = _checked_resume(resume_path, config, data)
-            ckpt.load_model_weights(resume_path, model)
-            optimizer.load_state_dict(state["optimizer"])
-            ckpt.set_rng_state(state["rng"])
+            parallel.load_model_state_dict(_saved_weights(resume_path))
+            state = {**state, "optimizer": parallel.local_optimizer_state(optimizer, state["optimizer"])}
+            ckpt.restore_training_state(resume_path, state, optimizer)
             start_step = int(state["step"])
             progress = state.get("progress", {})
             elapsed_before = float(progress.get("elapsed_s", 0.0))
@@ -642,8 +430,8 @@ def run_training(config: RunConfig, *, callbacks: Optional[TrainCallbacks] = Non
             last_loss = float(progress.get("loss", math.nan))
             evaluation = dict(progress.get("eval", {}))
         elif cfg.init_from:  # a fresh run from saved weights (every rank reads them, as it would a checkpoint)
-            ckpt.load_model_weights(cfg.init_from, model)
-    except (CheckpointError, ConfigError, ValueError, OSError) as error:
+            parallel.load_model_state_dict(_saved_weights(cfg.init_from))
+    except Exception as error:  # whatever it is, every rank learns of it at the agreement below
         resume_error = error
     # every rank must resume from the same step: out_dir on a file system one node alone sees would split them
     agreement = _all_reduce(torch.tensor([float(resume_error is not None), start_step, -start_step],
@@ -651,7 +439,7 @@ def run_training(config: RunConfig, *, callbacks: Optional[TrainCallbacks] = Non
     if resume_error is not None:
         raise resume_error
     if agreement[0] > 0:
-        raise CheckpointError(f"{_PEER_RESUME_ERROR} (its error names the checkpoint); this rank "
+        raise CheckpointError(f"{PEER_ERROR_PREFIX} could not resume (its error names the checkpoint); this rank "
                               f"{'resumed from ' + resume_path if resume_path else 'found no checkpoint'}")
     if int(agreement[1]) != -int(agreement[2]):
         raise CheckpointError(f"ranks disagree on the step to resume from (between {-int(agreement[2])} and "
@@ -671,8 +459,9 @@ def run_training(config: RunConfig, *, callbacks: Optional[TrainCallbacks] = Non
         layout = {key: saved_world.get(key) for key in ("dp", "sp", "layout")}
         changed = layout != {"dp": mesh.dp, "sp": mesh.sp, "layout": config.parallel.layout}
         reporter.say(f"train: resumed from {resume_path} at step {start_step}"
-                     + (f" (saved under dp {layout['dp']} × sp {layout['sp']} {layout['layout']}; weights and "
-                        "optimizer state are replicated, nothing to reshard)" if changed else ""))
+                     + (f" (saved under dp {layout['dp']} × sp {layout['sp']} {layout['layout']}; checkpoints hold "
+                        "the full weights and optimizer state, split here as this layout needs)" if changed
+                       else ""))
 
     root = ckpt.checkpoints_dir(cfg.out_dir)
     tokens_per_step = cfg.grad_accum * cfg.batch_size * cfg.seq_len
@@ -687,9 +476,12 @@ def run_training(config: RunConfig, *, callbacks: Optional[TrainCallbacks] = Non
     def save(step: int, metrics: dict) -> str:
         nonlocal last_checkpoint, last_saved_step
 
+        weights = parallel.model_to_save()  # under FSDP: gathered on rank 0 (collective)
+        optimizer_state = parallel.optimizer_state_dict(optimizer)  # sharded (FSDP, ZeRO): gathered on rank 0
+
         def write() -> None:
             state = {"format_version": ckpt.STATE_FORMAT_VERSION, "step": step,
-                     "optimizer": optimizer.state_dict(), "rng": ckpt.rng_state(),
+                     "optimizer": optimizer_state, "rng": ckpt.rng_state(),
                      "data": {"task": cfg.task, "samples_per_step": cfg.grad_accum * cfg.batch_size,
                               "next_sample": step * cfg.grad_accum * cfg.batch_size,
                               "fingerprint": data.fingerprint()},
@@ -697,11 +489,9 @@ def run_training(config: RunConfig, *, callbacks: Optional[TrainCallbacks] = Non
                                "world_size": mesh.dp * mesh.sp},
                      "progress": {"elapsed_s": elapsed_before + (time.perf_counter() - session_start),
                                   "tokens_seen": tokens_seen, "loss": last_loss, "eval": evaluation}}
-            ckpt.save_training_checkpoint(root, step, model=model, run_config=config, state=state,
-                                          keep_last=cfg.keep_last)
+            ckpt.save_training_checkpoint(root, step, model=weights, run_config=config, state=state,
+                                          keep_last=cfg.keep_last, run_id=run_id)
 
-        if hasattr(optimizer, "consolidate_state_dict"):  # sharded: gather the whole state on rank 0 (collective)
-            optimizer.consolidate_state_dict(to=0)
         _on_rank_0(rank, device, write, f"rank 0 failed to save the checkpoint of step {step} under {root}")
         path = os.path.join(root, ckpt.step_dir_name(step))  # what save_training_checkpoint renamed into place
         last_checkpoint, last_saved_step = path, step
@@ -727,13 +517,14 @@ def run_training(config: RunConfig, *, callbacks: Optional[TrainCallbacks] = Non
             if float(count[0]) == 0:
                 raise ValueError(f"step {step + 1} has no labelled token on any rank; expected at least one")
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for input_ids, labels in batches:
+            for micro, (input_ids, labels) in enumerate(batches):
                 input_ids, labels = input_ids.to(device), labels.to(device)
-                with autocast():
-                    total = model.loss_sum(input_ids, labels, chunk_tokens=cfg.loss_chunk)  # Σ CE, float32 or wider
-                (total / count[0].to(total.dtype)).backward()
+                with parallel.gradient_sync(micro == len(batches) - 1):  # summed over every rank at the last one
+                    with autocast():
+                        total = parallel.loss_sum(input_ids, labels, chunk_tokens=cfg.loss_chunk,
+                                                  impl=cfg.impl)  # Σ CE, float32 or wider
+                    (total / count[0].to(total.dtype)).backward()
                 loss_sum += total.detach().double()
-            reduce_gradients(model)
             stop = callbacks.should_stop(step + 1)
             reduced = _all_reduce(torch.stack([loss_sum, torch.tensor(float(stop), dtype=torch.float64,
                                                                        device=device)]))
@@ -742,7 +533,7 @@ def run_training(config: RunConfig, *, callbacks: Optional[TrainCallbacks] = Non
             if not math.isfinite(loss):
                 raise FloatingPointError(f"training loss became {loss} at step {step + 1}; expected a finite loss "
                                          f"(try a lower train.lr than {cfg.lr})")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+            grad_norm = parallel.clip_grad_norm_(clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -821,7 +612,8 @@ def run_training(config: RunConfig, *, callbacks: Optional[TrainCallbacks] = Non
 def _communication(model, run_config: RunConfig, data: RankData, steps: int, grad_bytes: int,
                    bytes_per_value: int) -> dict:
     """Bytes per optimizer step on this rank since the last report: the SP layers' traffic (by direction, and
-    SPEC §7.5's figure for the forward reads) and the gradient all-reduce payload; resets the SP counters."""
+    the budget of the forward reads, docs/distributed.md §5) and the gradient all-reduce payload; resets the SP
+    counters."""
     rows = communication_report(model, run_config.model, run_config.train.seq_len, run_config.parallel.layout,
                                 batch=data.local_batch, bytes_per_value=bytes_per_value)
     received = sum(sum(row["received"].values()) for row in rows)
@@ -834,44 +626,20 @@ def _communication(model, run_config: RunConfig, data: RankData, steps: int, gra
             "grad_allreduce": grad_bytes}
 
 
-# -- local launch ----------------------------------------------------------------------------------------------
+# -- launchers ------------------------------------------------------------------------------------------------
 
 
-# errors a spawned rank reports by type and message, so launch_local raises them as if it ran in-process
-_LAUNCH_ERRORS = {cls.__name__: cls for cls in (ConfigError, CheckpointError, TokenFileError, FloatingPointError,
-                                                ValueError, FileNotFoundError)}
-
-
-def _launch_worker(rank: int, world_size: int, config_data: dict, callbacks, folder: str) -> None:
-    from mcdist.config import write_text_atomic
-    from mcdist.parallel.failure import guarded
-
-    try:
-        result = guarded(run_training)(RunConfig.from_dict(config_data), callbacks=callbacks)
-    except Exception as error:
-        write_text_atomic(os.path.join(folder, f"error-{rank}.json"),
-                          json.dumps({"type": type(error).__name__, "message": str(error)}))
-        raise
-    if rank == 0:
-        write_text_atomic(os.path.join(folder, "result.json"), json.dumps(result))
-
-
-def _reraise_worker_error(folder: str, failure: BaseException) -> None:
-    """Raise the first rank's own error (not a peer's report of it) as its type, when it is a known one."""
-    reports = []
-    for name in sorted(os.listdir(folder)):
-        if name.startswith("error-"):
-            with open(os.path.join(folder, name), encoding="utf-8") as handle:
-                reports.append(json.load(handle))
-    own = [report for report in reports if report["type"] != "PeerFailure"] or reports
-    own.sort(key=lambda report: report["message"].startswith(_PEER_RESUME_ERROR))  # the rank with the cause first
-    if own and own[0]["type"] in _LAUNCH_ERRORS:
-        raise _LAUNCH_ERRORS[own[0]["type"]](own[0]["message"]) from failure
+def train_rank(rank: int, world_size: int, device: str, where: str, config_data: dict,
+               callbacks: Optional[TrainCallbacks]) -> dict:
+    """One rank of :func:`run_training` (a :mod:`mcdist.runners` rank function; the trainer picks its device from
+    ``train.device``)."""
+    return run_training(RunConfig.from_dict(config_data), callbacks=callbacks)
 
 
 def launch_local(config: RunConfig, nprocs: Optional[int] = None, *, callbacks: Optional[TrainCallbacks] = None,
                  timeout_s: Optional[float] = None) -> dict:
-    """Run :func:`run_training` on ``dp · sp`` local processes (in this process when that is 1).
+    """Run :func:`run_training` on ``dp · sp`` local processes (in this process when that is 1), through
+    :func:`mcdist.runners.spawned.run_spawned`: a rank's error is raised here as its own type.
 
     Args:
         config: the run.
@@ -889,19 +657,16 @@ def launch_local(config: RunConfig, nprocs: Optional[int] = None, *, callbacks: 
     if world == 1:
         return run_training(config, callbacks=callbacks)
     check_run(config)  # fail here, once, rather than in every process
-    from mcdist.parallel.spawn import spawn
-
     backend = config.parallel.backend
     if backend == "auto":
         backend = "nccl" if resolve_device(config.train.device).type == "cuda" else "gloo"
-    threads = max(1, (os.cpu_count() or 1) // world)
-    with tempfile.TemporaryDirectory(prefix="mcdist-launch-") as folder:
-        try:
-            spawn(_launch_worker, world, config.to_dict(), callbacks, folder,
-                  timeout_s=math.inf if timeout_s is None else timeout_s, backend=backend,
-                  collective_timeout_s=config.parallel.timeout_s, threads_per_rank=threads)
-        except Exception as failure:
-            _reraise_worker_error(folder, failure)
-            raise
-        with open(os.path.join(folder, "result.json"), encoding="utf-8") as handle:
-            return json.load(handle)
+    return run_spawned(train_rank, world, config.to_dict(), callbacks, what="training", timeout_s=timeout_s,
+                       backend=backend, collective_timeout_s=config.parallel.timeout_s,
+                       threads_per_rank=max(1, (os.cpu_count() or 1) // world))
+
+
+def train_under_torchrun(config: RunConfig, *, callbacks: Optional[TrainCallbacks] = None) -> dict:
+    """Run :func:`run_training` as this process's rank of a torchrun job (it set RANK, WORLD_SIZE, MASTER_*),
+    through :func:`mcdist.runners.torchrun.run_under_torchrun`; every rank returns rank 0's result."""
+    return run_under_torchrun(train_rank, config.to_dict(), callbacks, what="training",
+                              backend=config.parallel.backend, timeout_s=config.parallel.timeout_s)

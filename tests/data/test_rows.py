@@ -10,7 +10,7 @@ from mcdist.data.passkey import FIRST_DIGIT_ID, FIRST_FILLER_ID, QUERY_ID
 from mcdist.data.rows import FILLER_BLOCK, mqar_row, passkey_row
 from mcdist.parallel.layout import rank_pieces, unshard_sequence
 from mcdist.parallel.mesh import Mesh
-from mcdist.train.trainer import TRAIN_SPLIT, RankData, sample_seed
+from mcdist.train.data import TRAIN_SPLIT, RankData, sample_seed
 
 
 def _check_mqar(row, lab, T, n, V):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from checks import import_optional
 from mcdist.cli import main
 from mcdist.config import RunConfig
 from mcdist.data.mqar import BOS_ID, IGNORE_INDEX, SEP_ID
@@ -16,7 +17,7 @@ from mcdist.data.tokens import (TokenFile, TokenFileError, TokenWriter, read_hea
                                 write_tokens)
 from mcdist.parallel.layout import rank_pieces, unshard_sequence
 from mcdist.parallel.mesh import Mesh
-from mcdist.train.trainer import RankData
+from mcdist.train.data import RankData
 
 
 @pytest.mark.parametrize("dtype, vocab", [("uint16", 300), ("uint32", 70_000)])
@@ -105,7 +106,7 @@ def test_prepare_reads_jsonl_records(tmp_path):
 
 
 def test_prepare_with_a_tokenizer_json(tmp_path):
-    tokenizers = pytest.importorskip("tokenizers")
+    tokenizers = import_optional("tokenizers", "dev")
     model = tokenizers.models.WordLevel({"<unk>": 0, "</s>": 1, "hello": 2, "memory": 3, "caching": 4},
                                         unk_token="<unk>")
     tokenizer = tokenizers.Tokenizer(model)

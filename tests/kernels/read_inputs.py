@@ -1,21 +1,11 @@
-"""Inputs and the error measure shared by the tests of the cached-read kernels (blocked and ssc gather)."""
+"""Inputs shared by the tests of the cached-read kernels (blocked and ssc gather); errors: tests/checks.py."""
 
-import importlib
 import math
 import os
 
 import torch
 
 DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
-
-
-def rel_err(x, ref):
-    """||x − ref|| / ||ref|| over finite reference entries; infinities must match exactly; NaN fails."""
-    x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
-    assert not torch.isnan(x).any(), "NaN in result"
-    finite = torch.isfinite(ref)
-    assert torch.equal(torch.isfinite(x), finite) and torch.equal(x[~finite], ref[~finite]), "infinities differ"
-    return (x[finite] - ref[finite]).norm().item() / max(ref[finite].norm().item(), 1e-30)
 
 
 def make_inputs(seed, B, T, H, din, dout, dc, n, *, state_dtype=torch.float32, tied=False):
@@ -44,16 +34,3 @@ def random_selection(seed, B, T, H, k, *, segment_len, query_offset=0, with_inva
                 if with_invalid and len(earlier) < k:
                     selected[bi, t, h, len(earlier)] = own + int(torch.randint(0, 3, (1,), generator=gen))
     return selected
-
-
-def switch_from_environment(monkeypatch, module, variable: str, attribute: str, value: str) -> tuple:
-    """``module.attribute`` after a reload with the environment variable set to ``value``, then after one without
-    it; the module is reloaded without it at the end, whatever happens."""
-    try:
-        monkeypatch.setenv(variable, value)
-        with_value = getattr(importlib.reload(module), attribute)
-        monkeypatch.delenv(variable)
-        return with_value, getattr(importlib.reload(module), attribute)
-    finally:
-        monkeypatch.delenv(variable, raising=False)
-        importlib.reload(module)

@@ -15,8 +15,9 @@ import torch  # noqa: E402
 
 from mcdist.kernels import cached_read  # noqa: E402
 from mcdist.kernels.cached_read import cached_read_triton  # noqa: E402
-from read_inputs import DEVICE, make_inputs, random_selection, rel_err  # noqa: E402
-from mcdist.kernels.merge import merge_all, merge_partials  # noqa: E402
+from checks import assert_rel_close  # noqa: E402
+from read_inputs import DEVICE, make_inputs, random_selection  # noqa: E402
+from mcdist.ops import merge_all, merge_partials  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="needs CUDA or the Triton interpreter")
@@ -120,17 +121,17 @@ def test_cached_read_matches_reference(case):
 
     assert out.dtype == torch.float32 and lse.dtype == torch.float32
     assert out.shape == (B, T, H, dout) and lse.shape == (B, T, H)
-    assert rel_err(lse, ref_lse) < 1e-5
+    assert_rel_close(lse, ref_lse, 1e-5, "lse", same_infinities=True)
     if ref_out.abs().sum() > 0:
-        assert rel_err(out, ref_out) < 1e-5
+        assert_rel_close(out, ref_out, 1e-5, "out")
     blind = ~torch.isfinite(ref_lse)
     assert torch.all(out.detach().cpu()[blind] == 0), "a token that sees nothing must read 0"
-    for name, g, rg in zip(("z", "u", "cached_states", "contexts"), grads, ref_grads):
+    for name, g, rg in zip(("z", "u", "cached_states", "contexts"), grads, ref_grads, strict=True):
         assert g.shape == rg.shape and g.dtype == inputs[("z", "u", "cached_states", "contexts").index(name)].dtype
         if rg.abs().sum() == 0:
             assert torch.all(g == 0), f"d{name} must be 0"
         else:
-            assert rel_err(g, rg) < 1e-5, f"d{name}: {rel_err(g, rg):.2e}"
+            assert_rel_close(g, rg, 1e-5, f"d{name}")
 
 
 BLOCK_S_CASES = {
@@ -153,8 +154,9 @@ def test_backward_with_several_states_per_program(case, block_s, monkeypatch):
     meta, _ = cached_read._meta(inputs[0], inputs[2], inputs[3], kw["selected"], "dmdc")
     assert meta["BLOCK_S"] == block_s and n % block_s
     (_, _, grads), (_, _, ref_grads) = run_both(inputs, seed, **kw)
-    for name, g, rg in zip(("z", "u", "cached_states", "contexts"), grads, ref_grads):
-        assert rg.abs().sum() > 0 and rel_err(g, rg) < 1e-5, f"d{name}: {rel_err(g, rg):.2e}"
+    for name, g, rg in zip(("z", "u", "cached_states", "contexts"), grads, ref_grads, strict=True):
+        assert rg.abs().sum() > 0, f"d{name}: the reference gradient is zero, the case tests nothing"
+        assert_rel_close(g, rg, 1e-5, f"d{name}")
 
 
 def test_tile_overrides_are_validated(monkeypatch):
@@ -195,9 +197,11 @@ def test_bf16_states():
     (out, lse, grads), (ref_out, ref_lse, ref_grads) = run_both(inputs, 11, segment_len=segment_len,
                                                                 gate_scale=0.5)
     assert grads[2].dtype == torch.bfloat16
-    assert rel_err(out, ref_out) < 1e-5 and rel_err(lse, ref_lse) < 1e-5
-    for g, rg, bound in zip(grads, ref_grads, (1e-5, 1e-5, 1e-2, 1e-5)):
-        assert rel_err(g, rg) < bound
+    assert_rel_close(out, ref_out, 1e-5, "out")
+    assert_rel_close(lse, ref_lse, 1e-5, "lse", same_infinities=True)
+    for name, g, rg, bound in zip(("z", "u", "cached_states", "contexts"), grads, ref_grads, (1e-5, 1e-5, 1e-2, 1e-5),
+                                  strict=True):
+        assert_rel_close(g, rg, bound, f"d{name}")
 
 
 def test_no_states():
@@ -207,7 +211,7 @@ def test_no_states():
     out, lse = cached_read_triton(*leaves, segment_len=4, gate_scale=1.0)
     assert torch.all(out == 0) and torch.all(lse == float("-inf"))
     grads = torch.autograd.grad((out, lse), leaves, (torch.ones_like(out), torch.ones_like(lse)))
-    assert all(g.shape == x.shape and torch.all(g == 0) for g, x in zip(grads, leaves))
+    assert all(g.shape == x.shape and torch.all(g == 0) for g, x in zip(grads, leaves, strict=True))
 
 
 @pytest.mark.parametrize("use_selected", [False, True], ids=["grm", "ssc"])
@@ -233,18 +237,16 @@ def test_split_and_merge_equals_full_read(use_selected):
     merged = merge_partials(first, second)
     merged_grads = torch.autograd.grad(merged, leaves, (g_out, g_lse))
 
-    assert rel_err(merged[0], full[0]) < 1e-6 and rel_err(merged[1], full[1]) < 1e-6
-    for g, rg in zip(merged_grads, full_grads):
-        assert rel_err(g, rg) < 1e-5
+    assert_rel_close(merged[0], full[0], 1e-6, "out")
+    assert_rel_close(merged[1], full[1], 1e-6, "lse", same_infinities=True)
+    assert_rel_close(merged_grads, full_grads, 1e-5, "gradients")
 
 
-def test_against_aggregate_paths():
-    """Same answer as the PyTorch paths in mcdist.aggregate (chunked and reference), when they exist."""
-    aggregate = pytest.importorskip("mcdist.aggregate")
-    paths = [getattr(aggregate, name) for name in ("cached_read_chunked", "cached_read_reference")
-             if hasattr(aggregate, name)]
-    if not paths:
-        pytest.skip("mcdist.aggregate has no cached_read_chunked / cached_read_reference yet")
+def test_against_the_pytorch_paths():
+    """Same answer as the PyTorch paths in mcdist.ops.cached_read (chunked and reference)."""
+    from mcdist.ops import cached_read_chunked, cached_read_reference
+
+    paths = [cached_read_chunked, cached_read_reference]
     B, T, H, din, dout, dc, n, segment_len = 1, 27, 2, 16, 32, 8, 5, 5
     inputs = make_inputs(5, B, T, H, din, dout, dc, n)
     selected = random_selection(5, B, T, H, 2, segment_len=segment_len, query_offset=5).to(DEVICE)
@@ -258,9 +260,9 @@ def test_against_aggregate_paths():
             ref_leaves = [x.detach().double().requires_grad_() for x in inputs]
             ref_out, ref_lse = path(*ref_leaves, **kw)
             ref_grads = torch.autograd.grad((ref_out, ref_lse), ref_leaves, (g_out.double(), g_lse.double()))
-            assert rel_err(out, ref_out) < 1e-5 and rel_err(lse, ref_lse) < 1e-5, path.__name__
-            for g, rg in zip(grads, ref_grads):
-                assert rel_err(g, rg) < 1e-5, path.__name__
+            assert_rel_close(out, ref_out, 1e-5, f"{path.__name__} out")
+            assert_rel_close(lse, ref_lse, 1e-5, f"{path.__name__} lse", same_infinities=True)
+            assert_rel_close(grads, ref_grads, 1e-5, f"{path.__name__} gradients")
 
 
 def test_custom_op_under_torch_compile():
@@ -278,8 +280,7 @@ def test_custom_op_under_torch_compile():
     compiled = torch.compile(read, backend="aot_eager", fullgraph=True)
     leaves = [x.clone().requires_grad_() for x in inputs]
     traced = torch.autograd.grad(compiled(*leaves), leaves)
-    for g, rg in zip(traced, eager):
-        assert rel_err(g, rg) < 1e-6
+    assert_rel_close(traced, eager, 1e-6, "gradients")
 
 
 def test_custom_op_passes_opcheck():
@@ -374,13 +375,15 @@ def test_merge_all_any_order_and_grouping():
     shuffled = merge_all([parts[i] for i in (3, 0, 4, 2, 1)])
     grouped = merge_partials(merge_all(parts[:2]), merge_all(parts[2:]))
     for other in (shuffled, grouped):
-        assert rel_err(other[0], left[0]) < 1e-14 and rel_err(other[1], left[1]) < 1e-14
+        assert_rel_close(other[0], left[0], 1e-14, "out")
+        assert_rel_close(other[1], left[1], 1e-14, "lse", same_infinities=True)
     # against a direct log-sum-exp over all partials
     lse_all = torch.logsumexp(torch.stack([p[1] for p in parts]), 0)
     finite = torch.isfinite(lse_all)
     weights = torch.exp(torch.stack([p[1] for p in parts]) - torch.where(finite, lse_all, 0.0))
     out_all = (weights[..., None] * torch.stack([p[0] for p in parts])).sum(0)
-    assert rel_err(left[1], lse_all) < 1e-14 and rel_err(left[0], out_all) < 1e-14
+    assert_rel_close(left[1], lse_all, 1e-14, "lse", same_infinities=True)
+    assert_rel_close(left[0], out_all, 1e-14, "out")
     assert merge_all(parts[:1])[0] is parts[0][0]
     with pytest.raises(ValueError, match="at least one"):
         merge_all([])

@@ -2,8 +2,6 @@
 
 import os
 import re
-import subprocess
-import sys
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
 
@@ -11,6 +9,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from checks import assert_rel_close  # noqa: E402
 from mcdist.kernels import linear_memory as lm  # noqa: E402
 from mcdist.kernels.linear_memory import linear_memory_triton  # noqa: E402
 
@@ -35,14 +34,6 @@ def token_loop(q, k, v, log_decay, segment_len, state_init, initial_state):
     return torch.stack(outs, 1), torch.stack(cached, 1), state
 
 
-def rel_err(x, ref):
-    x = x.detach().double()
-    ref = ref.detach().double()
-    assert x.shape == ref.shape, (x.shape, ref.shape)
-    assert torch.isfinite(x).all(), "non-finite values (unwritten output or overflow)"
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
 def make_inputs(B, T, H, D, gated, state_init, dtype=torch.float32, with_initial=True, seed=0):
     gen = torch.Generator().manual_seed(seed)
     q, k, v = (0.5 * torch.randn(B, T, H, D, generator=gen) for _ in range(3))
@@ -53,7 +44,7 @@ def make_inputs(B, T, H, D, gated, state_init, dtype=torch.float32, with_initial
     return q.to(dtype), k.to(dtype), v.to(dtype), log_decay, initial
 
 
-def run_both(q, k, v, log_decay, initial, segment_len, chunk_len, state_init, seed=1):
+def run_both(q, k, v, log_decay, initial, segment_len, chunk_len, state_init, seed=1, walk="sequential"):
     """Forward + backward of the kernel and of the float64 loop with the same random upstream gradients."""
     inputs = [x for x in (q, k, v, log_decay, initial) if x is not None]
     kernel_in = [x.clone().requires_grad_() for x in inputs]
@@ -65,7 +56,7 @@ def run_both(q, k, v, log_decay, initial, segment_len, chunk_len, state_init, se
 
     kq, kk, kv, kg, ki = unpack(kernel_in)
     out = linear_memory_triton(kq, kk, kv, kg, segment_len=segment_len, chunk_len=chunk_len,
-                               state_init=state_init, initial_state=ki)
+                               state_init=state_init, initial_state=ki, walk=walk)
     rq, rk, rv, rg, ri = unpack(ref_in)
     ref = token_loop(rq, rk, rv, rg, segment_len, state_init, ri)
 
@@ -101,11 +92,8 @@ def test_matches_token_loop(case, state_init, gated, monkeypatch):
     assert out[0].shape == (B, T, H, D) and out[0].dtype == torch.float32
     assert out[1].shape == (B, num_segments, H, D, D) and out[1].dtype == torch.float32
     assert out[2].shape == (B, H, D, D) and out[2].dtype == torch.float32
-    for name, x, r in zip(("online_out", "cached_states", "final_state"), out, ref):
-        assert rel_err(x, r) < FP32_BOUND, name
-    assert set(grads) == set(ref_grads)
-    for name in ref_grads:
-        assert rel_err(grads[name], ref_grads[name]) < FP32_BOUND, f"d{name}"
+    assert_rel_close(out, ref, FP32_BOUND, "(online_out, cached_states, final_state)")
+    assert_rel_close(grads, ref_grads, FP32_BOUND, "gradients")
 
 
 # Scan walk: each case once, so that together they cover linear and gated, both state_init, initial_state given,
@@ -130,61 +118,50 @@ def test_scan_walk_matches_token_loop_and_sequential_walk(case_id, state_init, g
     q, k, v, log_decay, initial = make_inputs(B, T, H, D, gated, state_init, seed=T + D + 1)
     results = {}
     for walk in lm.WALKS:
-        monkeypatch.setattr(lm, "WALK", walk)
-        results[walk] = run_both(q, k, v, log_decay, initial, segment_len, chunk_len, state_init)
+        results[walk] = run_both(q, k, v, log_decay, initial, segment_len, chunk_len, state_init, walk=walk)
 
     out, ref, grads, ref_grads = results["scan"]
-    for name, x, r in zip(("online_out", "cached_states", "final_state"), out, ref):
-        assert rel_err(x, r) < FP32_BOUND, name
-    assert set(grads) == set(ref_grads)
-    for name in ref_grads:
-        assert rel_err(grads[name], ref_grads[name]) < FP32_BOUND, f"d{name}"
+    assert_rel_close(out, ref, FP32_BOUND, "(online_out, cached_states, final_state)")
+    assert_rel_close(grads, ref_grads, FP32_BOUND, "gradients")
     seq_out, _, seq_grads, _ = results["sequential"]
-    for x, y in zip(out + tuple(grads.values()), seq_out + tuple(seq_grads.values())):
-        assert rel_err(x, y) < WALKS_AGREE
+    assert_rel_close(out + tuple(grads.values()), seq_out + tuple(seq_grads.values()), WALKS_AGREE,
+                     "scan against sequential (outputs, gradients)")
 
 
-def test_walk_from_environment_and_bad_value(monkeypatch):
-    """MCDIST_LINEAR_WALK sets WALK at import; a value outside WALKS raises when the op is called."""
-    env = dict(os.environ, MCDIST_LINEAR_WALK="scan", TRITON_INTERPRET="1")
-    code = "from mcdist.kernels import linear_memory as lm; print(lm.WALK)"
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "scan"
-    assert lm.WALK == os.environ.get("MCDIST_LINEAR_WALK", "sequential")
+def test_a_walk_outside_walks_is_refused_by_name():
+    """The walk is an argument (no environment variable, no module global); a value outside WALKS raises, from the
+    kernel wrapper and from mcdist.ops.linear_memory alike, naming it."""
+    from mcdist import ops
 
-    monkeypatch.setattr(lm, "WALK", "tree")
+    assert not hasattr(lm, "WALK")
     args = _good_args()
     q, k, v, log_decay = args.pop("q"), args.pop("k"), args.pop("v"), args.pop("log_decay")
-    with pytest.raises(ValueError, match=re.escape("MCDIST_LINEAR_WALK (mcdist.kernels.linear_memory.WALK) = 'tree'; "
-                                                   "expected one of ('sequential', 'scan')")):
-        linear_memory_triton(q, k, v, log_decay, **args)
+    with pytest.raises(ValueError, match=re.escape("walk = 'tree'; expected one of 'sequential', 'scan'")):
+        linear_memory_triton(q, k, v, log_decay, walk="tree", **args)
+    with pytest.raises(ValueError, match=re.escape("walk = 'tree'; expected one of 'sequential', 'scan'")):
+        ops.linear_memory(q, k, v, log_decay, impl="triton", walk="tree", **args)
 
 
 @pytest.mark.parametrize("walk", ["sequential", "scan"])
-def test_checkpoint_without_initial_state_starts_from_zeros(walk, monkeypatch):
-    monkeypatch.setattr(lm, "WALK", walk)
+def test_checkpoint_without_initial_state_starts_from_zeros(walk):
     q, k, v, log_decay, _ = make_inputs(1, 64, 2, 16, True, "checkpoint", with_initial=False, seed=3)
-    out, ref, grads, ref_grads = run_both(q, k, v, log_decay, None, 32, 16, "checkpoint")
-    for x, r in zip(out, ref):
-        assert rel_err(x, r) < FP32_BOUND
-    for name in ref_grads:
-        assert rel_err(grads[name], ref_grads[name]) < FP32_BOUND, f"d{name}"
+    out, ref, grads, ref_grads = run_both(q, k, v, log_decay, None, 32, 16, "checkpoint", walk=walk)
+    assert_rel_close(out, ref, FP32_BOUND, "(online_out, cached_states, final_state)")
+    assert_rel_close(grads, ref_grads, FP32_BOUND, "gradients")
 
 
 @pytest.mark.parametrize("walk", ["sequential", "scan"])
-def test_gradient_from_online_out_only(walk, monkeypatch):
+def test_gradient_from_online_out_only(walk):
     """Unused outputs give no gradient tensors to the backward; they must count as zeros."""
-    monkeypatch.setattr(lm, "WALK", walk)
     q, k, v, log_decay, initial = make_inputs(1, 48, 1, 16, True, "checkpoint", seed=5)
     leaves = [x.clone().requires_grad_() for x in (q, k, v, log_decay, initial)]
     out, _, _ = linear_memory_triton(*leaves[:4], segment_len=16, chunk_len=16, state_init="checkpoint",
-                                     initial_state=leaves[4])
+                                     initial_state=leaves[4], walk=walk)
     grads = torch.autograd.grad(out.square().sum(), leaves)
     ref_leaves = [x.detach().double().requires_grad_() for x in (q, k, v, log_decay, initial)]
     ref_out, _, _ = token_loop(*ref_leaves[:4], 16, "checkpoint", ref_leaves[4])
     ref_grads = torch.autograd.grad(ref_out.square().sum(), ref_leaves)
-    for g, r in zip(grads, ref_grads):
-        assert rel_err(g, r) < FP32_BOUND
+    assert_rel_close(grads, ref_grads, FP32_BOUND, "gradients")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -192,23 +169,24 @@ def test_half_precision_inputs(dtype):
     q, k, v, log_decay, initial = make_inputs(1, 64, 2, 16, True, "checkpoint", dtype=dtype, seed=7)
     out, ref, grads, ref_grads = run_both(q, k, v, log_decay, initial, 32, 16, "checkpoint")
     assert out[0].dtype == dtype
-    assert rel_err(out[0], ref[0]) < 1e-2  # one rounding of the output to 16 bits
-    assert rel_err(out[1], ref[1]) < FP32_BOUND and rel_err(out[2], ref[2]) < FP32_BOUND
+    assert_rel_close(out[0], ref[0], 1e-2, "online_out")  # one rounding of the output to 16 bits
+    assert_rel_close(out[1], ref[1], FP32_BOUND, "cached_states")
+    assert_rel_close(out[2], ref[2], FP32_BOUND, "final_state")
     for name in ref_grads:
         assert grads[name].dtype == (dtype if name in ("q", "k", "v") else torch.float32)
-        assert rel_err(grads[name], ref_grads[name]) < 1e-2, f"d{name}"
+    assert_rel_close(grads, ref_grads, 1e-2, "gradients")
 
 
 def test_matches_library_paths():
-    """Kernel ↔ mcdist.memory.linear (chunked fast path and token loop), forward and gradients, in float32."""
-    linear = pytest.importorskip("mcdist.memory.linear")
+    """Kernel ↔ mcdist.ops.linear_memory (chunked fast path and token loop), forward and gradients, in float32."""
+    from mcdist import ops
     for state_init in ("checkpoint", "independent"):
         q, k, v, log_decay, initial = make_inputs(2, 96, 2, 16, True, state_init, seed=11)
         leaves = [x for x in (q, k, v, log_decay, initial) if x is not None]
         gen = torch.Generator().manual_seed(12)
         results = {}
-        for name, fn in (("triton", linear_memory_triton), ("chunked", linear.linear_memory_chunked),
-                         ("reference", linear.linear_memory_reference)):
+        for name, fn in (("triton", linear_memory_triton), ("chunked", ops.linear_memory_chunked),
+                         ("reference", ops.linear_memory_reference)):
             xs = [x.clone().requires_grad_() for x in leaves]
             ini = xs[4] if initial is not None else None
             out = tuple(fn(xs[0], xs[1], xs[2], xs[3], segment_len=32, chunk_len=16, state_init=state_init,
@@ -217,13 +195,13 @@ def test_matches_library_paths():
                 upstream = [torch.randn(o.shape, generator=gen) for o in out]
             results[name] = (out, torch.autograd.grad(out, xs, upstream))
         for other in ("chunked", "reference"):
-            for x, r in zip(results["triton"][0] + results["triton"][1], results[other][0] + results[other][1]):
-                assert rel_err(x, r) < FP32_BOUND, (state_init, other)
+            assert_rel_close(results["triton"][0] + results["triton"][1], results[other][0] + results[other][1],
+                             FP32_BOUND, f"{state_init}: triton against {other} (outputs, gradients)")
 
 
 def test_torch_library_registration():
     q, k, v, log_decay, initial = make_inputs(1, 32, 1, 16, True, "checkpoint", seed=13)
-    args = tuple(x.requires_grad_() for x in (q, k, v, log_decay, initial)) + (16, 16, False)
+    args = tuple(x.requires_grad_() for x in (q, k, v, log_decay, initial)) + (16, 16, False, "sequential")
     torch.library.opcheck(lm._linear_memory_op, args)
 
 
@@ -240,8 +218,7 @@ def test_torch_compile_fullgraph():
     grads = torch.autograd.grad(compiled(*leaves), leaves)
     eager_leaves = [x.clone().requires_grad_() for x in (q, k, v, log_decay)]
     eager_grads = torch.autograd.grad(step(*eager_leaves), eager_leaves)
-    for g, r in zip(grads, eager_grads):
-        assert rel_err(g, r) < FP32_BOUND
+    assert_rel_close(grads, eager_grads, FP32_BOUND, "gradients")
 
 
 def _good_args():

@@ -17,12 +17,12 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from mcdist import ops  # noqa: E402
-from mcdist.aggregate import select_top_k, select_top_k_reference  # noqa: E402
+from mcdist.ops import select_top_k, select_top_k_reference  # noqa: E402
 from mcdist.config import ModelConfig  # noqa: E402
 from mcdist.kernels import select_topk  # noqa: E402
 from mcdist.kernels.select_topk import UNWRITTEN, select_top_k_triton  # noqa: E402
 from mcdist.layer import MemoryCachingLayer  # noqa: E402
-from read_inputs import DEVICE, switch_from_environment  # noqa: E402
+from read_inputs import DEVICE  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="needs CUDA or the Triton interpreter")
@@ -158,7 +158,7 @@ def test_argument_errors():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Dispatch: select_top_k(impl=...) and the switch mcdist.ops.SSC_SELECT
+# Dispatch: select_top_k(impl=..., select=...)
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -175,25 +175,30 @@ def kernel_calls(monkeypatch):
     return calls
 
 
-def test_switch_routes_to_the_kernel_only_for_triton_and_fused(monkeypatch, kernel_calls, one_thread):
+def test_select_routes_to_the_kernel_only_for_triton_and_fused(kernel_calls, one_thread):
     u, contexts, kw = case_inputs("k1")
     ref = select_top_k(u, contexts, **kw)
-    monkeypatch.setattr(ops, "SSC_SELECT", "sort")
-    assert torch.equal(select_top_k(u, contexts, **kw, impl="triton"), ref) and not kernel_calls
-    monkeypatch.setattr(ops, "SSC_SELECT", "fused")
+    assert torch.equal(select_top_k(u, contexts, **kw, impl="triton"), ref) and not kernel_calls  # default 'sort'
+    assert torch.equal(select_top_k(u, contexts, **kw, impl="triton", select="sort"), ref) and not kernel_calls
     for impl in ("chunked", "reference"):
-        assert torch.equal(select_top_k(u, contexts, **kw, impl=impl), ref) and not kernel_calls
-    assert torch.equal(select_top_k(u, contexts, **kw, impl="triton"), ref) and len(kernel_calls) == 1
+        assert torch.equal(select_top_k(u, contexts, **kw, impl=impl, select="fused"), ref) and not kernel_calls
+    assert torch.equal(select_top_k(u, contexts, **kw, impl="triton", select="fused"), ref) and len(kernel_calls) == 1
     assert kernel_calls[0]["query_offset"] == kw["query_offset"]
 
 
-def test_switch_reads_the_environment_and_names_a_bad_value(monkeypatch):
-    assert switch_from_environment(monkeypatch, ops, "MCDIST_SSC_SELECT", "SSC_SELECT", "fused") == ("fused", "sort")
+def test_a_bad_select_is_named():
     u, contexts, kw = case_inputs("k1")
-    monkeypatch.setattr(ops, "SSC_SELECT", "fuse")
     for impl in ("chunked", "triton"):  # checked on every call, whichever path it would take
-        with pytest.raises(ValueError, match="MCDIST_SSC_SELECT.*'fuse'.*'sort' or 'fused'"):
-            select_top_k(u, contexts, **kw, impl=impl)
+        with pytest.raises(ValueError, match="select = 'fuse'; expected one of 'sort', 'fused'"):
+            select_top_k(u, contexts, **kw, impl=impl, select="fuse")
+
+
+def select_by_default(monkeypatch, choice):
+    """Make ``choice`` the default ``select`` of ops.select_top_k: the layer and decoding do not pass the variant,
+    so this is how a test runs them with the fused kernel (the function object itself changes, however it was
+    imported; monkeypatch restores it)."""
+    defaults = dict(ops.select_top_k.__kwdefaults__, select=choice)
+    monkeypatch.setattr(ops.select_top_k, "__kwdefaults__", defaults)
 
 
 def test_layer_output_is_the_same_with_fused_and_sort(monkeypatch, kernel_calls, one_thread):
@@ -205,7 +210,7 @@ def test_layer_output_is_the_same_with_fused_and_sort(monkeypatch, kernel_calls,
     outputs = {}
     with torch.no_grad():
         for choice in ("sort", "fused"):
-            monkeypatch.setattr(ops, "SSC_SELECT", choice)
+            select_by_default(monkeypatch, choice)
             outputs[choice] = layer(x, impl="triton")
     assert len(kernel_calls) == 1  # the fused run called the kernel, the sort run did not
     assert torch.equal(outputs["fused"], outputs["sort"])
@@ -225,7 +230,7 @@ def test_decoding_is_the_same_with_fused_and_sort(monkeypatch, kernel_calls, one
     logits = {}
     with torch.no_grad():
         for choice in ("sort", "fused"):
-            monkeypatch.setattr(ops, "SSC_SELECT", choice)
+            select_by_default(monkeypatch, choice)
             session = Session(model, impl="triton")
             steps = [session.prefill(ids[:, :30])] + [session.decode(ids[:, t]) for t in range(30, 51)]
             logits[choice] = torch.stack(steps, 1)
@@ -245,7 +250,7 @@ def test_gpu_script_select_rows_run_on_cpu(one_thread):
     spec = importlib.util.spec_from_file_location("mcdist_gpu_script", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    switch = ops.SSC_SELECT
+    defaults = dict(ops.select_top_k.__kwdefaults__)
     q, k, v, u = (torch.randn(1, 192, 1, 16, device=DEVICE) for _ in range(4))
     q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     rows = module.ssc_read_bench(q, k, v, u, torch.randn(1, 192, 1, 16, device=DEVICE), 64, torch.float32, 1.0,
@@ -255,4 +260,4 @@ def test_gpu_script_select_rows_run_on_cpu(one_thread):
     assert not any("error" in row for row in rows), rows
     fused = rows[-1]
     assert fused["tied_inputs_equal"] and fused["tokens_differing"] == 0 and fused["tokens"] == 192
-    assert ops.SSC_SELECT == switch  # restored
+    assert ops.select_top_k.__kwdefaults__ == defaults  # the script passes its choice, never changes the default

@@ -17,8 +17,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from mcdist import ops  # noqa: E402
-from read_inputs import DEVICE, make_inputs, random_selection, rel_err, switch_from_environment  # noqa: E402
-from mcdist.aggregate import cached_read_chunked, cached_read_reference  # noqa: E402
+from checks import assert_rel_close  # noqa: E402
+from read_inputs import DEVICE, make_inputs, random_selection  # noqa: E402
+from mcdist.ops import cached_read_chunked, cached_read_reference  # noqa: E402
 from mcdist.kernels import ssc_read  # noqa: E402
 from mcdist.kernels.cached_read import cached_read_triton  # noqa: E402
 from mcdist.kernels.ssc_read import ssc_read_triton  # noqa: E402
@@ -97,17 +98,17 @@ def test_ssc_read_matches_pytorch_paths(case):
     assert out.shape == (B, T, H, inputs[2].shape[3]) and lse.shape == (B, T, H)
     for path in (cached_read_reference, cached_read_chunked):
         ref_out, ref_lse, ref_grads = path_and_grads(path, inputs, kw, g_out, g_lse)
-        assert rel_err(lse, ref_lse) < 1e-5, path.__name__
-        assert rel_err(out, ref_out) < 1e-5, path.__name__
+        assert_rel_close(lse, ref_lse, 1e-5, f"{path.__name__} lse", same_infinities=True)
+        assert_rel_close(out, ref_out, 1e-5, f"{path.__name__} out")
         blind = ~torch.isfinite(ref_lse)
         assert blind.any(), "every case has tokens that see nothing"
         assert torch.all(out.detach().cpu()[blind] == 0), "a token that sees nothing must read 0"
-        for name, x, g, rg in zip(NAMES, inputs, grads, ref_grads):
+        for name, x, g, rg in zip(NAMES, inputs, grads, ref_grads, strict=True):
             assert g.shape == x.shape and g.dtype == x.dtype, name
             if rg.abs().sum() == 0:
                 assert torch.all(g == 0), f"d{name} must be 0"
             else:
-                assert rel_err(g, rg) < 1e-5, f"{path.__name__} d{name}: {rel_err(g, rg):.2e}"
+                assert_rel_close(g, rg, 1e-5, f"{path.__name__} d{name}")
 
 
 def test_cases_cover_what_they_claim():
@@ -130,13 +131,13 @@ def test_matches_blocked_kernel_and_is_deterministic():
     out, lse, grads, g_out, g_lse = kernel_and_grads(inputs, kw)
     again = kernel_and_grads(inputs, kw, g_out, g_lse)
     assert torch.equal(out, again[0]) and torch.equal(lse, again[1])
-    assert all(torch.equal(a, b) for a, b in zip(grads, again[2]))
+    assert all(torch.equal(a, b) for a, b in zip(grads, again[2], strict=True))
     leaves = [x.clone().requires_grad_() for x in inputs]
     blocks = cached_read_triton(*leaves, **kw)
     blocks_grads = torch.autograd.grad(blocks, leaves, (g_out.to(out), g_lse.to(lse)))
-    assert rel_err(out, blocks[0]) < 1e-6 and rel_err(lse, blocks[1]) < 1e-6
-    for g, bg in zip(grads, blocks_grads):
-        assert rel_err(g, bg) < 1e-5
+    assert_rel_close(out, blocks[0], 1e-6, "out")
+    assert_rel_close(lse, blocks[1], 1e-6, "lse", same_infinities=True)
+    assert_rel_close(grads, blocks_grads, 1e-5, "gradients")
 
 
 def test_bf16_states_and_inputs():
@@ -146,9 +147,10 @@ def test_bf16_states_and_inputs():
     inputs = [x.to(torch.bfloat16) for x in inputs]
     out, lse, grads, g_out, g_lse = kernel_and_grads(inputs, kw, seed=4)
     ref_out, ref_lse, ref_grads = path_and_grads(cached_read_chunked, inputs, kw, g_out, g_lse)
-    assert rel_err(out, ref_out) < 1e-5 and rel_err(lse, ref_lse) < 1e-5
-    for g, rg in zip(grads, ref_grads):
-        assert g.dtype == torch.bfloat16 and rel_err(g, rg) < 1e-2
+    assert_rel_close(out, ref_out, 1e-5, "out")
+    assert_rel_close(lse, ref_lse, 1e-5, "lse", same_infinities=True)
+    assert all(g.dtype == torch.bfloat16 for g in grads)
+    assert_rel_close(grads, ref_grads, 1e-2, "gradients")
 
 
 def test_nothing_to_read():
@@ -160,7 +162,7 @@ def test_nothing_to_read():
         out, lse = ssc_read_triton(*leaves, segment_len=4, gate_scale=1.0, selected=selected)
         assert torch.all(out == 0) and torch.all(lse == float("-inf"))
         grads = torch.autograd.grad((out, lse), leaves, (torch.ones_like(out), torch.ones_like(lse)))
-        assert all(g.shape == x.shape and torch.all(g == 0) for g, x in zip(grads, leaves))
+        assert all(g.shape == x.shape and torch.all(g == 0) for g, x in zip(grads, leaves, strict=True))
 
 
 def test_unwritten_output_would_be_seen():
@@ -208,8 +210,7 @@ def test_custom_op_under_torch_compile():
     compiled = torch.compile(read, backend="aot_eager", fullgraph=True)
     leaves = [x.clone().requires_grad_() for x in inputs]
     traced = torch.autograd.grad(compiled(*leaves), leaves)
-    for g, rg in zip(traced, eager):
-        assert rel_err(g, rg) < 1e-6
+    assert_rel_close(traced, eager, 1e-6, "gradients")
 
 
 def test_bad_arguments_are_named():
@@ -231,7 +232,7 @@ def test_bad_arguments_are_named():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_ops_switch_routes_ssc_to_the_gather_kernel(monkeypatch):
+def test_ssc_read_argument_routes_ssc_to_the_gather_kernel(monkeypatch):
     inputs, kw = case_inputs("k1")
     calls = []
     real = ssc_read.ssc_read_triton
@@ -241,23 +242,23 @@ def test_ops_switch_routes_ssc_to_the_gather_kernel(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(ssc_read, "ssc_read_triton", spy)
-    monkeypatch.setattr(ops, "SSC_READ", "gather")
-    out, lse = ops.cached_read(*inputs, impl="triton", **kw)
+    out, lse = ops.cached_read(*inputs, impl="triton", ssc_read="gather", **kw)
     assert len(calls) == 1
-    ops.cached_read(*inputs, impl="triton", **dict(kw, selected=None))  # grm: always the blocked kernel
+    ops.cached_read(*inputs, impl="triton", ssc_read="gather", **dict(kw, selected=None))  # grm: the blocked kernel
     assert len(calls) == 1
-    monkeypatch.setattr(ops, "SSC_READ", "blocks")
-    blocks = ops.cached_read(*inputs, impl="triton", **kw)
+    blocks = ops.cached_read(*inputs, impl="triton", ssc_read="blocks", **kw)
     assert len(calls) == 1
-    assert rel_err(out, blocks[0]) < 1e-6 and rel_err(lse, blocks[1]) < 1e-6
+    ops.cached_read(*inputs, impl="triton", **kw)  # the default is 'blocks'
+    assert len(calls) == 1
+    assert_rel_close(out, blocks[0], 1e-6, "out")
+    assert_rel_close(lse, blocks[1], 1e-6, "lse", same_infinities=True)
 
 
-def test_ops_switch_reads_the_environment_and_names_a_bad_value(monkeypatch):
-    assert switch_from_environment(monkeypatch, ops, "MCDIST_SSC_READ", "SSC_READ", "gather") == ("gather", "blocks")
+def test_a_bad_ssc_read_is_named():
     inputs, kw = case_inputs("k1")
-    monkeypatch.setattr(ops, "SSC_READ", "gathr")
-    with pytest.raises(ValueError, match="MCDIST_SSC_READ.*'gathr'"):
-        ops.cached_read(*inputs, impl="triton", **kw)
+    for impl in ("chunked", "triton"):  # checked on every call, whichever path it would take
+        with pytest.raises(ValueError, match="ssc_read = 'gathr'; expected one of 'blocks', 'gather'"):
+            ops.cached_read(*inputs, impl=impl, ssc_read="gathr", **kw)
 
 
 # ---------------------------------------------------------------------------------------------------------------

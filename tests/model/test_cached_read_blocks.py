@@ -1,4 +1,4 @@
-"""The blocked chunked read of cached states (mcdist.aggregate.cached_read_chunked) against the token loop.
+"""The blocked chunked read of cached states (mcdist.ops.cached_read_chunked) against the token loop.
 
 The chunked read takes the visible states READ_BLOCK_STATES at a time and merges the blocks' partials; linear
 states have a hand-written backward. Every case compares outputs and the gradients of z, u, states and
@@ -8,18 +8,11 @@ contexts, with a nonzero upstream gradient on lse too, against ``cached_read_ref
 import pytest
 import torch
 
-from mcdist import aggregate
-from mcdist.aggregate import cached_read_chunked, cached_read_reference, residual_read_chunked
-from mcdist.memory.deep import mlp_read
+from mcdist.ops import cached_read_chunked, cached_read_reference, mlp_read, residual_read_chunked
+from mcdist.ops.cached_read import chunked as chunked_read
+from checks import assert_rel_close
 
 TOLERANCE = 1e-10
-
-
-def relative_error(a, b):
-    a, b = a.detach(), b.detach()
-    assert not torch.isnan(a).any(), "NaN in the tested tensor"
-    denominator = b.norm()
-    return float((a - b).norm() / denominator) if denominator > 0 else float((a - b).norm())
 
 
 def make_inputs(seed, *, batch=1, tokens=23, heads=2, din=5, dout=7, dc=4, n_states=9, hidden=None):
@@ -68,17 +61,17 @@ def assert_matches_reference(inputs, deep, **kwargs):
     assert seen.any(), "no token sees a state: the case tests nothing"
     assert torch.equal(torch.isfinite(lse), seen), "lse is −inf exactly where the reference sees nothing"
     assert torch.all(lse[~seen] == float("-inf")) and torch.all(out[~seen] == 0)
-    assert relative_error(out, ref_out) <= TOLERANCE
-    assert relative_error(lse[seen], ref_lse[seen]) <= TOLERANCE
+    assert_rel_close(out, ref_out, TOLERANCE, "out")
+    assert_rel_close(lse[seen], ref_lse[seen], TOLERANCE, "lse")
     names = ["z", "u", "w1", "w2", "contexts"] if deep else ["z", "u", "states", "contexts"]
-    for name, g, rg in zip(names, grads, ref_grads):
+    for name, g, rg in zip(names, grads, ref_grads, strict=True):
         assert rg.norm() > 0, f"the reference gradient of {name} is zero: the case tests nothing"
-        assert relative_error(g, rg) <= TOLERANCE, name
+        assert_rel_close(g, rg, TOLERANCE, f"d{name}")
 
 
 @pytest.fixture
 def block_of_three(monkeypatch):
-    monkeypatch.setattr(aggregate, "READ_BLOCK_STATES", 3)
+    monkeypatch.setattr(chunked_read, "READ_BLOCK_STATES", 3)
 
 
 # segment_len 2, query_offset 3, segment_offset 1: token t sees states j < (t + 3) // 2 − 1, i.e. 0 to 9 of the
@@ -114,7 +107,7 @@ def test_selection_that_leaves_a_token_nothing(block_of_three):
 @pytest.mark.parametrize("deep", [False, True], ids=["linear", "deep"])
 def test_default_block_size(deep):
     """With the module's block size: up to 2 blocks and more, and Dout ≠ Din for linear states."""
-    block = aggregate.READ_BLOCK_STATES
+    block = chunked_read.READ_BLOCK_STATES
     n_states = block + 5
     inputs = make_inputs(5, tokens=2 * n_states + 3, heads=1, n_states=n_states, hidden=4 if deep else None,
                          din=3, dout=4, dc=3)
@@ -134,10 +127,9 @@ def test_float32_against_the_float64_reference(block_of_three):
     ref_out, ref_lse, ref_grads = read_with_grads(cached_read_reference, inputs, False, kwargs)
     assert out.dtype == torch.float32
     seen = torch.isfinite(ref_lse)
-    assert relative_error(out.double(), ref_out) <= 1e-5
-    assert relative_error(lse[seen].double(), ref_lse[seen]) <= 1e-5
-    for g, rg in zip(grads, ref_grads):
-        assert relative_error(g.double(), rg) <= 1e-5
+    assert_rel_close(out, ref_out, 1e-5, "out")
+    assert_rel_close(lse[seen], ref_lse[seen], 1e-5, "lse")
+    assert_rel_close(grads, ref_grads, 1e-5, "gradients")
 
 
 @pytest.mark.parametrize("deep", [False, True], ids=["linear", "deep"])
@@ -169,11 +161,10 @@ def test_deep_residual_read_is_the_sum_of_mlp_reads(block_of_three):
     for t in range(z.shape[1]):
         for j in range(max(0, (t + 3) // 2 - 1)):
             expected[:, t] += mlp_read(z[:, t], w1[:, j], w2[:, j])
-    assert relative_error(out, expected) <= TOLERANCE
+    assert_rel_close(out, expected, TOLERANCE, "out")
     upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
     grads = torch.autograd.grad((out * upstream).sum(), leaves)
     ref_leaves = [x.clone().requires_grad_() for x in (z, w1, w2)]
     total = sum((mlp_read(ref_leaves[0][:, t], ref_leaves[1][:, j], ref_leaves[2][:, j]) * upstream[:, t]).sum()
                 for t in range(z.shape[1]) for j in range(max(0, (t + 3) // 2 - 1)))
-    for g, rg in zip(grads, torch.autograd.grad(total, ref_leaves)):
-        assert relative_error(g, rg) <= TOLERANCE
+    assert_rel_close(grads, torch.autograd.grad(total, ref_leaves), TOLERANCE, "gradients of z, w1, w2")

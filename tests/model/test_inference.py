@@ -1,4 +1,4 @@
-"""Inference in one process (SPEC §8): prefill + decode equals the full forward; generation; bad calls."""
+"""Inference in one process (docs/inference.md): prefill + decode equals the full forward; generation; bad calls."""
 
 import itertools
 
@@ -36,8 +36,29 @@ def test_prefill_and_decode_equal_the_full_forward(memory, aggregation, state_in
         got, session = session_logits(model, ids, prompt_len, impl="chunked")
         torch.testing.assert_close(got, full[:, prompt_len - 1:-1], rtol=1e-10, atol=1e-10)
         assert session.position == ids.shape[1] - 1
-        assert [cache.position for cache in session.caches] == [ids.shape[1] - 1] * 2
-        assert [len(cache.segments) for cache in session.caches] == [(ids.shape[1] - 1) // 4] * 2
+        assert [cache.position for cache in session.cache.layers] == [ids.shape[1] - 1] * 2
+        assert [len(cache.segments) for cache in session.cache.layers] == [(ids.shape[1] - 1) // 4] * 2
+
+
+def test_the_model_forward_with_a_cache_is_prefill_then_decode():
+    """The model's own forward: an empty cache makes it a prefill, a filled one continues token by token (several
+    tokens at once, too), each equal to the full forward's logits at those positions."""
+    model = tiny_model("titans", "ssc", conv_size=3)
+    ids = torch.randint(0, 32, (2, 17))
+    full = model(ids, impl="chunked").logits
+    cache = model.new_cache()
+    assert cache.position == 0 and not any(layer.filled for layer in cache.layers)
+    out = model(ids[:, :9], cache=cache, impl="chunked")  # ends mid-segment and mid-mini-batch
+    assert out.cache is cache and cache.position == 9
+    pieces = [out.logits]
+    for start, stop in ((9, 10), (10, 14), (14, 17)):
+        pieces.append(model(ids[:, start:stop], cache=cache, impl="chunked").logits)
+    assert cache.position == 17
+    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="cache holds 1 layers"):
+        model(ids, cache=type(cache)(cache.layers[:1]))
+    with pytest.raises(ValueError, match="reference"):
+        model(ids[:, :1], cache=cache, impl="reference")
 
 
 def test_decode_never_rereads_the_prompt():
@@ -45,7 +66,7 @@ def test_decode_never_rereads_the_prompt():
     model = tiny_model("linear", "grm")
     session = Session(model, impl="chunked")
     session.prefill(torch.randint(0, 32, (1, 43)))
-    cache = session.caches[0]
+    cache = session.cache.layers[0]
     assert cache.states.shape[1] == 10 and cache.contexts.shape[1] == 10
     assert cache.state.shape == (1, 2, 8, 8) and cache.pending is None
 
@@ -106,10 +127,11 @@ def test_bad_calls_are_refused():
 def test_decoding_reads_equal_the_chunked_read(monkeypatch, with_selection):
     """Decoding's two reads of the closed segments against cached_read_chunked: the Triton one cuts the states into
     groups read as one batch (flash-decoding) plus a remainder; the PyTorch one mixes the states first."""
-    from mcdist import infer
-    from mcdist.aggregate import cached_read_chunked
+    from mcdist import readers
+    from mcdist.ops import cached_read_chunked
+    from mcdist.readers import DecodeReader, LayerCache
 
-    monkeypatch.setattr(infer, "SPLIT_STATES", 4)
+    monkeypatch.setattr(readers, "SPLIT_STATES", 4)
     g = torch.Generator().manual_seed(3)
     B, H, D, n = 2, 2, 16, 11  # two groups of 4 and a remainder of 3
     z, u = torch.randn(B, 1, H, D, generator=g), torch.randn(B, 1, H, D, generator=g)
@@ -119,8 +141,10 @@ def test_decoding_reads_equal_the_chunked_read(monkeypatch, with_selection):
         selected = torch.tensor([[[[0, 9, 9, -1], [5, 6, 10, 2]]], [[[-1, -1, -1, -1], [3, 8, 7, 4]]]])
     want = cached_read_chunked(z, u, states, contexts, segment_len=4, gate_scale=0.5, query_offset=n * 4,
                                selected=selected)
+    config = ModelConfig(d_model=H * D, n_heads=H, segment_len=4, chunk_len=2, minibatch_len=2)
     for impl in ("triton", "chunked"):
-        got = infer._Reader(None, impl).read(z, u, states, contexts, 4, 0.5, selected)
+        got = DecodeReader(config, LayerCache(contexts=contexts), impl).read(z, u, states, gate_scale=0.5,
+                                                                             selected=selected)
         torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
 

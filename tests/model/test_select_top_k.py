@@ -1,9 +1,9 @@
-"""ssc selection (SPEC §6): each token's top-k closed segments by gate score, ties to the lower index."""
+"""ssc selection (docs/math.md §6): each token's top-k closed segments by gate score, ties to the lower index."""
 
 import pytest
 import torch
 
-from mcdist.aggregate import select_top_k, select_top_k_reference
+from mcdist.ops import select_top_k, select_top_k_reference
 
 
 @pytest.mark.parametrize("top_k", [1, 3, 8])

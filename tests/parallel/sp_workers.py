@@ -6,19 +6,12 @@ import json
 import torch
 import torch.distributed as dist
 
+from checks import relative_error  # inf, never NaN, on a NaN or inf: safe under max() and an all-reduce MAX
 from mcdist.config import AGGREGATIONS, MEMORY_KINDS, STATE_INITS, ModelConfig
 from mcdist.layer import MemoryCachingLayer
 from mcdist.parallel.comm import SPGroup
 from mcdist.parallel.layout import shard_sequence
 from mcdist.parallel.model import parallelize_layer
-
-
-def relative_error(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    if torch.isnan(a).any():
-        return float("nan")
-    denominator = b.norm()
-    return float((a - b).norm() / denominator) if denominator > 0 else float((a - b).norm())
 
 
 def layer_case(memory, aggregation, state_init, layout, world, rank, dtype, seq_len=None):
@@ -49,14 +42,13 @@ def layer_case(memory, aggregation, state_init, layout, world, rank, dtype, seq_
     out_error = relative_error(y_local, shard_sequence(y_full, world, rank, layout))
     input_error = relative_error(x_local.grad, shard_sequence(x_full.grad, world, rank, layout))
     grads, reference_grads = [], []
-    for p_ref, p in zip(reference.parameters(), layer.parameters()):
+    for p_ref, p in zip(reference.parameters(), layer.parameters(), strict=True):
         grad = p.grad.clone()
         dist.all_reduce(grad)
         grads.append(grad)
         reference_grads.append(p_ref.grad)
-    joint = relative_error(torch.cat([g.reshape(-1) for g in grads]),
-                           torch.cat([g.reshape(-1) for g in reference_grads]))
-    each = max(relative_error(g, r) for g, r in zip(grads, reference_grads))
+    joint = relative_error(grads, reference_grads, joint=True)
+    each = relative_error(grads, reference_grads)  # the worst single parameter gradient
     return [out_error, input_error, joint, each], dict(sp.stats.received)
 
 
@@ -93,7 +85,9 @@ def model_step(rank, world, dp, sp, layout, memory, aggregation, state_init, con
     from mcdist.config import ParallelConfig
     from mcdist.model import MCLanguageModel
     from mcdist.parallel.mesh import build_mesh
-    from mcdist.parallel.model import all_reduce_sum, parallel_loss, parallelize, reduce_gradients
+    from mcdist.parallel.data_parallel import all_reduce_sum
+    from mcdist.parallel.data_parallel import global_token_count
+    from mcdist.parallel.model import parallelize
 
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, memory=memory, aggregation=aggregation,
@@ -121,14 +115,15 @@ def model_step(rank, world, dp, sp, layout, memory, aggregation, state_init, con
     rows = slice(2 * mesh.dp_rank, 2 * mesh.dp_rank + 2)
     local_ids = shard_sequence(ids[rows], sp, mesh.sp_rank, layout)
     local_labels = shard_sequence(labels[rows], sp, mesh.sp_rank, layout)
-    share, _ = parallel_loss(model, local_ids, local_labels, impl="chunked")
+    share = model.loss_sum(local_ids, local_labels, impl="chunked") / global_token_count(local_labels)
     share.backward()
-    reduce_gradients(model)
+    for p in model.parameters():  # the exact gradient: the plain sum over every rank (DDP's: test_data_parallel)
+        dist.all_reduce(p.grad)
     loss = all_reduce_sum(share)
     errors = {"loss": relative_error(loss, loss_ref)}
-    errors["grads"] = max(relative_error(p.grad, g) for p, g in zip(model.parameters(), reference_grads))
+    errors["grads"] = relative_error([p.grad for p in model.parameters()], reference_grads)  # the worst one
     step(model)
-    errors["params"] = max(relative_error(p, q) for p, q in zip(model.parameters(), reference.parameters()))
+    errors["params"] = relative_error(list(model.parameters()), list(reference.parameters()))
     values = torch.tensor([errors["loss"], errors["grads"], errors["params"]], dtype=torch.float64)
     dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return dict(zip(["loss", "grads", "params"], values.tolist()))
@@ -155,9 +150,9 @@ def failing_worker(rank, world, out_dir):
 
 
 def inference_worker(rank, world, cases, out_path):
-    """For each (layout, memory, aggregation, state_init, prompt_len, new_tokens[, conv_size]): the largest
-    difference between the next-token logits of an SP Session (prefill + decode) and one process's full forward,
-    over every step."""
+    """For each (layout, memory, aggregation, state_init, prompt_len, new_tokens[, conv_size]): the relative error
+    of the next-token logits of an SP Session (prefill + decode) against one process's full forward, over every
+    step."""
     from mcdist.infer import Session
     from mcdist.model import MCLanguageModel
 
@@ -175,9 +170,9 @@ def inference_worker(rank, world, cases, out_path):
                           impl="chunked")
         steps = [session.prefill(ids[:, :prompt_len])]
         steps += [session.decode(ids[:, t]) for t in range(prompt_len, prompt_len + new_tokens - 1)]
-        error = max(float((got - full[:, prompt_len - 1 + i]).abs().max()) for i, got in enumerate(steps))
-        counts = [torch.zeros(len(session.caches), dtype=torch.float64) for _ in range(world)]
-        dist.all_gather(counts, torch.tensor([float(len(cache.segments)) for cache in session.caches],
+        error = relative_error(torch.stack(steps, 1), full[:, prompt_len - 1:-1])  # [B, new_tokens, vocab]
+        counts = [torch.zeros(len(session.cache.layers), dtype=torch.float64) for _ in range(world)]
+        dist.all_gather(counts, torch.tensor([float(len(cache.segments)) for cache in session.cache.layers],
                                              dtype=torch.float64))
         held = torch.stack(counts)  # [rank, layer]
         every = torch.tensor([error], dtype=torch.float64)
@@ -185,7 +180,7 @@ def inference_worker(rank, world, cases, out_path):
         results["-".join(map(str, case))] = {
             "error": float(every), "held": held.sum(0).tolist(),
             "imbalance": float((held.max(0).values - held.min(0).values).max()),
-            "closed": [cache.position // config.segment_len for cache in session.caches]}
+            "closed": [cache.position // config.segment_len for cache in session.cache.layers]}
     if rank == 0:
         with open(out_path, "w") as handle:
             json.dump(results, handle)

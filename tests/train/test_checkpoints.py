@@ -3,6 +3,7 @@ resume modes, export."""
 
 import json
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import torch
 
 from mcdist.checkpoint import CheckpointError, load_model
 from mcdist.cli import main
-from mcdist.config import RunConfig
+from mcdist.config import ConfigError, RunConfig
 from mcdist.train import state as ckpt
 from mcdist.train.trainer import TrainCallbacks, run_training
 
@@ -94,7 +95,7 @@ def test_an_unreadable_training_state_is_refused_even_with_a_matching_manifest(t
     (folder / "training_state.pt").write_bytes(b"not a torch file")
     manifest = json.loads((folder / "COMPLETE").read_text())
     manifest["files"]["training_state.pt"] = {"bytes": 16, "sha256": ckpt._sha256(str(folder / "training_state.pt"))}
-    (folder / "COMPLETE").write_text(json.dumps(manifest))
+    ckpt.write_manifest(str(folder), manifest)  # a manifest that matches the damaged file (and itself)
     with pytest.raises(CheckpointError, match="training_state.pt: unreadable training state"):
         run_training(tiny(out, "train.steps=4"))
 
@@ -107,7 +108,7 @@ def test_a_failure_between_write_and_rename_leaves_the_previous_checkpoint(two_s
         assert os.path.isfile(os.path.join(tmp, "COMPLETE"))  # everything was written ...
         raise OSError("disk vanished")  # ... and then the rename failed
 
-    monkeypatch.setattr(ckpt, "_publish", fail)
+    monkeypatch.setattr(ckpt, "replace_folder", fail)
     with pytest.raises(OSError, match="disk vanished"):
         run_training(tiny(out, "train.steps=3"))
     assert sorted(os.listdir(root)) == ["step-000001", "step-000002"]  # no step-3, no temporary folder
@@ -120,7 +121,7 @@ def test_a_failure_between_write_and_rename_leaves_the_previous_checkpoint(two_s
 KILLED_SAVE = r"""
 import os, sys, time, json, torch
 torch.set_num_threads(1)
-from mcdist.config import RunConfig
+from mcdist.config import ConfigError, RunConfig
 from mcdist.train import state
 from mcdist.train.trainer import run_training
 
@@ -213,8 +214,8 @@ def test_longer_schedule_resumes_and_a_finished_run_is_not_retrained(two_steps, 
     again = run_training(tiny(out))  # steps = 2 are done: evaluate, keep the checkpoints as they are
     assert again["step"] == 2 and again["resumed_from"].endswith("step-000002")
     assert losses(out) == losses(two_steps)
-    # more steps (the schedule is recomputed) and other kernels (model.impl chooses how, not what)
-    longer = run_training(tiny(out, "train.steps=3", "model.impl=chunked"))
+    # more steps (the schedule is recomputed) and other kernels (train.impl chooses how, not what)
+    longer = run_training(tiny(out, "train.steps=3", "train.impl=chunked"))
     assert longer["step"] == 3 and [step for step, _ in losses(out)] == [1, 2, 3]
 
 
@@ -225,7 +226,8 @@ def test_export_writes_weights_and_config_only(two_steps, tmp_path, capsys):
     exported, config = load_model(target)
     trained, _ = load_model(two_steps / "checkpoints" / "step-000002")
     assert config == tiny(tmp_path).model
-    assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), trained.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), trained.state_dict().values(),
+                                                             strict=True))
 
     assert main(["export", "--checkpoint", str(two_steps / "checkpoints" / "step-000001"), "--output",
                  str(target), "--dtype", "bfloat16"]) == 0  # replaces the earlier export
@@ -277,10 +279,199 @@ def test_sharded_training_checkpoints_resume_and_export(two_steps, tmp_path, cap
     assert "model.safetensors.index.json" in files and "training_state.pt" not in files
     trained, _ = load_model(out / "checkpoints" / "step-000002")
     exported, _ = load_model(target)
-    assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), trained.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), trained.state_dict().values(),
+                                                             strict=True))
     assert main(["export", "--checkpoint", str(out), "--output", str(target), "--max-shard-size", "1GB"]) == 0
     assert json.loads(capsys.readouterr().out)["files"] == ["config.json", "model.safetensors"]  # one file again
     exported, _ = load_model(target)
-    assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), trained.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), trained.state_dict().values(),
+                                                             strict=True))
     assert main(["export", "--checkpoint", str(out), "--output", str(tmp_path / "x"), "--max-shard-size", "0"]) == 2
     assert "--max-shard-size: size '0' is invalid" in capsys.readouterr().err
+
+
+# -- runs that fail safe: one run per out_dir, run identity, crash-safe publishing, clear refusals -------------
+
+HOLD_LOCK = r"""
+import sys, time
+from mcdist.train import state
+state.acquire_run_lock(sys.argv[1])
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_run_on_one_out_dir_is_refused_and_a_dead_run_s_lock_is_taken_over(tmp_path, capsys):
+    import socket
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"locked"
+        with pytest.raises(ConfigError) as error:
+            run_training(tiny(out))
+        message = str(error.value)
+        assert f"pid {holder.pid} on host {socket.gethostname()!r}" in message and str(out) in message
+        assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()  # refused before writing
+        assert main(["train", "--quiet", *[f"--set={item}" for item in TINY], f"--set=train.out_dir={out}"]) == 2
+        err = capsys.readouterr().err
+        assert f"pid {holder.pid}" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    finally:
+        holder.kill()  # SIGKILL: the lock file stays, with its record of the dead process
+        holder.wait(30)
+    assert (out / "run.lock").exists()
+    result = run_training(tiny(out))
+    assert result["step"] == 2
+    err = capsys.readouterr().err
+    assert "took over the lock" in err and f"pid {holder.pid}" in err
+    assert not (out / "run.lock").exists()  # released at the end
+    with pytest.raises(ConfigError, match="in use by another training run of this process"):
+        ckpt.acquire_run_lock(out)
+        ckpt.acquire_run_lock(out)
+    ckpt.release_run_lock(out)
+
+
+def test_a_resume_into_an_out_dir_holding_another_run_s_checkpoints_is_refused_naming_both(two_steps, tmp_path):
+    other = tmp_path / "other"
+    run_training(tiny(other, "train.steps=1"))  # another run: its own run id
+    step1 = two_steps / "checkpoints" / "step-000001"
+    with pytest.raises(CheckpointError) as error:
+        run_training(tiny(other, f"train.resume={step1}", "train.steps=3"))
+    message = str(error.value)
+    theirs, mine = ckpt.resumed_run_id(str(other / "checkpoints" / "step-000001")), ckpt.resumed_run_id(str(step1))
+    assert "holds checkpoints of another run" in message and theirs in message and mine in message
+    assert str(step1) in message and str(other / "checkpoints" / "step-000001") in message
+    assert sorted(os.listdir(other / "checkpoints")) == ["step-000001"]  # nothing written, nothing pruned
+    # the same run, but later checkpoints than the resume point: they would stay "latest"
+    out = copy_run(two_steps, tmp_path)
+    with pytest.raises(CheckpointError, match="holds .*step-000002.*, later than the checkpoint to resume from"):
+        run_training(tiny(out, f"train.resume={out / 'checkpoints' / 'step-000001'}", "train.steps=3"))
+    # a resume keeps the run id; every checkpoint of a run carries it
+    resumed = run_training(tiny(out, "train.steps=3"))
+    assert resumed["step"] == 3
+    ids = {ckpt.verify_checkpoint(path)["run_id"] for _, path in ckpt.step_dirs(out / "checkpoints")}
+    assert ids == {mine}
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda m: m["files"].update({"config.json": "not a map"}), ["corrupt manifest", "'config.json'"]),
+    (lambda m: m["files"].update({"../outside": {"bytes": 1, "sha256": "0"}}), ["corrupt manifest", "../outside"]),
+    (lambda m: m.update(step=7), ["corrupt manifest", "step 7 in a folder named for step 2"]),
+])
+def test_a_malformed_manifest_entry_is_one_clear_error(two_steps, tmp_path, damage, words):
+    out = copy_run(two_steps, tmp_path)
+    folder = out / "checkpoints" / "step-000002"
+    manifest = json.loads((folder / "COMPLETE").read_text())
+    damage(manifest)
+    ckpt.write_manifest(str(folder), {k: v for k, v in manifest.items() if k != "manifest_sha256"})
+    with pytest.raises(CheckpointError) as error:
+        ckpt.latest_checkpoint(out / "checkpoints")
+    assert str(folder / "COMPLETE") in str(error.value)
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_a_manifest_edited_without_its_digest_is_refused(two_steps, tmp_path):
+    out = copy_run(two_steps, tmp_path)
+    marker = out / "checkpoints" / "step-000002" / "COMPLETE"
+    marker.write_text(marker.read_text().replace('"run_id": "', '"run_id": "x'))
+    with pytest.raises(CheckpointError, match="COMPLETE: corrupt manifest .its manifest_sha256 does not match"):
+        run_training(tiny(out, "train.steps=3"))
+
+
+def test_an_out_dir_that_is_a_file_and_an_export_under_a_file_are_one_line_exit_2(two_steps, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for out_dir, words in ((a_file, "is a file"), (a_file / "run", "lies under the file")):
+        with pytest.raises(ConfigError, match=words):
+            run_training(tiny(out_dir))
+        assert main(["train", "--quiet", *[f"--set={item}" for item in TINY], f"--set=train.out_dir={out_dir}"]) == 2
+        err = capsys.readouterr().err
+        assert words in err and str(out_dir) in err and len(err.strip().splitlines()) == 1
+    for output, words in ((a_file, "is a file"), (a_file / "exported", "lies under a file")):
+        assert main(["export", "--checkpoint", str(two_steps), "--output", str(output)]) == 2
+        err = capsys.readouterr().err
+        assert words in err and str(output) in err and len(err.strip().splitlines()) == 1
+    assert a_file.read_text() == "x"
+
+
+def test_replacing_a_folder_swaps_it_atomically(tmp_path):
+    old, new = tmp_path / "step-000002", tmp_path / ".tmp-new"
+    old.mkdir(), new.mkdir()
+    (old / "f").write_text("old")
+    (new / "f").write_text("new")
+    assert ckpt._exchange(str(new), str(old))  # this Linux file system has renameat2(RENAME_EXCHANGE)
+    assert (old / "f").read_text() == "new" and (new / "f").read_text() == "old"
+    (new / "f").write_text("newer")
+    ckpt.replace_folder(str(new), str(old))
+    assert (old / "f").read_text() == "newer" and sorted(os.listdir(tmp_path)) == ["step-000002"]
+
+
+def _snapshots_of_each_rename(monkeypatch, module, folder, into):
+    """Copy ``folder`` before every rename/replace/unlink ``module`` makes: the states a kill could leave."""
+    snapshots = []
+
+    def snapshot():
+        target = into / f"{len(snapshots):02d}"
+        shutil.copytree(folder, target, symlinks=True)
+        snapshots.append(target)
+
+    for name in ("rename", "replace", "unlink"):
+        original = getattr(os, name)
+
+        def wrapped(*args, _original=original, **kwargs):
+            snapshot()
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module.os, name, wrapped)
+    return snapshots, snapshot
+
+
+def test_a_re_save_killed_between_any_two_renames_leaves_the_old_or_the_new_checkpoint(two_steps, tmp_path,
+                                                                                       monkeypatch):
+    """The fall-back path (no atomic exchange): at every point a kill could stop it, the run that comes next
+    finds step 2 whole, old or new, and says so when it had to take it back."""
+    out = copy_run(two_steps, tmp_path)
+    root = out / "checkpoints"
+    old_manifest = ckpt.verify_checkpoint(root / "step-000002")
+    monkeypatch.setattr(ckpt, "_exchange", lambda first, second: False)
+    model, _ = load_model(root / "step-000002")
+    snapshots, snapshot = _snapshots_of_each_rename(monkeypatch, ckpt, root, tmp_path / "snapshots")
+    ckpt.save_training_checkpoint(root, 2, model=model, run_config=tiny(out), keep_last=3,
+                                  state={**ckpt.load_training_state(root / "step-000002"), "note": "re-saved"},
+                                  run_id=old_manifest["run_id"])
+    snapshot()
+    monkeypatch.undo()
+    new_manifest = ckpt.verify_checkpoint(root / "step-000002")
+    assert new_manifest["files"]["training_state.pt"] != old_manifest["files"]["training_state.pt"]
+    seen = set()
+    for folder in snapshots:
+        ckpt.remove_stale(folder)  # what the next run does first (under its lock)
+        manifest = ckpt.verify_checkpoint(ckpt.latest_checkpoint(folder))
+        assert manifest["step"] == 2 and manifest["files"] in (old_manifest["files"], new_manifest["files"])
+        seen.add("new" if manifest["files"] == new_manifest["files"] else "old")
+    assert seen == {"old", "new"} and len(snapshots) >= 4
+
+
+def test_an_optimizer_state_that_does_not_fit_is_a_checkpoint_error_naming_the_file(two_steps):
+    path = str(two_steps / "checkpoints" / "step-000002")
+    state = ckpt.load_training_state(path)
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(CheckpointError, match=r"training_state.pt: its optimizer state does not fit"):
+        ckpt.restore_training_state(path, state, torch.optim.AdamW(model.parameters()))
+    with pytest.raises(CheckpointError, match=r"training_state.pt: its RNG states cannot be restored"):
+        ckpt.restore_training_state(path, {**state, "optimizer": torch.optim.AdamW(model.parameters()).state_dict(),
+                                           "rng": {"torch": torch.zeros(3, dtype=torch.uint8)}},
+                                    torch.optim.AdamW(model.parameters()))
+
+
+def test_a_run_saved_before_run_ids_resumes_and_resumes_again(two_steps, tmp_path):
+    out = copy_run(two_steps, tmp_path)
+    for _, path in ckpt.step_dirs(out / "checkpoints"):  # as an older mcdist wrote them: no run_id, no digest
+        manifest = json.loads((pathlib.Path(path) / "COMPLETE").read_text())
+        for key in ("run_id", "manifest_sha256"):
+            manifest.pop(key)
+        (pathlib.Path(path) / "COMPLETE").write_text(json.dumps(manifest))
+    assert run_training(tiny(out, "train.steps=3"))["step"] == 3
+    assert run_training(tiny(out, "train.steps=4"))["step"] == 4
+    assert [step for step, _ in losses(out)] == [1, 2, 3, 4]

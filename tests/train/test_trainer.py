@@ -2,12 +2,14 @@
 learning, metrics and outputs."""
 
 import json
+import math
 import os
 import shutil
 
 import pytest
 import torch
 
+from checks import assert_rel_close, relative_error
 from mcdist.checkpoint import load_model
 from mcdist.config import ConfigError, RunConfig
 from mcdist.data.tokens import write_tokens
@@ -38,11 +40,6 @@ def curve(out_dir):
 def weights(path):
     model, _ = load_model(path)
     return model.state_dict()
-
-
-def relative_error(a, b):
-    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
-    return float((a - b).norm() / b.norm())
 
 
 def test_resume_continues_the_same_loss_curve(tmp_path):
@@ -80,7 +77,7 @@ def test_resume_with_sp2_via_launch_local_and_then_with_sp1(tmp_path):
     assert third["step"] == 6
     resumed = [loss for _, loss, *_ in curve(tmp_path / "sp1")]
     assert len(resumed) == 3
-    assert relative_error(resumed, [loss for _, loss, *_ in expected[3:]]) < 1e-5
+    assert_rel_close(resumed, [loss for _, loss, *_ in expected[3:]], 1e-5, "losses after the resume in one process")
 
 
 def test_grad_accum_equals_one_big_batch(tmp_path):
@@ -88,10 +85,12 @@ def test_grad_accum_equals_one_big_batch(tmp_path):
     big = run_training(tiny(tmp_path / "big", *common, "train.batch_size=8"))
     accumulated = run_training(tiny(tmp_path / "accum", *common, "train.batch_size=4", "train.grad_accum=2"))
     assert len(metrics(tmp_path / "big")) == 3
-    for (_, loss_a, _, norm_a), (_, loss_b, _, norm_b) in zip(curve(tmp_path / "big"), curve(tmp_path / "accum")):
-        assert abs(loss_a - loss_b) <= 1e-12 * abs(loss_a) and abs(norm_a - norm_b) <= 1e-10 * norm_a
+    for (step, loss_a, _, norm_a), (_, loss_b, _, norm_b) in zip(curve(tmp_path / "big"), curve(tmp_path / "accum"),
+                                                                  strict=True):
+        assert_rel_close(loss_b, loss_a, 1e-12, f"loss at step {step}")
+        assert_rel_close(norm_b, norm_a, 1e-10, f"gradient norm at step {step}")
     a, b = weights(big["final_model"]), weights(accumulated["final_model"])
-    assert max(relative_error(b[name], a[name]) for name in a) < 1e-12
+    assert_rel_close(b, a, 1e-12, "weights")
 
 
 def test_activation_checkpointing_gives_the_same_gradients(tmp_path):
@@ -108,14 +107,16 @@ def test_activation_checkpointing_gives_the_same_gradients(tmp_path):
     loss = checkpointed(ids, labels).loss
     loss.backward()
     assert torch.isfinite(loss)
-    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
-        assert relative_error(q.grad, p.grad) < 1e-12, name
+    names = [name for name, _ in plain.named_parameters()]  # the wrapped model's names carry the wrapper's
+    assert_rel_close(dict(zip(names, (q.grad for q in checkpointed.parameters()), strict=True)),
+                     {name: p.grad for name, p in plain.named_parameters()}, 1e-12, "gradients")
 
     # and through the trainer: the same losses (float64: equal up to rounding)
     run_training(tiny(tmp_path / "plain", "train.dtype=float64", "train.steps=2"))
     run_training(tiny(tmp_path / "ckpt", "train.dtype=float64", "train.steps=2", "train.activation_checkpointing=true"))
-    for a, b in zip(curve(tmp_path / "plain"), curve(tmp_path / "ckpt")):
-        assert abs(a[1] - b[1]) <= 1e-12 * abs(a[1]) and abs(a[3] - b[3]) <= 1e-9 * a[3]
+    for a, b in zip(curve(tmp_path / "plain"), curve(tmp_path / "ckpt"), strict=True):
+        assert_rel_close(b[1], a[1], 1e-12, f"loss at step {a[0]}")
+        assert_rel_close(b[3], a[3], 1e-9, f"gradient norm at step {a[0]}")
 
 
 
@@ -128,10 +129,11 @@ def test_activation_checkpointing_under_sequence_parallelism(tmp_path):
     launch_local(tiny(tmp_path / "ckpt", *common, "train.activation_checkpointing=true"))
     plain, ckpt = curve(tmp_path / "plain"), curve(tmp_path / "ckpt")
     assert len(plain) == len(ckpt) == 2
-    for a, b in zip(plain, ckpt):
-        assert abs(a[1] - b[1]) <= 1e-12 * abs(a[1]) and abs(a[3] - b[3]) <= 1e-9 * a[3]
+    for a, b in zip(plain, ckpt, strict=True):
+        assert_rel_close(b[1], a[1], 1e-12, f"loss at step {a[0]}")
+        assert_rel_close(b[3], a[3], 1e-9, f"gradient norm at step {a[0]}")
     a, b = weights(tmp_path / "plain" / "checkpoint"), weights(tmp_path / "ckpt" / "checkpoint")
-    assert max(relative_error(b[name], a[name]) for name in a) < 1e-12
+    assert_rel_close(b, a, 1e-12, "weights")
 
 
 @pytest.mark.parametrize("aggregation", ["grm", "ssc", "soup"])
@@ -150,9 +152,9 @@ def test_the_model_runs_under_bfloat16_autocast(tmp_path, aggregation):
         loss = model(ids, labels).loss
     grads = torch.autograd.grad(loss, list(model.parameters()))
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
-    assert abs(loss.item() - full.item()) < 1e-3 * abs(full.item())
+    assert_rel_close(loss, full, 1e-3, "loss under autocast")
     assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
-    assert relative_error(torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in full_grads])) < 0.03
+    assert_rel_close(grads, full_grads, 0.03, "gradients under autocast", joint=True)
 
 def test_loss_falls_on_mqar(tmp_path):
     config = tiny(tmp_path, "model.d_model=32", "model.n_layers=1", "model.segment_len=16", "model.chunk_len=8",
@@ -256,14 +258,14 @@ def test_single_mesh_is_what_one_process_uses():
 
 def test_a_spawned_rank_error_is_raised_as_its_own_type(tmp_path):
     from mcdist.checkpoint import CheckpointError
-    from mcdist.train.trainer import _reraise_worker_error
+    from mcdist.runners.spawned import raise_rank_error
 
     (tmp_path / "error-0.json").write_text(json.dumps({"type": "PeerFailure", "message": "rank 0 stopped"}))
     (tmp_path / "error-1.json").write_text(json.dumps({"type": "CheckpointError", "message": "/x/step-2 is corrupt"}))
     with pytest.raises(CheckpointError, match="/x/step-2 is corrupt"):
-        _reraise_worker_error(str(tmp_path), RuntimeError("process 1 failed"))
+        raise_rank_error(str(tmp_path), RuntimeError("process 1 failed"))
     (tmp_path / "error-1.json").write_text(json.dumps({"type": "KeyError", "message": "'x'"}))
-    _reraise_worker_error(str(tmp_path), RuntimeError("unknown types are left to the caller"))  # no raise
+    raise_rank_error(str(tmp_path), RuntimeError("unknown types are left to the caller"))  # no raise
 
 
 def test_cli_eval_scores_the_run_s_own_task(tmp_path, capsys):
@@ -273,7 +275,7 @@ def test_cli_eval_scores_the_run_s_own_task(tmp_path, capsys):
     assert main(["eval", "--checkpoint", result["final_model"], "--device", "cpu"]) == 0
     evaluation = json.loads(capsys.readouterr().out)
     assert evaluation["task"] == "passkey"
-    assert abs(evaluation["eval_loss"] - result["eval_loss"]) <= 1e-6 * result["eval_loss"]
+    assert_rel_close(evaluation["eval_loss"], result["eval_loss"], 1e-6, "eval_loss")
     assert evaluation["eval_accuracy"] == result["eval_accuracy"]
     assert main(["eval", "--checkpoint", result["final_model"], "--seed", "3"]) == 0  # other batches
     assert json.loads(capsys.readouterr().out)["eval_loss"] != evaluation["eval_loss"]
@@ -312,8 +314,9 @@ def test_init_from_starts_a_fresh_run_from_saved_weights_on_every_rank(tmp_path)
         result = launch_local(config) if extra else run_training(config)
         assert result["step"] == 1 and result["resumed_from"] is None
         extended = weights(result["final_model"])
-        assert max(float((extended[key] - saved[key]).abs().max()) for key in saved) < 1e-9
-        assert max(float((fresh[key] - saved[key]).abs().max()) for key in saved) > 1e-3  # not the random init
+        assert_rel_close(extended, saved, 1e-9, f"{name}: the weights after a step at lr = 1e-12")
+        moved = relative_error(fresh, saved, joint=True)
+        assert 1e-3 < moved < math.inf, moved  # not the random init (and no NaN in it)
 
 
 def test_init_from_refuses_a_model_that_does_not_fit(tmp_path):
@@ -328,7 +331,7 @@ def test_init_from_refuses_a_model_that_does_not_fit(tmp_path):
 
 def test_eval_seq_lens_score_other_lengths_at_every_evaluation(tmp_path):
     from mcdist.evaluation import evaluate_checkpoint
-    from mcdist.train.trainer import check_run
+    from mcdist.train.checks import check_run
 
     config = tiny(tmp_path / "run", "train.steps=3", "train.eval_seq_lens=64,16")
     result = run_training(config)
@@ -363,7 +366,7 @@ def test_loss_chunk_trains_and_evaluates_as_the_whole_logits_do(tmp_path):
     whole = run_training(tiny(tmp_path / "whole", "train.dtype=float64", "train.steps=3"))
     chunked = run_training(tiny(tmp_path / "chunked", "train.dtype=float64", "train.steps=3", "train.loss_chunk=9"))
     for (step, loss, lr, norm), (step2, loss2, lr2, norm2) in zip(curve(tmp_path / "whole"),
-                                                                   curve(tmp_path / "chunked")):
+                                                                   curve(tmp_path / "chunked"), strict=True):
         assert (step, lr) == (step2, lr2)
         assert loss2 == pytest.approx(loss, rel=1e-12) and norm2 == pytest.approx(norm, rel=1e-10)
     assert chunked["eval_loss"] == pytest.approx(whole["eval_loss"], rel=1e-12)
@@ -385,6 +388,7 @@ def test_shard_optimizer_steps_as_the_whole_optimizer_and_its_checkpoints_resume
     launch_local(tiny(tmp_path / "to-sharded", *base), callbacks=StopAtStep(3))
     launch_local(tiny(tmp_path / "to-sharded", *base, "train.shard_optimizer=true"))
     for name in ("to-one", "to-sharded"):
-        for (step, loss, lr, _), (step2, loss2, lr2, _) in zip(curve(tmp_path / name), curve(tmp_path / "whole")):
+        for (step, loss, lr, _), (step2, loss2, lr2, _) in zip(curve(tmp_path / name), curve(tmp_path / "whole"),
+                                                               strict=True):
             assert (step, lr) == (step2, lr2) and loss == pytest.approx(loss2, rel=1e-10), name
     assert len(curve(tmp_path / "to-one")) == len(curve(tmp_path / "whole"))

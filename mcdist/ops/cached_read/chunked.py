@@ -1,144 +1,21 @@
-"""Segment contexts, gate scores and the read of cached memories (SPEC §5–§6).
+"""The batched read of cached states, the CPU path (docs/math.md §6; docs/architecture.md, "Cached read").
 
-The read of a block of cached states returns a *partial* (out, lse): the block's softmax-weighted read and the
-log-sum-exp of its gate scores. Partials merge exactly (``merge_partials``), so the online term, the local
-cached states and blocks arriving from other ranks combine in any grouping (docs/architecture.md).
-
-``cached_read_reference`` loops over tokens and states; ``cached_read_chunked`` is the batched CPU path (blocks
-of READ_BLOCK_STATES states, a few large GEMMs each; a hand-written backward for linear states); the Triton
-kernel lives in ``mcdist.kernels.cached_read``. ``states`` is a tensor [B, Nb, H, Dout, Din] (a linear
-map, read as M z) or, for deep memory, a pair (W1 [B, Nb, H, E, D], W2 [B, Nb, H, D, E]) read as the MLP
-z + W2 φ(W1 z).
+Each run of tokens sharing a segment reads its visible states READ_BLOCK_STATES at a time, a few large GEMMs per
+block, and merges the block partials (``mcdist.ops.merge``); linear states have a hand-written backward (the one
+of ``mcdist.kernels.cached_read``), deep states are recomputed block by block under activation checkpointing.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from mcdist.kernels.merge import merge_all, merge_partials
-from mcdist.memory.deep import mlp_read
-
-States = Union[torch.Tensor, Sequence[torch.Tensor]]
-
-__all__ = ["segment_contexts", "online_scores", "cached_read_reference", "cached_read_chunked",
-           "cached_read_backward_chunked", "cached_read_one_token", "select_top_k",
-           "select_top_k_reference",
-           "residual_read_chunked", "merge_partials", "merge_all"]
-
-
-def segment_contexts(k: torch.Tensor, segment_len: int, pool: str = "mean"):
-    """Contexts of the closed segments and the causal context of each token's own (online) segment.
-
-    Args:
-        k: [B, T, H, D] keys. segment_len: C. pool: 'mean' or 'sum'.
-    Returns:
-        (closed [B, N, H, D], online [B, T, H, D]) in float32 (float64 for float64 keys). closed[:, i] pools all
-        tokens of segment i (the last, possibly partial, segment pools the tokens it has); online[:, t] pools
-        the tokens of t's segment up to and including t.
-    """
-    if pool not in ("mean", "sum"):
-        raise ValueError(f"pool = {pool!r}; expected 'mean' or 'sum'")
-    B, T, H, D = k.shape
-    dtype = torch.float64 if k.dtype == torch.float64 else torch.float32
-    n_segments = -(-T // segment_len)
-    pad = n_segments * segment_len - T
-    kp = F.pad(k.to(dtype), (0, 0, 0, 0, 0, pad)).reshape(B, n_segments, segment_len, H, D)
-    running = torch.cumsum(kp, dim=2)  # [B, N, C, H, D]
-    closed = running[:, :, -1]
-    online = running.reshape(B, n_segments * segment_len, H, D)[:, :T]
-    if pool == "mean":
-        counts = torch.arange(1, segment_len + 1, device=k.device, dtype=dtype).repeat(n_segments)[:T]
-        online = online / counts[None, :, None, None]
-        sizes = torch.full((n_segments,), float(segment_len), device=k.device, dtype=dtype)
-        sizes[-1] = T - (n_segments - 1) * segment_len
-        closed = closed / sizes[None, :, None, None]
-    return closed, online
-
-
-def online_scores(u: torch.Tensor, online_context: torch.Tensor, gate_scale: float) -> torch.Tensor:
-    """r_t(online) = τ ⟨u_t, online context_t⟩. u, online_context [B, T, H, D] -> [B, T, H]."""
-    return gate_scale * (u.to(online_context.dtype) * online_context).sum(-1)
-
-
-def masked_softmax(scores: torch.Tensor, dim: int):
-    """Softmax and log-sum-exp over ``dim`` where −inf marks excluded entries; all excluded gives weights 0 and
-    lse −inf with finite gradients (no NaN)."""
-    peak = scores.amax(dim=dim, keepdim=True)
-    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak)).detach()
-    exps = torch.exp(scores - peak)
-    total = exps.sum(dim=dim, keepdim=True)
-    seen = total > 0
-    safe_total = torch.where(seen, total, torch.ones_like(total))
-    lse = torch.where(seen, peak + torch.log(safe_total), torch.full_like(total, float("-inf")))
-    return exps / safe_total, lse.squeeze(dim)
-
-
-def _num_states(states: States) -> int:
-    return states.shape[1] if isinstance(states, torch.Tensor) else states[0].shape[1]
-
-
-def _state_dtype(states: States) -> torch.dtype:
-    return states.dtype if isinstance(states, torch.Tensor) else states[0].dtype
-
-
-def _check_read_args(z, u, states, contexts, segment_len, selected):
-    if z.dim() != 4 or u.dim() != 4 or z.shape[:3] != u.shape[:3]:
-        raise ValueError(f"z and u must be [B, T, H, *] with one B, T, H; got {tuple(z.shape)}, {tuple(u.shape)}")
-    n = _num_states(states)
-    B, T, H = z.shape[:3]
-    if contexts.dim() != 4 or tuple(contexts.shape[:3]) != (B, n, H) or contexts.shape[3] != u.shape[3]:
-        raise ValueError(f"contexts must be [B, Nb, H, Dc] = {(B, n, H, u.shape[3])}; got {tuple(contexts.shape)}")
-    if segment_len <= 0:
-        raise ValueError(f"segment_len = {segment_len}; expected a positive integer")
-    if selected is not None and (selected.dim() != 4 or tuple(selected.shape[:3]) != (B, T, H)):
-        raise ValueError(f"selected must be [B, T, H, K] with (B, T, H) = {(B, T, H)}; got {tuple(selected.shape)}")
-
-
-def _token_segments(T: int, query_offset: int, segment_len: int, device) -> torch.Tensor:
-    return (torch.arange(T, device=device) + query_offset) // segment_len
-
-
-def cached_read_reference(z, u, states: States, contexts, *, segment_len, gate_scale, query_offset=0,
-                          segment_offset=0, selected=None):
-    """Token and state loops; see ``cached_read_chunked`` for the contract."""
-    _check_read_args(z, u, states, contexts, segment_len, selected)
-    B, T, H = z.shape[:3]
-    dtype = _state_dtype(states)
-    n = _num_states(states)
-    dout = states.shape[3] if isinstance(states, torch.Tensor) else z.shape[-1]
-    out_rows, lse_rows = [], []
-    for bi in range(B):
-        for t in range(T):
-            own = (query_offset + t) // segment_len
-            for h in range(H):
-                scores, reads = [], []
-                for j in range(n):
-                    index = segment_offset + j
-                    if index >= own:
-                        continue
-                    if selected is not None and index not in selected[bi, t, h].tolist():
-                        continue
-                    scores.append(gate_scale * (u[bi, t, h].to(dtype) * contexts[bi, j, h].to(dtype)).sum())
-                    if isinstance(states, torch.Tensor):
-                        reads.append(states[bi, j, h] @ z[bi, t, h].to(dtype))
-                    else:
-                        reads.append(mlp_read(z[bi, t, h].to(dtype), states[0][bi, j, h], states[1][bi, j, h]))
-                if scores:
-                    weights = torch.softmax(torch.stack(scores), 0)
-                    out_rows.append((weights[:, None] * torch.stack(reads)).sum(0))
-                    lse_rows.append(torch.logsumexp(torch.stack(scores), 0))
-                else:
-                    out_rows.append(torch.zeros(dout, dtype=dtype, device=z.device))
-                    lse_rows.append(torch.tensor(float("-inf"), dtype=dtype, device=z.device))
-    out = torch.stack(out_rows).reshape(B, T, H, -1)
-    lse = torch.stack(lse_rows).reshape(B, T, H)
-    return out, lse
+from mcdist.ops.cached_read.contract import States, check_read_args, num_states, states_dtype
+from mcdist.ops.merge import masked_softmax, merge_partials
 
 
 # Number of cached states one step of the chunked read takes at a time. Temporaries are [B, H, Tq, block, D]
@@ -242,7 +119,7 @@ def cached_read_backward_chunked(grad_out, grad_lse, z, u, states, contexts, out
     dlse_t), so a ring's backward needs no recomputation of the block's partial. Arguments as for
     :func:`cached_read_chunked`; the gradients have the dtypes of the read's inputs cast to the states' dtype.
     """
-    _check_read_args(z, u, states, contexts, segment_len, selected)
+    check_read_args(z, u, states, contexts, segment_len, selected)
     if not isinstance(states, torch.Tensor):
         raise TypeError("cached_read_backward_chunked: linear states only (a tensor [B, Nb, H, Dout, Din])")
     dtype = states.dtype
@@ -385,8 +262,8 @@ def cached_read_chunked(z, u, states: States, contexts, *, segment_len, gate_sca
     GEMMs per block) and merges the blocks' partials, so memory does not grow with the segment index; the
     backward recomputes block by block. ssc evaluates every visible state and masks the unselected ones.
     """
-    _check_read_args(z, u, states, contexts, segment_len, selected)
-    dtype = _state_dtype(states)
+    check_read_args(z, u, states, contexts, segment_len, selected)
+    dtype = states_dtype(states)
     args = (z.to(dtype), u.to(dtype), states, contexts.to(dtype), selected, segment_len, gate_scale, query_offset,
             segment_offset)
     if isinstance(states, torch.Tensor):
@@ -396,8 +273,8 @@ def cached_read_chunked(z, u, states: States, contexts, *, segment_len, gate_sca
 
 def residual_read_chunked(z, states: States, *, segment_len, query_offset=0, segment_offset=0):
     """Σ over visible cached states of M_j(z_t), unweighted (the `residual` aggregation). -> [B, T, H, Dout]."""
-    dtype = _state_dtype(states)
-    n = _num_states(states)
+    dtype = states_dtype(states)
+    n = num_states(states)
     if isinstance(states, torch.Tensor):
         # Linear maps sum first: prefix[:, i] = Σ_{j < i} M_j for i in [0, Nb], then one product per query
         # segment. Built without M_i itself, so later tokens never leak in.
@@ -428,95 +305,3 @@ def _query_segments(T: int, query_offset: int, segment_len: int, segment_offset:
         stop = min(T, start + segment_len - (query_offset + start) % segment_len)
         yield start, stop, max(0, min(n, own - segment_offset))
         start = stop
-
-
-def cached_read_one_token(z, u, states: torch.Tensor, contexts, *, gate_scale, selected=None):
-    """The read of one token per sequence that sees every state (decoding), without gradients: the cached_read
-    contract at T = 1 with all n states visible, in the states' own layout (no transposed copy of the cache, no
-    blocks).
-
-    z [B, 1, H, Din], u [B, 1, H, Dc], states [B, n, H, Dout, Din], contexts [B, n, H, Dc], selected
-    [B, 1, H, K] positions among the states (−1: none) -> (out [B, 1, H, Dout], lse [B, 1, H]).
-    """
-    dtype = _state_dtype(states)
-    scores = gate_scale * torch.einsum("bhc,bnhc->bhn", u[:, 0].to(contexts.dtype), contexts).to(dtype)
-    if selected is not None:
-        index = torch.arange(contexts.shape[1], device=u.device)
-        member = (selected[:, 0, :, None, :] == index[:, None]).any(-1)  # [B, H, n]
-        scores = scores.masked_fill(~member, float("-inf"))
-    weights, lse = masked_softmax(scores, dim=-1)  # [B, H, n], [B, H]
-    # the states are linear maps: Σ_j w_j M_j z = (Σ_j w_j M_j) z, one pass over the states (10× the batched
-    # matrix-vector products on the CPU at n = 64, D = 64)
-    mixed = torch.einsum("bhn,bnhoi->bhoi", weights, states)
-    return torch.einsum("bhoi,bhi->bho", mixed, z[:, 0].to(dtype))[:, None], lse[:, None]
-
-
-def select_top_k_reference(u, contexts, *, segment_len, top_k, gate_scale, query_offset=0):
-    """Token by token: the visible segments sorted by (−score, index), the first top_k, −1 padding. Scores are
-    rounded as ``select_top_k`` rounds them (u in the contexts' dtype, the product and τ times it in that dtype),
-    so both see the same ties."""
-    B, T, H, _ = u.shape
-    scores = (gate_scale * torch.einsum("bthc,bnhc->bthn", u.to(contexts.dtype), contexts)).double().cpu()
-    out = torch.full((B, T, H, top_k), -1, dtype=torch.int64)
-    for b in range(B):
-        for t in range(T):
-            visible = min((query_offset + t) // segment_len, contexts.shape[1])
-            for h in range(H):
-                ranked = sorted(range(visible), key=lambda j: (-scores[b, t, h, j].item(), j))[:top_k]
-                out[b, t, h, :len(ranked)] = torch.tensor(ranked, dtype=torch.int64)
-    return out
-
-
-def select_top_k(u, contexts, *, segment_len, top_k, gate_scale, query_offset=0, token_block=4096, impl="chunked"):
-    """Each token's top-k closed segments by gate score (SPEC §6, ssc); ties go to the lower index.
-
-    Args:
-        u: [B, T, H, D]; contexts: [B, N, H, D] of *all* segments from global index 0.
-        impl: as in ``mcdist.ops``. Where it resolves to 'triton' and ``mcdist.ops.SSC_SELECT`` is 'fused', the
-            fused Triton kernel (``mcdist.kernels.select_topk``, same result) runs; otherwise this PyTorch path.
-    Returns:
-        [B, T, H, top_k] int64 global segment indices in descending score order (equal scores: ascending index),
-        −1 where fewer than top_k segments precede the token. The PyTorch path scores ``token_block`` tokens at a
-        time, so memory stays O(token_block · N).
-    """
-    from mcdist import ops  # here, not at the top: mcdist.ops imports this module
-
-    if ops.fused_select(impl, u):
-        from mcdist.kernels.select_topk import select_top_k_triton
-
-        return select_top_k_triton(u, contexts, segment_len=segment_len, top_k=top_k, gate_scale=gate_scale,
-                                   query_offset=query_offset)
-    T = u.shape[1]
-    parts = [_select_top_k_rows(u[:, start:start + token_block], contexts, segment_len, top_k, gate_scale,
-                                query_offset + start)
-             for start in range(0, T, token_block)]
-    return torch.cat(parts, 1)
-
-
-def _select_top_k_rows(u, contexts, segment_len, top_k, gate_scale, query_offset):
-    n = contexts.shape[1]
-    segments = _token_segments(u.shape[1], query_offset, segment_len, u.device)
-    scores = gate_scale * torch.einsum("bthc,bnhc->bthn", u.to(contexts.dtype), contexts)  # [B, T, H, N]
-    visible = torch.arange(n, device=u.device)[None, :] < segments[:, None]  # [T, N]
-    scores = scores.detach().masked_fill(~visible[None, :, None, :], float("-inf"))
-    width = min(top_k, n)
-    if width == 0:
-        return torch.full((*u.shape[:3], top_k), -1, dtype=torch.int64, device=u.device)
-    # torch.topk does not promise which of several equal scores it returns, so it only finds each token's k-th
-    # highest score; the kept set is then every score above it plus the lowest-indexed equal ones. O(N) per
-    # token instead of a full sort over N.
-    kth = torch.topk(scores, width, dim=-1).values.amin(-1, keepdim=True)
-    above = scores > kth
-    tied = scores == kth
-    keep = above | (tied & (tied.cumsum(-1) <= width - above.sum(-1, keepdim=True)))  # exactly `width` per token
-    # The kept indices, lowest first (distinct keys n − j, so topk is exact), then ordered by score with ties to
-    # the lower index: a stable sort of `width` entries.
-    key = torch.where(keep, n - torch.arange(n, device=u.device, dtype=torch.int32), 0)
-    kept = torch.topk(key, width, dim=-1).indices
-    kept_scores = torch.gather(scores, -1, kept)
-    order = torch.sort(kept_scores, dim=-1, descending=True, stable=True).indices
-    chosen = torch.gather(kept, -1, order)
-    chosen = torch.where(torch.isfinite(torch.gather(kept_scores, -1, order)), chosen, torch.full_like(chosen, -1))
-    if width < top_k:
-        chosen = F.pad(chosen, (0, top_k - width), value=-1)
-    return chosen

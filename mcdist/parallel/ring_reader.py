@@ -1,7 +1,8 @@
-"""The Memory Caching layer under sequence parallelism (SPEC §7).
+"""The ring reader: a Memory Caching layer's reader under sequence parallelism (docs/distributed.md).
 
-Each rank holds some pieces of the sequence (``layout``), runs the layer's own steps on them
-(``project`` → memory pass → read → ``output``), and communicates only where the mathematics needs another
+``parallelize`` gives each layer a :class:`SequenceShard`; the layer asks it for a :class:`RingReader` and runs
+its one computation path (``MemoryCachingLayer.compute``: projections → memory pass → aggregation → output) on
+this rank's pieces of the sequence (``layout``). The reader communicates only where the mathematics needs another
 rank's data:
 
 - memory pass: ``independent`` needs nothing; ``checkpoint`` over linear memory gathers one (A, B) pair per piece
@@ -19,15 +20,12 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 
 from mcdist import ops
-from mcdist.aggregate import (merge_all, merge_partials, online_scores, residual_read_chunked, segment_contexts,
-                              select_top_k)
-from mcdist.layer import MemoryResult, Projections
-from mcdist.memory.deep import apply_minibatch_weights, deep_memory_chunked, deep_online_read
 from mcdist.parallel.comm import Exchange, SPGroup, all_gather_tensor, all_gather_with_grad
-from mcdist.parallel.layout import check_sequence_length, rank_pieces
+from mcdist.parallel.layout import check_sequence_length, last_piece_owner, rank_pieces
+from mcdist.readers import LayerCache, MemoryResult, Projections, Reader, cat_states, fill_cache
 
 
 @dataclass
@@ -86,28 +84,22 @@ def _slice(p: Projections, offset: int, length: int) -> Projections:
     return Projections(*(None if x is None else x[:, offset:offset + length] for x in p))
 
 
-def _cat_states(parts):
-    if isinstance(parts[0], torch.Tensor):
-        return torch.cat(parts, 1)
-    return tuple(torch.cat([part[i] for part in parts], 1) for i in range(len(parts[0])))
-
-
 # -- memory pass ---------------------------------------------------------------------------------------------
 
 
 def sp_memory_pass(layer, p: Projections, shard: Shard, impl: str) -> MemoryResult:
     cfg = layer.config
     if cfg.is_deep and cfg.state_init == "checkpoint":
-        return _deep_checkpoint_pass(layer, p, shard)
+        return _deep_checkpoint_pass(layer, p, shard, impl)
     results = [layer.memory_pass(_slice(p, offset, length), impl=impl)
                for offset, _, length in shard.local_pieces()]
     if cfg.state_init == "checkpoint":
         results = _linear_prefix_scan(p, results, shard)
     minibatch = None
     if cfg.is_deep:
-        minibatch = _cat_states([r.minibatch_weights for r in results])
+        minibatch = cat_states([r.minibatch_weights for r in results])
     return MemoryResult(torch.cat([r.online_out for r in results], 1),
-                        _cat_states([r.cached_states for r in results]), None, minibatch)
+                        cat_states([r.cached_states for r in results]), None, minibatch, cfg.minibatch_len)
 
 
 def _linear_prefix_scan(p: Projections, results, shard: Shard):
@@ -190,21 +182,22 @@ def _assemble(gathered: torch.Tensor, shard: Shard) -> torch.Tensor:
     return torch.cat([x for _, x in sorted(placed, key=lambda item: item[0])], 1)
 
 
-def _deep_checkpoint_pass(layer, p: Projections, shard: Shard) -> MemoryResult:
+def _deep_checkpoint_pass(layer, p: Projections, shard: Shard, impl: str) -> MemoryResult:
     cfg = layer.config
     k, v, theta = (_assemble(all_gather_with_grad(x, shard.sp, "prefix_inputs"), shard) for x in (p.k, p.v, p.theta))
     end = max(start + length for _, start, length in shard.local_pieces())
-    run = deep_memory_chunked(k[:, :end], v[:, :end], theta[:, :end], segment_len=cfg.segment_len,
-                              minibatch_len=cfg.minibatch_len, state_init="checkpoint", **layer.deep_parameters())
+    run = ops.deep_memory(k[:, :end], v[:, :end], theta[:, :end], segment_len=cfg.segment_len,
+                          minibatch_len=cfg.minibatch_len, state_init="checkpoint", impl=impl,
+                          **layer.deep_parameters())
     b, C = cfg.minibatch_len, cfg.segment_len
     online, cached, minibatch = [], [], []
     for offset, start, length in shard.local_pieces():
         weights = tuple(w[:, start // b:(start + length) // b] for w in run.minibatch_weights)
         minibatch.append(weights)
         cached.append(tuple(w[:, start // C:(start + length) // C] for w in run.cached_states))
-        online.append(deep_online_read(p.q[:, offset:offset + length], weights, b))
-    # run.final_state is the running state after this rank's last token (inference keeps it: mcdist.infer)
-    return MemoryResult(torch.cat(online, 1), _cat_states(cached), run.final_state, _cat_states(minibatch))
+        online.append(ops.deep_online_read(p.q[:, offset:offset + length], weights, b))
+    # run.final_state is the running state after this rank's last token (a prefill keeps it)
+    return MemoryResult(torch.cat(online, 1), cat_states(cached), run.final_state, cat_states(minibatch), b)
 
 
 # -- the ring read -------------------------------------------------------------------------------------------
@@ -212,7 +205,7 @@ def _deep_checkpoint_pass(layer, p: Projections, shard: Shard) -> MemoryResult:
 
 @dataclass(frozen=True)
 class RingPlan:
-    """Which of every rank's cached states travel on which hop of the ring (SPEC §7.5).
+    """Which of every rank's cached states travel on which hop of the ring (docs/distributed.md §5).
 
     Rank o's block (its cached states and contexts, in local order) visits the ranks o + d, o + 2d, ... (hops
     1 .. P−1, d = ``direction``). On hop h it carries only its first ``carry[o][h]`` states: those the rank of
@@ -342,7 +335,7 @@ def _block_partial(z, u, block, origin: int, spec: _RingSpec):
                                     query_offset=start, segment_offset=first_index, selected=chosen, impl=spec.impl)
                     for piece_states, piece_contexts, _, first_index in reads]
         if partials:
-            out, lse = merge_all(partials)
+            out, lse = ops.merge_all(partials)
         else:
             out = zq.new_zeros(B, length, H, dout, dtype=contexts.dtype)
             lse = zq.new_full((B, length, H), float("-inf"), dtype=contexts.dtype)
@@ -397,7 +390,7 @@ class _RingRead(torch.autograd.Function):
                     [(t, plan.previous(sp.rank), tag) for tag, t in enumerate(_empty_states(in_hand, arriving))],
                     sp, "ring")
             part = _block_partial(z, u, in_hand, origin, spec)
-            out, lse = part if out is None else merge_partials((out, lse), part)
+            out, lse = part if out is None else ops.merge_partials((out, lse), part)
             if exchange is not None:
                 in_hand = exchange.wait()
         ctx.spec = spec
@@ -503,7 +496,7 @@ def global_contexts(closed: torch.Tensor, shard: Shard) -> torch.Tensor:
     return torch.cat([x for _, x in sorted(placed, key=lambda item: item[0])], 1)
 
 
-def _residual_linear(p: Projections, cached: torch.Tensor, shard: Shard) -> torch.Tensor:
+def _residual_linear(q_all: torch.Tensor, cached: torch.Tensor, shard: Shard) -> torch.Tensor:
     C = shard.segment_len
     sums, first = [], 0
     for _, _, length in shard.local_pieces():
@@ -515,64 +508,111 @@ def _residual_linear(p: Projections, cached: torch.Tensor, shard: Shard) -> torc
     out, first = [], 0
     for j, (offset, start, length) in enumerate(shard.local_pieces()):
         n = length // C
-        q = p.q[:, offset:offset + length]
-        local = residual_read_chunked(q, cached[:, first:first + n], segment_len=C, query_offset=start,
+        q = q_all[:, offset:offset + length]
+        local = ops.residual_read(q, cached[:, first:first + n], segment_len=C, query_offset=start,
                                       segment_offset=start // C)
         out.append(local + torch.einsum("bhij,bthj->bthi", before[j], q.to(local.dtype)))
         first += n
     return torch.cat(out, 1)
 
 
-def sp_aggregate(layer, p: Projections, memory: MemoryResult, shard: Shard, impl: str) -> torch.Tensor:
-    cfg = layer.config
-    online = memory.online_out
-    if cfg.aggregation == "none":
-        return online
-    C = cfg.segment_len
-    contexts = [segment_contexts(p.k[:, offset:offset + length], C, cfg.pool)
-                for offset, _, length in shard.local_pieces()]
-    closed = torch.cat([c for c, _ in contexts], 1)
-    running = torch.cat([r for _, r in contexts], 1)
-    if cfg.aggregation == "residual":
-        if not cfg.is_deep:
-            return online + _residual_linear(p, memory.cached_states, shard)
-        # Σ_j M_j(q) as a read with all scores 0: the mean times the count, out·exp(lse)
-        out, lse = ring_read(p.q, p.u, memory.cached_states, closed, shard=shard, gate_scale=0.0, impl=impl)
+
+
+# -- the reader ---------------------------------------------------------------------------------------------
+
+
+class RingReader(Reader):
+    """This rank's pieces of a sequence (``shard``) under sequence parallelism; see the module docstring. With an
+    empty ``cache`` the forward is a prefill and ``finish`` fills it with this rank's share."""
+
+    def __init__(self, config, shard: Shard, impl: str, cache: Optional[LayerCache] = None):
+        self.impl, self.shard, self.cache = impl, shard, cache
+        self.segment_len, self.pool = config.segment_len, config.pool
+        self.contexts = self.conv_tail = self.p = None
+
+    def project(self, layer, x):
+        p, self.conv_tail = sp_project(layer, x, self.shard, with_tail=self.cache is not None)
+        return p
+
+    def memory(self, layer, p):
+        self.p = p
+        return sp_memory_pass(layer, p, self.shard, self.impl)
+
+    def _piece_contexts(self, p):
+        if self.contexts is None:
+            C, pieces = self.segment_len, self.shard.local_pieces()
+            contexts = [ops.segment_contexts(p.k[:, offset:offset + length], C, self.pool)
+                        for offset, _, length in pieces]
+            self.contexts = torch.cat([c for c, _ in contexts], 1)
+            self.running = torch.cat([r for _, r in contexts], 1)
+        return self.contexts
+
+    def running_contexts(self, p):
+        self._piece_contexts(p)
+        return self.running
+
+    def select(self, u, *, top_k, gate_scale):
+        every = global_contexts(self.contexts, self.shard)
+        return torch.cat([ops.select_top_k(u[:, offset:offset + length], every, segment_len=self.segment_len,
+                                           top_k=top_k, gate_scale=gate_scale, query_offset=start, impl=self.impl)
+                          for offset, start, length in self.shard.local_pieces()], 1)
+
+    def read(self, z, u, states, *, gate_scale, selected=None):
+        return ring_read(z, u, states, self.contexts, shard=self.shard, gate_scale=gate_scale, selected=selected,
+                         impl=self.impl)
+
+    def total(self, z, states):
+        if isinstance(states, torch.Tensor):
+            return _residual_linear(z, states, self.shard)
+        # Σ_j M_j(z) as a read with all scores 0: the mean times the count, out·exp(lse)
+        out, lse = ring_read(z, self.p.u, states, self._piece_contexts(self.p), shard=self.shard, gate_scale=0.0,
+                             impl=self.impl)
         count = torch.where(torch.isfinite(lse), torch.exp(lse), torch.zeros_like(lse))
-        return online + out * count[..., None]
-    r_online = online_scores(p.u, running, cfg.scale)
-    selected = None
-    if cfg.aggregation == "ssc":
-        every = global_contexts(closed, shard)
-        selected = torch.cat([select_top_k(p.u[:, offset:offset + length], every, segment_len=C, top_k=cfg.top_k,
-                                           gate_scale=cfg.scale, query_offset=start, impl=impl)
-                              for offset, start, length in shard.local_pieces()], 1)
-    read = dict(shard=shard, gate_scale=cfg.scale, selected=selected, impl=impl)
-    if cfg.aggregation == "soup" and cfg.is_deep:
-        w1s, w2s = memory.cached_states
-        mb1, mb2 = memory.minibatch_weights  # local pieces end to end: whole mini-batches each
-        b = cfg.minibatch_len
-        first = merge_partials(ring_read(p.q, p.u, w1s, closed, **read),
-                               (apply_minibatch_weights(p.q, mb1, b), r_online))[0]
-        hidden = F.gelu(first)
-        second = merge_partials(ring_read(hidden, p.u, w2s, closed, **read),
-                                (apply_minibatch_weights(hidden, mb2, b), r_online))[0]
-        return p.q.to(second.dtype) + second
-    cached = ring_read(p.q, p.u, memory.cached_states, closed, **read)
-    return merge_partials(cached, (online.to(cached[0].dtype), r_online))[0]
+        return out * count[..., None]
+
+    def finish(self, layer, p, memory):
+        """A prefill: this rank keeps the states of its own segments, every rank the contexts of all of them and
+        the running state after the sequence's last token (held by the rank with the last piece, sent to all)."""
+        if self.cache is None:
+            return
+        cfg, shard = layer.config, self.shard
+        C, sp, seq_len = cfg.segment_len, shard.sp, shard.seq_len
+        held = [g for _, start, length in shard.local_pieces() for g in range(start // C, (start + length) // C)]
+        closed = self._piece_contexts(p)
+        last = seq_len // C - 1
+        owner = last_piece_owner(seq_len, sp.size, shard.layout)
+        state = layer.initial_memory(p.k.shape[0], p.k.dtype, p.k.device)
+        if cfg.state_init == "checkpoint":
+            if sp.rank == owner:
+                state = memory.final_state if cfg.is_deep else memory.cached_states[:, held.index(last)]
+            state = type(state)(*(broadcast(t, owner, sp) for t in state)) if cfg.is_deep else broadcast(state, owner,
+                                                                                                          sp)
+        # the last piece's projections end with the sequence's last token only on its owner; the open segment is
+        # empty here (the layout divides the sequence into whole segments), so any rank's p serves
+        fill_cache(layer, self.cache, p, memory._replace(final_state=state), seq_len, held, closed,
+                   global_contexts(closed, shard), sp.size)
+        self.cache.conv_tail = self.conv_tail
 
 
-def sp_layer_forward(layer, x: torch.Tensor, shard_group: SPGroup, layout: str, impl: Optional[str] = None):
-    """The sequence-parallel forward of a MemoryCachingLayer on this rank's slice x [B, T_local, d_model]."""
-    cfg = layer.config
-    if cfg.segmentation != "constant":
-        raise ValueError("sequence parallelism supports segmentation = 'constant' only")
-    seq_len = x.shape[1] * shard_group.size
-    check_sequence_length(seq_len, shard_group.size, cfg.segment_len, layout)
-    impl = ops.resolve_impl(impl or cfg.impl, x)
-    if impl == "reference":
-        impl = "chunked"
-    shard = Shard(shard_group, layout, seq_len, cfg.segment_len)
-    p, _ = sp_project(layer, x, shard)
-    memory = sp_memory_pass(layer, p, shard, impl)
-    return layer.output(x, sp_aggregate(layer, p, memory, shard, impl))
+def broadcast(tensor: torch.Tensor, owner: int, sp: SPGroup) -> torch.Tensor:
+    """``tensor`` of the group's rank ``owner`` on every rank of the group."""
+    tensor = tensor.contiguous()
+    dist.broadcast(tensor, src=sp.ranks[owner], group=sp.group)
+    return tensor
+
+
+@dataclass
+class SequenceShard:
+    """The shard context ``mcdist.parallel.parallelize`` gives each Memory Caching layer: its sp group and the
+    layout of the sequence over it. The layer asks it for a reader of this rank's pieces."""
+
+    sp: SPGroup
+    layout: str
+
+    def reader(self, layer, x: torch.Tensor, impl: str, cache: Optional[LayerCache] = None) -> RingReader:
+        cfg = layer.config
+        if cfg.segmentation != "constant":
+            raise ValueError("sequence parallelism supports segmentation = 'constant' only")
+        seq_len = x.shape[1] * self.sp.size
+        check_sequence_length(seq_len, self.sp.size, cfg.segment_len, self.layout)
+        return RingReader(cfg, Shard(self.sp, self.layout, seq_len, cfg.segment_len), impl, cache)

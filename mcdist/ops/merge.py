@@ -5,7 +5,7 @@ log-sum-exp of the block's scores. Merging is the flash-attention combine rule; 
 commutative, so partials merge in any order and grouping (the ring relies on this). A block that nobody sees
 (lse = −inf) adds nothing, and two such blocks merge to (0, −inf) with finite gradients.
 
-Pure PyTorch, differentiable by autograd.
+Pure PyTorch, differentiable by autograd; the Triton kernels' host code and the chunked paths both use it.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Iterable, Tuple
 
 import torch
 
-__all__ = ["merge_partials", "merge_all"]
+__all__ = ["merge_partials", "merge_all", "masked_softmax"]
 
 Partial = Tuple[torch.Tensor, torch.Tensor]
 
@@ -64,3 +64,16 @@ def merge_all(partials: Iterable[Partial]) -> Partial:
     for partial in partials[1:]:
         merged = merge_partials(merged, partial)
     return merged
+
+
+def masked_softmax(scores: torch.Tensor, dim: int):
+    """Softmax and log-sum-exp over ``dim`` where −inf marks excluded entries; all excluded gives weights 0 and
+    lse −inf with finite gradients (no NaN). -> (weights like scores, lse with ``dim`` removed)."""
+    peak = scores.amax(dim=dim, keepdim=True)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak)).detach()
+    exps = torch.exp(scores - peak)
+    total = exps.sum(dim=dim, keepdim=True)
+    seen = total > 0
+    safe_total = torch.where(seen, total, torch.ones_like(total))
+    lse = torch.where(seen, peak + torch.log(safe_total), torch.full_like(total, float("-inf")))
+    return exps / safe_total, lse.squeeze(dim)

@@ -26,11 +26,14 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install --quiet -e '.[dev,ray,triton]'
 	@touch $(STAMP)
 
-# The main job (docs/launch.md): a local Ray (or the one `ray start` left running here) trains grm and the base
-# RNN (aggregation none) on MQAR, each with sp = 2 on two CPU workers, saves, reloads and scores both.
+# The main job (docs/launch.md, docs/results.md): a local Ray (or the one `ray start` left running here) trains
+# softmax attention, grm and the base RNN (aggregation none) on MQAR, each with sp = 2 on two CPU workers, saves,
+# reloads and scores all three.
+RUN_MODELS ?= attention,grm,none
 run: setup
 	rm -rf $(RUN_OUT)
-	$(PYTHON) -m mcdist.cli compare --ray --config $(RUN_CONFIG) --set train.out_dir=$(RUN_OUT) --aggregations grm,none
+	$(PYTHON) -m mcdist.cli compare --ray --config $(RUN_CONFIG) --set train.out_dir=$(RUN_OUT) \
+		--models $(RUN_MODELS)
 
 test: setup
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -58,7 +58,7 @@ def _interpreting() -> bool:
 
 
 @triton.jit
-def _tile_mask(mask_rows, offs_cols, N: tl.constexpr, BLOCK: tl.constexpr):
+def tile_mask(mask_rows, offs_cols, N: tl.constexpr, BLOCK: tl.constexpr):
     """[BLOCK_T, BLOCK] load/store mask; the column test is compiled out when the block is exactly N wide."""
     if BLOCK == N:
         mask = mask_rows[:, None]  # tl.load/tl.store broadcast it over the columns
@@ -142,9 +142,9 @@ def cached_read_fwd_kernel(
     rows = offs_t * H  # [BT]
 
     z = tl.load(z_ptr + tok * DIN + (rows * DIN)[:, None] + offs_i[None, :],
-                mask=_tile_mask(mask_t, offs_i, DIN, BLOCK_DIN), other=0.0).to(DOT_DTYPE)  # [BT, BDIN]
+                mask=tile_mask(mask_t, offs_i, DIN, BLOCK_DIN), other=0.0).to(DOT_DTYPE)  # [BT, BDIN]
     u = tl.load(u_ptr + tok * DC + (rows * DC)[:, None] + offs_c[None, :],
-                mask=_tile_mask(mask_t, offs_c, DC, BLOCK_DC), other=0.0).to(tl.float32)  # [BT, BDC]
+                mask=tile_mask(mask_t, offs_c, DC, BLOCK_DC), other=0.0).to(tl.float32)  # [BT, BDC]
     if HAS_SELECTED:
         sel = _load_selected(selected_ptr, tok, offs_t, mask_t, H, K, BLOCK_K)  # [BT, BK]
     else:
@@ -236,11 +236,11 @@ def cached_read_bwd_kernel_dzdu(
     rows = offs_t * H
 
     z = tl.load(z_ptr + tok * DIN + (rows * DIN)[:, None] + offs_i[None, :],
-                mask=_tile_mask(mask_t, offs_i, DIN, BLOCK_DIN), other=0.0).to(tl.float32)  # [BT, BDIN]
+                mask=tile_mask(mask_t, offs_i, DIN, BLOCK_DIN), other=0.0).to(tl.float32)  # [BT, BDIN]
     u = tl.load(u_ptr + tok * DC + (rows * DC)[:, None] + offs_c[None, :],
-                mask=_tile_mask(mask_t, offs_c, DC, BLOCK_DC), other=0.0).to(tl.float32)  # [BT, BDC]
+                mask=tile_mask(mask_t, offs_c, DC, BLOCK_DC), other=0.0).to(tl.float32)  # [BT, BDC]
     dout = tl.load(dout_ptr + tok * DOUT + (rows * DOUT)[:, None] + offs_o[None, :],
-                   mask=_tile_mask(mask_t, offs_o, DOUT, BLOCK_DOUT), other=0.0).to(DOT_DTYPE)  # [BT, BDOUT]
+                   mask=tile_mask(mask_t, offs_o, DOUT, BLOCK_DOUT), other=0.0).to(DOT_DTYPE)  # [BT, BDOUT]
     lse = tl.load(lse_ptr + tok + rows, mask=mask_t, other=0.0)  # [BT]
     delta = tl.load(delta_ptr + tok + rows, mask=mask_t, other=0.0)  # [BT]
     if HAS_SELECTED:
@@ -273,9 +273,9 @@ def cached_read_bwd_kernel_dzdu(
             du += dr[:, None] * c[None, :]
 
     tl.store(dz_ptr + tok * DIN + (rows * DIN)[:, None] + offs_i[None, :], dz.to(dz_ptr.dtype.element_ty),
-             mask=_tile_mask(mask_t, offs_i, DIN, BLOCK_DIN))
+             mask=tile_mask(mask_t, offs_i, DIN, BLOCK_DIN))
     tl.store(du_ptr + tok * DC + (rows * DC)[:, None] + offs_c[None, :], (du * gate_scale).to(du_ptr.dtype.element_ty),
-             mask=_tile_mask(mask_t, offs_c, DC, BLOCK_DC))
+             mask=tile_mask(mask_t, offs_c, DC, BLOCK_DC))
 
 
 @triton.jit
@@ -406,14 +406,14 @@ def cached_read_bwd_kernel_dmdc(
             seen = seen | visible[s][1]
         if _any(seen, HAS_SELECTED):  # a block that sees none of the program's states is skipped
             u = tl.load(u_ptr + tok * DC + (rows * DC)[:, None] + offs_c[None, :],
-                        mask=_tile_mask(mask_t, offs_c, DC, BLOCK_DC), other=0.0).to(tl.float32)  # [BT, BDC]
+                        mask=tile_mask(mask_t, offs_c, DC, BLOCK_DC), other=0.0).to(tl.float32)  # [BT, BDC]
             lse = tl.load(lse_ptr + tok + rows, mask=mask_t, other=0.0)
             delta = tl.load(delta_ptr + tok + rows, mask=mask_t, other=0.0)
             weighted = [_dmdc_weights(sv, u, lse, gate_scale) for sv in visible]
             z = tl.load(z_ptr + tok * DIN + (rows * DIN)[:, None] + offs_i[None, :],
-                        mask=_tile_mask(mask_t, offs_i, DIN, BLOCK_DIN), other=0.0).to(DOT_DTYPE)  # [BT, BDIN]
+                        mask=tile_mask(mask_t, offs_i, DIN, BLOCK_DIN), other=0.0).to(DOT_DTYPE)  # [BT, BDIN]
             dout = tl.load(dout_ptr + tok * DOUT + (rows * DOUT)[:, None] + offs_o[None, :],
-                           mask=_tile_mask(mask_t, offs_o, DOUT, BLOCK_DOUT), other=0.0).to(tl.float32)  # [BT, BDOUT]
+                           mask=tile_mask(mask_t, offs_o, DOUT, BLOCK_DOUT), other=0.0).to(tl.float32)  # [BT, BDOUT]
             states = [_dmdc_accumulate(sp, z, u, dout, delta, DOT_DTYPE, DOT_PRECISION) for sp in weighted]
 
     m_tile = offs_o[:, None] * DIN + offs_i[None, :]  # [BDOUT, BDIN]
@@ -553,7 +553,7 @@ def _backward_tiles(kernel: str, area: int, dot_dtype) -> tuple[int, int, dict]:
     return 32, 1, {"num_warps": 8, "num_stages": 1}
 
 
-def _check_args(z, u, cached_states, contexts, selected, segment_len, query_offset, segment_offset):
+def check_args(z, u, cached_states, contexts, selected, segment_len, query_offset, segment_offset):
     if z.dim() != 4 or u.dim() != 4 or tuple(z.shape[:3]) != tuple(u.shape[:3]):
         raise ValueError(f"z and u must be [B, T, H, *] with the same B, T, H; got z {tuple(z.shape)}, "
                          f"u {tuple(u.shape)}")
@@ -739,6 +739,6 @@ def cached_read_triton(
         log-sum-exp of the visible scores; a token that sees no state gets out 0 and lse −inf.
         Gradients flow to z, u, cached_states and contexts from both out and lse (not to selected).
     """
-    _check_args(z, u, cached_states, contexts, selected, segment_len, query_offset, segment_offset)
+    check_args(z, u, cached_states, contexts, selected, segment_len, query_offset, segment_offset)
     return _cached_read_op(z, u, cached_states, contexts, selected, int(segment_len), float(gate_scale),
                            int(query_offset), int(segment_offset))

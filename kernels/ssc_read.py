@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from mcdist.kernels import cached_read as _blocks
-from mcdist.kernels.cached_read import _tile_mask
+from mcdist.kernels.cached_read import tile_mask
 from mcdist.kernels._interpreter import interpreting
 
 __all__ = ["ssc_read_triton", "POISON_BUFFERS"]
@@ -109,14 +109,14 @@ def ssc_read_fwd_kernel_pairs(
         else:
             m = tl.load(m_tile, mask=(offs_o[:, None] < DOUT) & (offs_i[None, :] < DIN), other=0.0)
         z = tl.load(z_ptr + tok[:, None] * DIN + offs_i[None, :],
-                    mask=_tile_mask(mask_p, offs_i, DIN, BLOCK_DIN), other=0.0).to(DOT_DTYPE)  # [BP, BDIN]
+                    mask=tile_mask(mask_p, offs_i, DIN, BLOCK_DIN), other=0.0).to(DOT_DTYPE)  # [BP, BDIN]
         y = tl.dot(z, tl.trans(m.to(DOT_DTYPE)), input_precision=DOT_PRECISION)  # [BP, BDOUT] = M_j z_t
         tl.store(y_ptr + slot[:, None] * DOUT + offs_o[None, :], y,
                  mask=mask_p[:, None] & (offs_o[None, :] < DOUT))
         if pid_o == 0:
             c = tl.load(contexts_ptr + state * DC + offs_c, mask=offs_c < DC, other=0.0).to(tl.float32)  # [BDC]
             u = tl.load(u_ptr + tok[:, None] * DC + offs_c[None, :],
-                        mask=_tile_mask(mask_p, offs_c, DC, BLOCK_DC), other=0.0).to(tl.float32)
+                        mask=tile_mask(mask_p, offs_c, DC, BLOCK_DC), other=0.0).to(tl.float32)
             r = tl.sum(u * c[None, :], axis=1) * gate_scale  # [BP]
             tl.store(r_ptr + slot, r, mask=mask_p)
 
@@ -209,11 +209,11 @@ def ssc_read_bwd_kernel_pairs(
                     mask=(offs_o[:, None] < DOUT) & (offs_i[None, :] < DIN), other=0.0).to(DOT_DTYPE)
         c = tl.load(contexts_ptr + state * DC + offs_c, mask=offs_c < DC, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + tok[:, None] * DIN + offs_i[None, :],
-                    mask=_tile_mask(mask_p, offs_i, DIN, BLOCK_DIN), other=0.0).to(DOT_DTYPE)
+                    mask=tile_mask(mask_p, offs_i, DIN, BLOCK_DIN), other=0.0).to(DOT_DTYPE)
         u = tl.load(u_ptr + tok[:, None] * DC + offs_c[None, :],
-                    mask=_tile_mask(mask_p, offs_c, DC, BLOCK_DC), other=0.0).to(tl.float32)
+                    mask=tile_mask(mask_p, offs_c, DC, BLOCK_DC), other=0.0).to(tl.float32)
         dout = tl.load(dout_ptr + tok[:, None] * DOUT + offs_o[None, :],
-                       mask=_tile_mask(mask_p, offs_o, DOUT, BLOCK_DOUT), other=0.0).to(DOT_DTYPE)
+                       mask=tile_mask(mask_p, offs_o, DOUT, BLOCK_DOUT), other=0.0).to(DOT_DTYPE)
         lse = tl.load(lse_ptr + tok, mask=mask_p, other=0.0)
         delta = tl.load(delta_ptr + tok, mask=mask_p, other=0.0)
 
@@ -225,7 +225,7 @@ def ssc_read_bwd_kernel_pairs(
         tl.store(p_ptr + slot, p, mask=mask_p)
         tl.store(dr_ptr + slot, dr, mask=mask_p)
         tl.store(dzp_ptr + slot[:, None] * DIN + offs_i[None, :], p[:, None] * g,
-                 mask=_tile_mask(mask_p, offs_i, DIN, BLOCK_DIN))
+                 mask=tile_mask(mask_p, offs_i, DIN, BLOCK_DIN))
 
 
 @triton.jit
@@ -276,11 +276,11 @@ def ssc_read_bwd_kernel_dmdc(
         p = tl.load(p_ptr + slot, mask=mask_p, other=0.0)
         dr = tl.load(dr_ptr + slot, mask=mask_p, other=0.0)
         z = tl.load(z_ptr + tok[:, None] * DIN + offs_i[None, :],
-                    mask=_tile_mask(mask_p, offs_i, DIN, BLOCK_DIN), other=0.0).to(DOT_DTYPE)
+                    mask=tile_mask(mask_p, offs_i, DIN, BLOCK_DIN), other=0.0).to(DOT_DTYPE)
         u = tl.load(u_ptr + tok[:, None] * DC + offs_c[None, :],
-                    mask=_tile_mask(mask_p, offs_c, DC, BLOCK_DC), other=0.0).to(tl.float32)
+                    mask=tile_mask(mask_p, offs_c, DC, BLOCK_DC), other=0.0).to(tl.float32)
         dout = tl.load(dout_ptr + tok[:, None] * DOUT + offs_o[None, :],
-                       mask=_tile_mask(mask_p, offs_o, DOUT, BLOCK_DOUT), other=0.0).to(tl.float32)
+                       mask=tile_mask(mask_p, offs_o, DOUT, BLOCK_DOUT), other=0.0).to(tl.float32)
         pdout = (dout * p[:, None]).to(DOT_DTYPE)
         dm = tl.dot(tl.trans(pdout), z, dm, input_precision=DOT_PRECISION)  # Σ p dout_t z_tᵀ
         dc += tl.sum(dr[:, None] * u, axis=0)
@@ -327,16 +327,16 @@ def ssc_read_bwd_kernel_dzdu(
         j = tl.load(slot_state_ptr + slot, mask=mask_t, other=-1)
         visible = j >= 0
         dz += tl.load(dzp_ptr + slot[:, None] * DIN + offs_i[None, :],
-                      mask=_tile_mask(visible, offs_i, DIN, BLOCK_DIN), other=0.0)
+                      mask=tile_mask(visible, offs_i, DIN, BLOCK_DIN), other=0.0)
         dr = tl.load(dr_ptr + slot, mask=visible, other=0.0)
         c = tl.load(contexts_ptr + ((b * NB + j) * H + h)[:, None] * DC + offs_c[None, :],
-                    mask=_tile_mask(visible, offs_c, DC, BLOCK_DC), other=0.0).to(tl.float32)
+                    mask=tile_mask(visible, offs_c, DC, BLOCK_DC), other=0.0).to(tl.float32)
         du += dr[:, None] * c
 
     tl.store(dz_ptr + offs_t[:, None] * DIN + offs_i[None, :], dz.to(dz_ptr.dtype.element_ty),
-             mask=_tile_mask(mask_t, offs_i, DIN, BLOCK_DIN))
+             mask=tile_mask(mask_t, offs_i, DIN, BLOCK_DIN))
     tl.store(du_ptr + offs_t[:, None] * DC + offs_c[None, :], (du * gate_scale).to(du_ptr.dtype.element_ty),
-             mask=_tile_mask(mask_t, offs_c, DC, BLOCK_DC))
+             mask=tile_mask(mask_t, offs_c, DC, BLOCK_DC))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -626,7 +626,7 @@ def ssc_read_triton(
     """
     if selected is None:
         raise ValueError("selected is required by ssc_read_triton (the dense read is cached_read_triton)")
-    _blocks._check_args(z, u, cached_states, contexts, selected, segment_len, query_offset, segment_offset)
+    _blocks.check_args(z, u, cached_states, contexts, selected, segment_len, query_offset, segment_offset)
     block_p = _block_pairs(z, cached_states)
     plan = _pair_plan(selected.detach(), cached_states.shape[1], int(segment_len), int(query_offset),
                       int(segment_offset), block_p)

@@ -42,6 +42,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mcdist.config import ConfigError, ModelConfig, parse_size
+from mcdist.model import MCLanguageModel
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -155,7 +156,7 @@ def _split_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
     return tensors, aliases
 
 
-def _fsync_path(path: str, directory: bool = False) -> None:
+def fsync_path(path: str, directory: bool = False) -> None:
     flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
     try:
         handle = os.open(path, flags)
@@ -174,7 +175,7 @@ def _fsync_path(path: str, directory: bool = False) -> None:
 
 def _write_tensors(tensors: dict[str, torch.Tensor], path: str, header: dict[str, str]) -> None:
     save_file(tensors, path, metadata=header)
-    _fsync_path(path)
+    fsync_path(path)
 
 
 def _write_text(path: str, text: str) -> None:
@@ -276,7 +277,7 @@ def save_model(model: torch.nn.Module, config: ModelConfig, directory: str | os.
                     os.unlink(backup)
             backups.clear()
             raise
-        _fsync_path(directory, directory=True)
+        fsync_path(directory, directory=True)
     finally:  # every temporary this save may have started (also one whose write failed), and the backups
         names = [WEIGHTS_NAME, INDEX_NAME, CONFIG_NAME] + [shard_name(i, len(plan)) for i in range(1, len(plan) + 1)]
         for leftover in [tmp_name(name) for name in names] + list(backups.values()):
@@ -286,8 +287,6 @@ def save_model(model: torch.nn.Module, config: ModelConfig, directory: str | os.
 
 
 def _default_factory(config: ModelConfig) -> torch.nn.Module:
-    from mcdist.model import MCLanguageModel
-
     return MCLanguageModel(config)
 
 

@@ -20,13 +20,14 @@ from mcdist import bench
 from mcdist.checkpoint import CheckpointError, load_config
 from mcdist.config import IMPLS, ConfigError, RunConfig, parse_size, write_text_atomic
 from mcdist.data.prepare import load_tokenizer, prepare_tokens
+from mcdist.device import resolve_device
 from mcdist.evaluation import (evaluate_checkpoint, evaluate_local, evaluate_under_torchrun, evaluate_with_ray,
                                format_table)
 from mcdist.infer_job import (check_request, generate_from_checkpoint, generate_local, generate_under_torchrun,
                               generate_with_ray)
 from mcdist.runners.ray import RayConnectionError
 from mcdist.runners.torchrun import in_torchrun, world_size_from_environment
-from mcdist.train.compare import compare_aggregations
+from mcdist.train.compare import compare_models, parse_model_names
 from mcdist.train.ray_job import train_with_ray
 from mcdist.train.state import export_checkpoint
 from mcdist.train.trainer import launch_local, train_under_torchrun
@@ -124,10 +125,16 @@ def _build_parser() -> argparse.ArgumentParser:
                                "CUDA, chunked PyTorch on the CPU)")
     add_job_args(generate, "run the ranks as Ray Train workers")
 
-    compare = commands.add_parser("compare", help="train one model per aggregation on the same task")
+    compare = commands.add_parser("compare", help="train one model per name (attention or an aggregation) on the "
+                                                  "same task")
     add_config_args(compare, "RunConfig file shared by every run")
-    compare.add_argument("--aggregations", default="grm,none",
-                         help="comma-separated model.aggregation values (default grm,none)")
+    compare.add_argument("--models", default=None,
+                         help="comma-separated models: attention (model.mixer = attention) and model.aggregation "
+                              "values, e.g. attention,grm,none (default grm,none)")
+    compare.add_argument("--aggregations", default=None,
+                         help="comma-separated model.aggregation values (as --models without attention)")
+    compare.add_argument("--set-for", dest="set_for", action="append", default=[], metavar="MODEL:SECTION.KEY=VALUE",
+                         help="an override of one model only, e.g. none:model.state_init=checkpoint (repeatable)")
     compare.add_argument("--quiet", action="store_true", help="print only the summary")
     compare.add_argument("--ray", action="store_true",
                          help="train through Ray Train (ray.* and parallel.* of the config; default: "
@@ -212,20 +219,21 @@ def _cmd_train(args) -> int:
         run_config = run_config.replace(train=run_config.train.replace(**changes))
     if args.nprocs is not None and args.nprocs <= 0:
         raise UsageError(f"--nprocs = {args.nprocs} is invalid; expected a positive integer")
-    if args.ray:
-        if args.nprocs is not None:
-            raise UsageError("--nprocs is for local processes; with --ray use --workers")
-        try:
-            result = train_with_ray(run_config, log=None if args.quiet else print)
-        except (RayConnectionError, ImportError) as error:
-            raise UsageError(str(error)) from error
-        print(json.dumps(result, sort_keys=True))
-        return 0
-    if in_torchrun():  # one of torchrun's processes: it made RANK, WORLD_SIZE, MASTER_*
-        result = train_under_torchrun(run_config)
-    else:
-        result = launch_local(run_config, args.nprocs)
-    if _speaks():
+    if args.ray and args.nprocs is not None:
+        raise UsageError("--nprocs is for local processes; with --ray use --workers")
+    try:
+        if args.ray:
+            try:
+                result = train_with_ray(run_config, log=None if args.quiet else print)
+            except (RayConnectionError, ImportError) as error:
+                raise UsageError(str(error)) from error
+        elif in_torchrun():  # one of torchrun's processes: it made RANK, WORLD_SIZE, MASTER_*
+            result = train_under_torchrun(run_config)
+        else:
+            result = launch_local(run_config, args.nprocs)
+    except ValueError as error:  # a user error a rank found (ConfigError and CheckpointError are ValueErrors)
+        raise UsageError(str(error)) from error
+    if args.ray or _speaks():
         print(json.dumps(result, sort_keys=True))
     return 0
 
@@ -353,16 +361,29 @@ def _read_prompts(args, tokenizer) -> list[list[int]]:
     if not os.path.isfile(path):
         raise UsageError(f"prompt file {path!r} does not exist")
     prompts = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            prompts.append(tokenizer.encode(line).tolist() if tokenizer is not None else
-                           _parse_ids(line, f"{path}:{number}:"))
+    try:
+        with open(path, "rb") as handle:
+            text = handle.read().decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = _line_of(path, error.start)
+        raise UsageError(f"prompt file {path!r} is not UTF-8 text (byte {error.start}, line {line}: "
+                         f"{error.reason}); expected one prompt per line in UTF-8") from None
+    except OSError as error:
+        raise UsageError(f"prompt file {path!r} cannot be read ({error.strerror or error})") from None
+    for number, line in enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), 1):
+        if not line.strip():
+            continue
+        prompts.append(tokenizer.encode(line).tolist() if tokenizer is not None else
+                       _parse_ids(line, f"{path}:{number}:"))
     if not prompts:
         raise UsageError(f"prompt file {path!r} holds no prompt; expected one per line")
     return prompts
+
+
+def _line_of(path: str, offset: int) -> int:
+    """The line number (from 1) holding byte ``offset`` of the file at ``path``."""
+    with open(path, "rb") as handle:
+        return handle.read(offset).count(b"\n") + 1
 
 
 def _decode(tokenizer, ids: list[int]) -> str:
@@ -428,9 +449,22 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_compare(args) -> int:
-    aggregations = [name.strip() for name in args.aggregations.split(",") if name.strip()]
-    if not aggregations:
-        raise UsageError("--aggregations is empty; expected a comma-separated list such as grm,none")
+    if args.models is not None and args.aggregations is not None:
+        raise UsageError("--models and --aggregations were both given; expected one list (--models may name "
+                         "attention beside aggregations)")
+    if args.aggregations is not None:
+        names = parse_model_names(args.aggregations, "--aggregations")
+        if "attention" in names:
+            raise UsageError("--aggregations names attention, which is a mixer; expected --models attention,...")
+    else:
+        names = parse_model_names("grm,none" if args.models is None else args.models, "--models")
+    overrides_for = {}
+    for item in args.set_for:
+        name, colon, override = item.partition(":")
+        if not colon or "=" not in override:
+            raise UsageError(f"--set-for {item!r} is invalid; expected MODEL:section.key=value, e.g. "
+                             "none:model.state_init=checkpoint")
+        overrides_for.setdefault(name.strip(), []).append(override.strip())
     base = _load_run_config(args.config, args.overrides)
     changes = {}
     if args.device != "auto":
@@ -440,7 +474,8 @@ def _cmd_compare(args) -> int:
     if changes:
         base = base.replace(train=base.train.replace(**changes))
     try:
-        results = compare_aggregations(base, aggregations, ray=args.ray, log=None if args.quiet else print)
+        results = compare_models(base, names, ray=args.ray, overrides_for=overrides_for,
+                                 log=None if args.quiet else print)
     except (RayConnectionError, ImportError) as error:
         raise UsageError(str(error)) from error
     model, parallel = base.model, base.parallel
@@ -515,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate, "compare": _cmd_compare,
                 "bench": _cmd_bench, "data": _cmd_data, "export": _cmd_export}
     try:
+        if getattr(args, "device", None) is not None and not getattr(args, "ray", False):
+            resolve_device(args.device)  # CUDA asked for but not here: refused before anything starts, naming why
         return handlers[args.command](args)
     except (ConfigError, CheckpointError, UsageError, FileNotFoundError) as error:
         print(f"mcdist {args.command}: error: {error}", file=sys.stderr)

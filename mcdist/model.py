@@ -12,6 +12,7 @@ from typing import List, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from mcdist.attention import AttentionLayer, KVCache
 from mcdist.config import ModelConfig
@@ -157,8 +158,6 @@ class MCLanguageModel(nn.Module):
         labels = labels.reshape(-1)
         if chunk_tokens <= 0:
             return _cross_entropy_sum(self.lm_head, hidden, labels)
-        from torch.utils.checkpoint import checkpoint
-
         total = None
         for first in range(0, hidden.shape[0], chunk_tokens):
             part = checkpoint(_cross_entropy_sum, self.lm_head, hidden[first:first + chunk_tokens],

@@ -36,9 +36,10 @@ def test_train_cpu_refuses_a_malformed_case():
         _load("train_cpu").main(["--cases", "4096by2"])
 
 
+@pytest.mark.slow  # about 2 minutes on 2 cores: the Triton variant runs the kernels under the interpreter
 def test_gpu_script_train_section_runs_on_cpu():
     """benchmarks/gpu.py's `train` section (the trainer on the lent GPU) at its smoke size here: the resumed run
-    retraces the straight one, and the loss falls."""
+    retraces the straight one, and the loss falls. Run it (make test-slow) before a GPU session."""
     result = _load("gpu").train_check("cpu", smoke=True)
     assert result["resume_max_loss_gap"] == 0.0
     assert result["loss_fell"]

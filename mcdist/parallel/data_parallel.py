@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from mcdist.model import IGNORE_INDEX
+from mcdist.model import IGNORE_INDEX, MCLanguageModel
 from mcdist.parallel.mesh import Mesh
 
 _CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."  # what checkpoint_wrapper inserts into parameter names
@@ -153,8 +153,6 @@ class DataParallel:
         if not self.fsdp:
             return self.model
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        from mcdist.model import MCLanguageModel
 
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if dist.get_rank() != 0:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
+import signal
 import socket
+import sys
+import threading
 import time
 from typing import Callable
 
@@ -13,6 +18,9 @@ import torch.multiprocessing as mp
 
 from mcdist.parallel.mesh import init_distributed
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+ORPHAN_EXIT_CODE = 70  # how a rank whose driver died ends (the watchdog's exit)
+
 
 def free_port() -> int:
     """A TCP port of 127.0.0.1 that nothing listens on (for the rendezvous of spawned processes)."""
@@ -21,7 +29,35 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _entry(rank, fn, world_size, port, backend, collective_timeout_s, threads, args):
+def die_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
+    """End this process when ``parent_pid`` (the driver that started it) dies, however it dies (a SIGKILL
+    included): a rank without its driver must not train on and write a final model nobody waits for.
+
+    On Linux the kernel sends SIGKILL on the parent's death (``prctl(PR_SET_PDEATHSIG)``, replacing the SIGINT
+    torch arms, which a process started with SIGINT ignored, a shell's background job, never acts on; the
+    kernel ties it to the thread that started the process, here the one that waits for it); everywhere, a daemon
+    thread also checks every ``poll_s`` seconds that this process's parent is still ``parent_pid`` (an orphan is
+    re-parented) and exits otherwise. A parent already gone when this is called ends the process at once.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl in this libc: the watchdog below still ends the process
+            pass
+    if os.getppid() != parent_pid:  # the driver died before the signal was armed
+        os._exit(ORPHAN_EXIT_CODE)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os._exit(ORPHAN_EXIT_CODE)
+
+    threading.Thread(target=watch, name="mcdist-parent-watchdog", daemon=True).start()
+
+
+def _entry(rank, fn, world_size, port, backend, collective_timeout_s, threads, parent_pid, args):
+    die_with_parent(parent_pid)
     torch.set_num_threads(threads)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
@@ -62,11 +98,15 @@ def spawn(fn: Callable, world_size: int, *args, timeout_s: float = 300.0, backen
 
     ``fn`` must be importable (a module-level function). Raises the first failure with its rank, or
     TimeoutError (after terminating every process) when the whole run exceeds ``timeout_s``: never hangs.
+    The processes end when this one dies, even by SIGKILL (:func:`die_with_parent`).
     """
     context = mp.start_processes(_entry, args=(fn, world_size, free_port(), backend, collective_timeout_s,
-                                               threads_per_rank, args),
+                                               threads_per_rank, os.getpid(), args),
                                  nprocs=world_size, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout_s
+    # torch warns "Terminating process N via signal SIGTERM" for each peer of a failed rank it stops: the
+    # failure itself is raised (and reported as one line by the CLI), so the line is noise
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     while not context.join(timeout=0.5):
         if time.monotonic() > deadline:
             for process in context.processes:

@@ -14,8 +14,16 @@ Choices this module makes:
   ``host:port`` or ``ray://host:port`` is probed with a TCP connection first, so an unreachable cluster fails in
   seconds with an error naming the address (``ray.init`` alone would retry for minutes). The driver presents
   Ray's auth token (``~/.ray/auth_token``) when there is one.
-* GPUs (:func:`wants_gpu`): one per worker when ``use_gpu`` is true or ``device`` is ``cuda``, or when ``device``
-  is ``auto`` and the cluster has at least one GPU per worker; never when ``device`` is ``cpu``.
+* GPUs (:func:`wants_gpu`): one per worker when ``use_gpu`` is true or ``device`` is ``cuda`` (refused at once
+  when the cluster has fewer), or when ``device`` is ``auto`` and the cluster has at least one GPU per worker;
+  never when ``device`` is ``cpu``.
+* User errors (the types of :data:`mcdist.runners.spawned.RAISED_AS_THEIR_TYPE`: a damaged checkpoint, a bad
+  value) are not Ray's to retry: a worker they stop records its error beside the result file and, once every
+  rank has ended, returns without raising; the driver raises the first rank's own error as its type. A worker
+  alone with its error raises after :data:`USER_ERROR_WAIT_S` (its peers may wait in a collective), and Ray's
+  restart returns at once. The driver drops Ray's notice that token authentication is on
+  (:data:`SKIPPED_DRIVER_NOTICE`) and the harmless worker lines of :data:`SKIPPED_WORKER_LINES`
+  (docs/reliability.md).
 * Worker output: ``RAY_TRAIN_ENABLE_PRINT_PATCH=0`` (each line printed once) and ``TQDM_DISABLE=1`` (a progress
   bar cannot redraw through Ray's log forwarding); Ray Train's own logs at WARNING. Ray prefixes each
   forwarded line with ``(RayTrainWorker pid=...)``.
@@ -35,12 +43,14 @@ import re
 import shutil
 import socket
 import tempfile
+import time
 import uuid
 from typing import Callable, Optional
 from urllib.parse import urlsplit
 
 from mcdist.config import ConfigError
 from mcdist.runners.problems import check_count, unpack
+from mcdist.runners.spawned import RAISED_AS_THEIR_TYPE, rank_error
 
 __all__ = ["RayConnectionError", "RayRun", "RaySession", "check_reachable", "host_port", "json_safe",
            "require_ray_train", "run_on_ray", "unique_run_name", "wants_gpu"]
@@ -48,7 +58,16 @@ __all__ = ["RayConnectionError", "RayRun", "RaySession", "check_reachable", "hos
 CONNECT_TIMEOUT_S = 5.0
 OBJECT_STORE_BYTES = 256 * 1024 * 1024
 RESULT_NAME = "mcdist_result.json"
-SKIPPED_WORKER_LINES = r"Failed to query Ray Train Controller actor state"
+SKIPPED_DRIVER_NOTICE = "Token authentication is enabled for this Ray cluster"
+TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+ERROR_PREFIX = "mcdist_error-"  # + rank + .json: a user error that stopped that worker
+ENDED_KEY = "mcdist/ray/ended"
+USER_ERROR_WAIT_S = 10.0  # how long a worker stopped by a user error waits for its peers to stop too
+# lines of the workers' (and Ray Train controller's) output the driver does not print: harmless notices that
+# read as errors (see _skip_harmless_lines)
+SKIPPED_WORKER_LINES = (r"Failed to query Ray Train Controller actor state"
+                        r"|core_worker\.cc:\d+: Actor with class name: 'PreemptionWatcher' .*constructor arguments "
+                        r"in the object store")
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "TQDM_DISABLE": "1"}
 
 
@@ -181,10 +200,16 @@ def _connect(address: str, common: dict) -> None:
                                  f"{hint}") from error
 
 
-def _skip_state_api_warnings() -> None:
-    """Drop one warning from the driver's copy of the workers' output: Ray Train's placement-group cleaner asks
-    the state API, which needs the dashboard packages of ``ray[default]``, about the controller every second
-    and, without them, says it could not, every second. Ray reads the skip pattern when it is imported."""
+def _skip_harmless_lines() -> None:
+    """Drop two harmless notices from the driver's copy of the workers' output (:data:`SKIPPED_WORKER_LINES`):
+
+    * Ray Train's placement-group cleaner asks the state API, which needs the dashboard packages of
+      ``ray[default]``, about the controller every second and, without them, says it could not, every second;
+    * Ray Train 2.60's controller starts a ``PreemptionWatcher`` actor and Ray core logs, at level E, that its
+      constructor arguments live in the object store (the actor is restartable; nothing failed).
+
+    Only these lines are dropped (every other line of every level still reaches the terminal). Ray reads the
+    skip pattern (``RAY_DEDUP_LOGS_SKIP_REGEX``; one set by the user wins) when it is imported."""
     os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", SKIPPED_WORKER_LINES)
     try:  # Ray imported already (tests): its deduplicators hold the pattern they read then
         from ray._private import ray_logging
@@ -196,13 +221,31 @@ def _skip_state_api_warnings() -> None:
         pass
 
 
+class _DropTokenAuthNotice(logging.Filter):
+    """Drops Ray's warning that token authentication is on (:data:`SKIPPED_DRIVER_NOTICE`), and nothing else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(SKIPPED_DRIVER_NOTICE)
+
+
+def _quiet_token_auth_notice() -> None:
+    """Ray 2.60 turns token authentication on for every local Ray it starts and, with ``RAY_AUTH_MODE`` unset,
+    warns on the driver's terminal that it did, every time: a notice, not a problem (the secure default). Setting
+    the variable instead would skip Ray's refresh of its cached settings in a process that imported Ray already
+    (its GCS would then refuse this driver), so the one message is filtered from Ray's logger."""
+    target = logging.getLogger(TOKEN_AUTH_LOGGER)
+    if not any(isinstance(item, _DropTokenAuthNotice) for item in target.filters):
+        target.addFilter(_DropTokenAuthNotice())
+
+
 class RaySession:
     """``ray.init`` as ``address`` says (``ray.address``: ``""``, ``"auto"``, ``host:port``, ``ray://host:port``); a
     local Ray started here gets ``num_cpus``. ``close`` shuts down only what this session started or joined;
     ``description`` says which Ray it is."""
 
     def __init__(self, address: str, num_cpus: int, log: Callable[[str], None]):
-        _skip_state_api_warnings()
+        _skip_harmless_lines()
+        _quiet_token_auth_notice()
         import ray
 
         self.owned = False
@@ -255,13 +298,23 @@ def require_ray_train(command: str) -> None:
 def wants_gpu(use_gpu: bool, device: str, workers: int) -> bool:
     """One GPU per worker when ``use_gpu`` is true or ``device`` is ``cuda...``, or when ``device`` is ``auto`` and the
     cluster has at least one GPU per worker; never when ``device`` is ``cpu`` (and ``use_gpu`` false). Needs Ray
-    connected."""
+    connected.
+
+    Raises:
+        ConfigError: GPUs are asked for but the cluster has fewer than one per worker (naming both).
+    """
+    import ray
+
     if use_gpu or device.startswith("cuda"):
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if gpus < workers:  # Ray would wait for them forever, asking every minute
+            asked = "ray.use_gpu = true" if use_gpu else f"device = {device!r}"
+            raise ConfigError(f"{asked} asks for one GPU per worker ({workers}) but the Ray cluster has {gpus:g} "
+                              "GPU(s); expected device auto or cpu, or a cluster with the GPUs (an autoscaling "
+                              "one: start its GPU nodes first)")
         return True
     if device != "auto":
         return False
-    import ray
-
     return ray.cluster_resources().get("GPU", 0) >= workers
 
 
@@ -328,9 +381,49 @@ def _rank_entry(loop_config: dict) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = str(ray.train.torch.get_device()) if loop_config["use_gpu"] else "cpu"  # the GPU Ray gave it
     where = f" (on the Ray worker of rank {rank}, node {ray.util.get_node_ip_address()})"
-    payload = json_safe(loop_config["rank_fn"](rank, world_size, device, where, *loop_config["args"]))
+    result_uri = loop_config["result_uri"]
+    if any(_read_text(_error_uri(result_uri, other)) is not None for other in range(world_size)):
+        return  # a restart after a user error of this job: trying again cannot help; the driver raises it
+    try:
+        payload = json_safe(loop_config["rank_fn"](rank, world_size, device, where, *loop_config["args"]))
+    except tuple(RAISED_AS_THEIR_TYPE.values()) as error:  # the request does not fit: not Ray's to retry
+        _write_text(_error_uri(result_uri, rank), json.dumps({"type": type(error).__name__, "message": str(error)}))
+        if not _all_ranks_ended(world_size, USER_ERROR_WAIT_S):
+            raise  # a peer still works (or waits in a collective): Ray stops the group; its restart returns at once
+        return
+    _all_ranks_ended(world_size, 0.0)
     if rank == 0:
-        _write_text(loop_config["result_uri"], json.dumps(payload, sort_keys=True))
+        _write_text(result_uri, json.dumps(payload, sort_keys=True))
+
+
+def _error_uri(result_uri: str, rank: int) -> str:
+    """Where the worker of ``rank`` records the user error that stopped it, beside the result file."""
+    return f"{result_uri.rsplit('/', 1)[0]}/{ERROR_PREFIX}{rank}.json"
+
+
+def _all_ranks_ended(world_size: int, timeout_s: float) -> bool:
+    """Count this rank as ended (its function returned or raised a user error) in the process group's store, and
+    wait up to ``timeout_s`` for every rank to have; whether they all have. ``False`` without a store."""
+    from torch.distributed import distributed_c10d
+
+    try:
+        store = distributed_c10d._get_default_store()
+        store.add(ENDED_KEY, 1)
+        deadline = time.monotonic() + timeout_s
+        while store.add(ENDED_KEY, 0) < world_size:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
+    except Exception:  # no process group, or a torch without the helper
+        return False
+
+
+def _rank_errors(result_uri: str, workers: int) -> Optional[Exception]:
+    """The user error a worker recorded (:func:`mcdist.runners.spawned.rank_error` of their reports), if any."""
+    reports = [json.loads(text) for text in (_read_text(_error_uri(result_uri, rank)) for rank in range(workers))
+               if text is not None]
+    return rank_error(reports)
 
 
 def unique_run_name(prefix: str) -> str:
@@ -401,7 +494,8 @@ def run_on_ray(rank_fn: Callable[..., dict], *args, workers: int, what: str, nam
         say(f"ray: {describe or what} on {workers} worker(s), {'1 GPU' if gpus else 'no GPU'} + {cpus_per_worker} "
             f"CPU each, {backend}; run {storage.rstrip('/')}/{name}")
         result_uri = f"{storage.rstrip('/')}/{name}/{RESULT_NAME}"
-        _delete(result_uri)  # a previous job's, under the same name
+        for uri in [result_uri] + [_error_uri(result_uri, rank) for rank in range(workers)]:
+            _delete(uri)  # a previous job's, under the same name
         loop_config = {"rank_fn": rank_fn, "args": list(args), "use_gpu": gpus, "result_uri": result_uri}
         trainer = TorchTrainer(_rank_entry, train_loop_config=loop_config,
                                scaling_config=_scaling_config(workers, gpus, cpus_per_worker),
@@ -410,8 +504,14 @@ def run_on_ray(rank_fn: Callable[..., dict], *args, workers: int, what: str, nam
         try:
             result = trainer.fit()
         except Exception as error:  # TrainingFailedError: the workers' error is in the message
+            user_error = _rank_errors(result_uri, workers)
+            if user_error is not None:  # a rank found the request does not fit: its one line, as locally
+                raise user_error from None
             after = f" (after up to {failures_label} = {max_failures} restarts)" if failures_label else ""
             raise RuntimeError(f"the Ray run {name!r} failed{after}: {error}") from error
+        user_error = _rank_errors(result_uri, workers)
+        if user_error is not None:
+            raise user_error
         if getattr(result, "error", None) is not None:  # older Rays return the error instead of raising it
             raise RuntimeError(f"the Ray run {name!r} failed: {result.error}")
         text = _read_text(result_uri)

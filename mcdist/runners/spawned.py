@@ -25,7 +25,7 @@ from mcdist.parallel.failure import PEER_ERROR_PREFIX, PeerFailure, guarded
 from mcdist.parallel.spawn import spawn
 from mcdist.runners.problems import check_count, unpack
 
-__all__ = ["RAISED_AS_THEIR_TYPE", "raise_rank_error", "run_spawned"]
+__all__ = ["RAISED_AS_THEIR_TYPE", "raise_rank_error", "rank_error", "run_spawned"]
 
 RESULT_FILE = "result.json"
 # errors a spawned rank reports by type and message, raised again in the caller as if the rank ran in-process
@@ -46,19 +46,27 @@ def _rank_entry(rank: int, world_size: int, rank_fn: Callable[..., dict], args: 
         write_text_atomic(os.path.join(folder, RESULT_FILE), json.dumps(payload))
 
 
+def rank_error(reports: list[dict]) -> Optional[Exception]:
+    """The first rank's own error (not a peer's report of it) among ranks' ``{"type", "message"}`` reports, as
+    its type when that is one of :data:`RAISED_AS_THEIR_TYPE`; ``None`` when there is none of those types."""
+    own = [report for report in reports if report["type"] != PeerFailure.__name__] or list(reports)
+    own.sort(key=lambda report: report["message"].startswith(PEER_ERROR_PREFIX))  # the rank with the cause first
+    if own and own[0]["type"] in RAISED_AS_THEIR_TYPE:
+        return RAISED_AS_THEIR_TYPE[own[0]["type"]](own[0]["message"])
+    return None
+
+
 def raise_rank_error(folder: str, failure: BaseException) -> None:
-    """Raise the first rank's own error (not a peer's report of it) from the ``error-<rank>.json`` files in
-    ``folder``, as its type when that is one of :data:`RAISED_AS_THEIR_TYPE`; else return (the caller raises
-    ``failure``)."""
+    """Raise :func:`rank_error` of the ``error-<rank>.json`` files in ``folder``; return when there is none (the
+    caller raises ``failure``)."""
     reports = []
     for name in sorted(os.listdir(folder)):
         if name.startswith("error-"):
             with open(os.path.join(folder, name), encoding="utf-8") as handle:
                 reports.append(json.load(handle))
-    own = [report for report in reports if report["type"] != PeerFailure.__name__] or reports
-    own.sort(key=lambda report: report["message"].startswith(PEER_ERROR_PREFIX))  # the rank with the cause first
-    if own and own[0]["type"] in RAISED_AS_THEIR_TYPE:
-        raise RAISED_AS_THEIR_TYPE[own[0]["type"]](own[0]["message"]) from failure
+    error = rank_error(reports)
+    if error is not None:
+        raise error from failure
 
 
 def run_spawned(rank_fn: Callable[..., dict], nprocs: int, *args, what: str, timeout_s: Optional[float] = 600.0,

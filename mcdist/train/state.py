@@ -54,13 +54,14 @@ import socket
 import sys
 import time
 import uuid
+import warnings
 from typing import Optional
 
 import numpy as np
 import torch
 
-from mcdist.checkpoint import (CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, CheckpointError, _fsync_path, mcdist_version,
-                               save_model, weight_files)
+from mcdist.checkpoint import (CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, CheckpointError, fsync_path, load_model,
+                               mcdist_version, save_model, weight_files)
 from mcdist.config import ConfigError, ModelConfig, RunConfig
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -256,17 +257,17 @@ def replace_folder(tmp: str, final: str) -> None:
     parent = os.path.dirname(os.path.abspath(final))
     if not os.path.lexists(final):
         os.rename(tmp, final)
-        _fsync_path(parent, directory=True)
+        fsync_path(parent, directory=True)
         return
     if _exchange(tmp, final):
-        _fsync_path(parent, directory=True)
+        fsync_path(parent, directory=True)
         shutil.rmtree(tmp, ignore_errors=True)  # now the old folder
         return
     backup = os.path.join(parent, f"{REPLACED_PREFIX}{os.path.basename(final)}-{uuid.uuid4().hex[:8]}")
     os.rename(final, backup)
-    _fsync_path(parent, directory=True)
+    fsync_path(parent, directory=True)
     os.rename(tmp, final)  # a kill between the two renames: recover_replaced puts the backup back
-    _fsync_path(parent, directory=True)
+    fsync_path(parent, directory=True)
     shutil.rmtree(backup, ignore_errors=True)
 
 
@@ -293,7 +294,7 @@ def recover_replaced(root: str | os.PathLike, only: Optional[str] = None) -> lis
             shutil.rmtree(backup, ignore_errors=True)
             continue
         os.rename(backup, target)
-        _fsync_path(root, directory=True)
+        fsync_path(root, directory=True)
         print(f"mcdist: restored {target} from {backup}: a replacement of it was interrupted before the new "
               "folder was in place", file=sys.stderr, flush=True)
         restored.append(target)
@@ -364,7 +365,7 @@ def save_training_checkpoint(root: str | os.PathLike, step: int, *, model: torch
         manifest = {"step": step, "files": files, "format_version": STATE_FORMAT_VERSION,
                     "mcdist_version": mcdist_version(), "run_id": run_id}
         write_manifest(tmp, manifest)
-        _fsync_path(tmp, directory=True)
+        fsync_path(tmp, directory=True)
         replace_folder(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -663,8 +664,14 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     """Restore what :func:`rng_state` returned (CUDA states only where this process has the devices)."""
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved_cuda = state.get("cuda") or []
+    devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if saved_cuda and len(saved_cuda) == devices:
+        torch.cuda.set_rng_state_all(saved_cuda)
+    elif saved_cuda:  # not silent: dropout-free models are unaffected, but random draws on CUDA now differ
+        warnings.warn(f"the checkpoint holds the RNG states of {len(saved_cuda)} CUDA device(s), this process sees "
+                      f"{devices}: the CUDA RNG states are not restored, so CUDA random draws after this resume "
+                      "differ from an uninterrupted run", RuntimeWarning, stacklevel=2)
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     numpy_state = state["numpy"]
@@ -728,8 +735,6 @@ def check_compatible(path: str, saved: RunConfig, current: RunConfig, *, saved_d
 
 def load_model_weights(path: str | os.PathLike, model: torch.nn.Module) -> None:
     """Fill ``model`` (any device/wrapping) from the checkpoint's ``model.safetensors``, verified."""
-    from mcdist.checkpoint import load_model
-
     loaded, _ = load_model(path, map_location="cpu")
     target = model.state_dict()
     source = loaded.state_dict()
@@ -788,13 +793,11 @@ def export_checkpoint(source: str | os.PathLike, destination: str | os.PathLike,
                 except OSError:  # another file system, or no hard links: copy
                     shutil.copy2(os.path.join(source, name), os.path.join(tmp, name))
         else:
-            from mcdist.checkpoint import load_model
-
             model, config = load_model(source, map_location="cpu")
             if dtype is not None:
                 model = model.to(dtype)
             save_model(model, config, tmp, **({} if max_shard_size is None else {"max_shard_size": max_shard_size}))
-        _fsync_path(tmp, directory=True)
+        fsync_path(tmp, directory=True)
         replace_folder(tmp, destination)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

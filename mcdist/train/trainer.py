@@ -45,7 +45,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from mcdist.checkpoint import CheckpointError
+from mcdist.checkpoint import CheckpointError, load_model
 from mcdist.config import ConfigError, RunConfig, write_text_atomic
 from mcdist.data.mqar import IGNORE_INDEX
 from mcdist.device import autocast_for, resolve_device
@@ -175,8 +175,6 @@ def build_optimizer(model: torch.nn.Module, cfg, mesh: Mesh, device: torch.devic
 
 def _saved_weights(path: str) -> dict:
     """The full weights of a checkpoint folder (training or weights-only), on the CPU, verified."""
-    from mcdist.checkpoint import load_model
-
     return load_model(path, map_location="cpu")[0].state_dict()
 
 
@@ -317,15 +315,18 @@ def resolve_resume(run_config: RunConfig, callbacks: TrainCallbacks) -> Optional
     """The checkpoint folder to resume from, or ``None`` for a fresh start (see ``train.resume``).
 
     Raises:
-        CheckpointError: the chosen or latest checkpoint is corrupt or incomplete (naming it), or
+        CheckpointError: the chosen or latest checkpoint is corrupt or incomplete (naming it; with
+            ``train.resume = 'auto'`` out_dir's latest is checked even when a callback names the checkpoint), or
             ``train.resume = 'never'`` while ``out_dir`` already holds checkpoints (they would be mixed with the
             new run's and pruned by step number).
     """
     cfg = run_config.train
     override = callbacks.resume_from()
-    if override:
-        return ckpt.find_checkpoint(override)
     root = ckpt.checkpoints_dir(cfg.out_dir)
+    if override:
+        if cfg.resume == "auto":  # a damaged latest checkpoint in out_dir is refused, not passed over for the
+            ckpt.latest_checkpoint(root)  # override (Ray's copy of an earlier one)
+        return ckpt.find_checkpoint(override)
     if cfg.resume == "never":
         existing = ckpt.step_dirs(root)
         if existing:
@@ -657,9 +658,13 @@ def launch_local(config: RunConfig, nprocs: Optional[int] = None, *, callbacks: 
     if world == 1:
         return run_training(config, callbacks=callbacks)
     check_run(config)  # fail here, once, rather than in every process
+    device = resolve_device(config.train.device)  # a CUDA device that is not there: refused here, naming why
     backend = config.parallel.backend
     if backend == "auto":
-        backend = "nccl" if resolve_device(config.train.device).type == "cuda" else "gloo"
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and not dist.is_nccl_available():
+        raise ConfigError(f"parallel.backend = 'nccl' but this torch ({torch.__version__}) has no NCCL; expected "
+                          "gloo or auto, or a CUDA build of torch")
     return run_spawned(train_rank, world, config.to_dict(), callbacks, what="training", timeout_s=timeout_s,
                        backend=backend, collective_timeout_s=config.parallel.timeout_s,
                        threads_per_rank=max(1, (os.cpu_count() or 1) // world))

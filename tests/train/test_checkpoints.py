@@ -475,3 +475,14 @@ def test_a_run_saved_before_run_ids_resumes_and_resumes_again(two_steps, tmp_pat
     assert run_training(tiny(out, "train.steps=3"))["step"] == 3
     assert run_training(tiny(out, "train.steps=4"))["step"] == 4
     assert [step for step, _ in losses(out)] == [1, 2, 3, 4]
+
+
+def test_cuda_rng_states_that_cannot_be_restored_are_not_dropped_silently():
+    """A checkpoint written on CUDA devices, resumed where their count differs: the CPU states come back and a
+    warning says the CUDA ones could not (random draws on CUDA would differ from an uninterrupted run)."""
+    state = ckpt.rng_state()
+    expected = torch.rand(3)
+    state["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * (torch.cuda.device_count() + 1)
+    with pytest.warns(RuntimeWarning, match="CUDA RNG states are not restored"):
+        ckpt.set_rng_state(state)
+    assert torch.equal(torch.rand(3), expected)

@@ -81,7 +81,7 @@ def cached_read_backward(grad_out, grad_lse, z, u, states, contexts, out, lse, *
 
     def kernel():
         module = kernel_module("cached_read")
-        module._check_args(z, u, states, contexts, selected, segment_len, query_offset, segment_offset)
+        module.check_args(z, u, states, contexts, selected, segment_len, query_offset, segment_offset)
         return torch.ops.mcdist.cached_read_triton_backward(
             grad_out, grad_lse, z, u, states, contexts, selected, out.to(torch.float32), lse.to(torch.float32),
             int(segment_len), float(gate_scale), int(query_offset), int(segment_offset))

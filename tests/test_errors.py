@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from checks import import_optional
 from mcdist import cli
 from mcdist.config import ConfigError
 from mcdist.device import resolve_device
@@ -233,7 +234,7 @@ def test_only_rays_harmless_notices_are_filtered():
     import logging
     import re
 
-    pytest.importorskip("ray")
+    import_optional("ray", "ray")
     from mcdist.runners import ray as ray_runner
 
     pattern = re.compile(ray_runner.SKIPPED_WORKER_LINES)

@@ -3,12 +3,13 @@ rank 1 of a two-worker sp = 2 Ray Train run SIGKILLs itself after step 3; Ray re
 from the checkpoint of step 2 (taking over the dead rank 0's lock) and end with the losses of the spawned
 launcher's uninterrupted sp = 2 run."""
 
-import sys
 
 import pytest
 
-ray = pytest.importorskip("ray")  # the ray extra (make setup installs it)
-pytest.importorskip("ray.train")
+from checks import import_optional
+
+ray = import_optional("ray", "ray")  # skipped only when ray is not installed; a broken install fails
+import_optional("ray.train", "ray")
 
 import fault_injection as fi  # noqa: E402
 from mcdist.train.ray_job import train_with_ray  # noqa: E402

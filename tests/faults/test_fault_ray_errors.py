@@ -7,37 +7,27 @@ import sys
 import time
 
 import pytest
-import torch.distributed as dist
 
-ray = pytest.importorskip("ray")  # the ray extra (make setup installs it)
-pytest.importorskip("ray.train")
+from checks import import_optional
+
+ray = import_optional("ray", "ray")  # skipped only when ray is not installed; a broken install fails
+import_optional("ray.train", "ray")
 
 import fault_injection as fi  # noqa: E402
+import test_errors  # noqa: E402  (tests/ is on sys.path, as for checks)
+from test_errors import RaiseOnRank  # noqa: E402
 from mcdist import cli  # noqa: E402
 from mcdist.checkpoint import CheckpointError  # noqa: E402
 from mcdist.config import ConfigError  # noqa: E402
 from mcdist.train import state as ckpt  # noqa: E402
 from mcdist.train.ray_job import train_with_ray  # noqa: E402
-from mcdist.train.trainer import TrainCallbacks  # noqa: E402
 
 RAY = ["parallel.sp=2", "train.checkpoint_every=2", "ray.workers=2", "ray.max_failures=2"]
 
 
-class RaiseOnRank(TrainCallbacks):
-    """Raise ``ValueError(message)`` on ``rank`` at its first metrics record; the other ranks train on."""
-
-    all_ranks = True
-
-    def __init__(self, rank: int, message: str):
-        self.rank, self.message = rank, message
-
-    def on_metrics(self, metrics: dict) -> None:
-        if dist.get_rank() == self.rank:
-            raise ValueError(self.message)
-
-
 ray.cloudpickle.register_pickle_by_value(fi)  # Ray's workers cannot import the test helpers by name
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+ray.cloudpickle.register_pickle_by_value(test_errors)  # RaiseOnRank travels to the workers by value
 
 
 @pytest.fixture(scope="module")

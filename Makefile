@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	else \
 		$(PYTHON) -m pip install --quiet torch==2.13.0; \
 	fi
-	$(PYTHON) -m pip install --quiet -e '.[dev,ray,triton]'
+	$(PYTHON) -m pip install --quiet -e '.[dev,data,ray,triton]'
 	@touch $(STAMP)
 
 # The main job (docs/launch.md, docs/results.md): a local Ray (or the one `ray start` left running here) trains

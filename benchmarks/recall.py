@@ -1,19 +1,31 @@
-"""MQAR recall by model, length and number of key-value pairs (prints a table, writes JSON and a PNG; not a test).
+"""Recall by model, length and number of key-value pairs, each model at its best learning rate (prints a table,
+writes JSON and a PNG; not a test).
 
     python benchmarks/recall.py [--config examples/main_job.json] [--set section.key=value ...]
-                                [--models attention,none,residual,grm,soup,ssc] [--seq-lens 128,256]
-                                [--pairs 6,16] [--seeds 0,1,2] [--out benchmarks/results/recall.json]
+                                [--models attention,none,residual,grm,soup,ssc,titans:none,titans:grm]
+                                [--task mqar|passkey] [--seq-lens 128,256] [--pairs 6,16] [--cells 64:8,128:16]
+                                [--seeds 0,1,2] [--lrs 1e-3,3e-3,1e-2] [--sweep each|first]
+                                [--out benchmarks/results/recall.json]
                                 [--plot benchmarks/results/recall.png] [--toy]
 
-Every cell (model × seq_len × pairs × seed) is one training run of the real trainer
-(:func:`mcdist.train.trainer.run_training`) in this process (sp = dp = 1, one thread), from the config with the
-model's overrides (those of ``mcdist compare``: :func:`mcdist.train.compare.model_overrides`) and
-``train.seq_len``, ``train.num_kv_pairs``, ``train.seed`` of the cell; the score is the trainer's last evaluation
-(query accuracy on held-out batches). The JSON is rewritten after every cell, and a rerun with the same
-arguments skips the cells it already holds (resumable); a cell run under a different config is run again.
-The plot has one panel per pair count: accuracy against length per model, the mean over seeds with the
-lowest and highest seed as a band. ``--toy`` is a tiny model and two steps (seconds; for tests).
-docs/results.md has the runs behind make run's recipe (the default grid itself takes hours on 2 CPU cores).
+Every run is one training run of the real trainer (:func:`mcdist.train.trainer.run_training`) in this process
+(sp = dp = 1, one thread), from the config with the model's overrides (those of ``mcdist compare``:
+:func:`mcdist.train.compare.model_overrides`; ``titans:grm`` also sets the memory, a plain aggregation keeps the
+config's) and ``train.seq_len``, ``train.num_kv_pairs``, ``train.seed``, ``train.lr`` of the run; its score is
+the trainer's last evaluation (query accuracy on held-out batches). A task cell is one (length, pairs): the
+product of ``--seq-lens`` and ``--pairs``, or the ``--cells`` listed (``L:n``; passkey: ``--seq-lens`` only).
+
+The learning-rate sweep: in each cell (``--sweep first``: in the first cell only) each model first trains on the
+first seed at every rate of ``--lrs``; the best (highest accuracy, then lowest evaluation loss, then the lower
+rate) is its rate there (``first``: in every cell), and the other seeds train at it. Every sweep runs before any
+further seed, so a study stopped early has every model at every rate on one seed. A run whose loss diverges (the
+trainer's FloatingPointError) is kept as ``diverged`` and ranks last; a seed that diverges at the chosen rate is
+left out of the mean and listed; when every rate of a sweep diverges the study stops with exit status 1. The
+JSON is rewritten after every run, and a rerun with the same arguments skips the runs it already holds
+(resumable); a run under a different config is trained again. The plot has one panel
+per pair count (accuracy against length per model at its rate, the mean over seeds and the lowest and highest
+seed as a band) and, with several pair counts, one per length against the pairs. ``--toy`` is a tiny model and
+two steps (seconds; for tests). docs/results.md has the study's commands and tables.
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -29,13 +42,15 @@ import time
 import torch
 
 from mcdist.config import ConfigError, RunConfig, write_text_atomic
+from mcdist.train.checks import check_run
 from mcdist.train.compare import model_overrides, parse_model_names
 from mcdist.train.trainer import run_training
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples", "main_job.json")
 TOY = ["model.vocab_size=32", "model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.segment_len=8",
-       "model.chunk_len=4", "train.batch_size=2", "train.steps=2", "train.warmup_steps=1", "train.eval_every=2",
-       "train.eval_batches=1", "train.log_every=1"]
+       "model.chunk_len=4", "model.minibatch_len=4", "train.batch_size=2", "train.steps=2", "train.warmup_steps=1",
+       "train.eval_every=2", "train.eval_batches=1", "train.log_every=1"]
+TASKS = ("mqar", "passkey")
 
 
 def _int_list(text: str, option: str, minimum: int = 1) -> list[int]:
@@ -49,123 +64,259 @@ def _int_list(text: str, option: str, minimum: int = 1) -> list[int]:
     return values
 
 
-def cell_key(model: str, seq_len: int, pairs: int, seed: int) -> str:
-    """The name of one cell in the JSON, e.g. ``grm/L128/n6/s0``."""
-    return f"{model}/L{seq_len}/n{pairs}/s{seed}"
+def _lr_list(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or any(not math.isfinite(v) or v <= 0 for v in values) or len(set(values)) != len(values):
+        raise ConfigError(f"--lrs = {text!r} is invalid; expected a comma-separated list of distinct positive numbers "
+                          "such as 1e-3,3e-3,1e-2")
+    return values
 
 
-def cell_run(base: RunConfig, model: str, seq_len: int, pairs: int, seed: int, out_dir: str) -> RunConfig:
-    """The run of one cell: ``base`` with the model's overrides and the cell's task size and seed."""
-    return base.with_overrides(model_overrides(model) + [
-        f"train.seq_len={seq_len}", f"train.num_kv_pairs={pairs}", f"train.seed={seed}", "parallel.sp=1",
-        "parallel.dp=1", "train.progress=false", "train.checkpoint_every=0", "train.resume=never",
-        f"train.out_dir={out_dir}"])
+def _cell_list(text: str) -> list[tuple[int, int]]:
+    cells = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        length, _, pairs = part.partition(":")
+        try:
+            cell = (int(length), int(pairs))
+        except ValueError:
+            cell = (0, 0)
+        if min(cell) < 1 or cell in cells:
+            cells = []
+            break
+        cells.append(cell)
+    if not cells:
+        raise ConfigError(f"--cells = {text!r} is invalid; expected distinct length:pairs items such as 64:8,128:16")
+    return cells
+
+
+def group_key(model: str, seq_len: int, pairs) -> str:
+    """The name of one model in one task cell, e.g. ``grm/L128/n6`` (passkey: ``grm/L128/passkey``)."""
+    return f"{model}/L{seq_len}/" + ("passkey" if pairs is None else f"n{pairs}")
+
+
+def cell_key(model: str, seq_len: int, pairs, seed: int, lr: float) -> str:
+    """The name of one run in the JSON, e.g. ``grm/L128/n6/s0/lr0.003``."""
+    return f"{group_key(model, seq_len, pairs)}/s{seed}/lr{lr:g}"
+
+
+def cell_run(base: RunConfig, model: str, seq_len: int, pairs, seed: int, lr: float, out_dir: str) -> RunConfig:
+    """One run: ``base`` with the model's overrides and the cell's task size, seed and learning rate."""
+    task = ["train.task=passkey"] if pairs is None else ["train.task=mqar", f"train.num_kv_pairs={pairs}"]
+    return base.with_overrides(model_overrides(model) + task + [
+        f"train.seq_len={seq_len}", f"train.seed={seed}", f"train.lr={lr!r}", "parallel.sp=1", "parallel.dp=1",
+        "train.progress=false", "train.checkpoint_every=0", "train.resume=never", f"train.out_dir={out_dir}"])
 
 
 def fingerprint(run: RunConfig) -> str:
-    """A hash of what a cell's result depends on (the model and training sections, out_dir left out)."""
+    """A hash of what a run's result depends on (the model and training sections, out_dir left out)."""
     data = run.to_dict()
     data["train"] = {key: value for key, value in data["train"].items() if key != "out_dir"}
     text = json.dumps({"model": data["model"], "train": data["train"]}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def run_cells(base: RunConfig, models, seq_lens, pairs_list, seeds, out_path: str, log=print) -> dict:
-    """Train every cell not already in ``out_path`` (same fingerprint), rewriting the JSON after each."""
+def best_lr(cells: dict, model: str, seq_len: int, pairs, seed: int, lrs) -> float:
+    """The rate of the sweep's best run (highest accuracy, then lowest evaluation loss, then the lower rate); a run
+    whose loss diverged ranks last. Raises RuntimeError when every rate diverged."""
+    def rank(lr):
+        cell = cells[cell_key(model, seq_len, pairs, seed, lr)]
+        if cell.get("diverged"):
+            return (1, 0.0, 0.0, lr)
+        return (0, -cell["eval_accuracy"], cell["eval_loss"], lr)
+    best = min(lrs, key=rank)
+    if cells[cell_key(model, seq_len, pairs, seed, best)].get("diverged"):
+        raise RuntimeError(f"{group_key(model, seq_len, pairs)}: the loss diverged at every rate of {list(lrs)}; "
+                           "expected lower rates in --lrs")
+    return best
+
+
+def run_cells(base: RunConfig, models, groups, seeds, lrs, out_path: str, log=print, sweep: str = "each") -> dict:
+    """Train every run not already in ``out_path`` (same fingerprint), rewriting the JSON after each: first each
+    model's sweep over ``lrs`` on ``seeds[0]`` in every task cell of ``groups`` ((seq_len, pairs or None); with
+    ``sweep = "first"`` in the first cell only, its best rate then holding in every cell), then the other seeds
+    (every seed, in the cells not swept) at each model's rate."""
     results = {"cells": {}}
     if os.path.exists(out_path):
         with open(out_path, encoding="utf-8") as handle:
             results = json.load(handle)
     cells = results.setdefault("cells", {})
+    chosen = results.setdefault("best_lr", {})
+    swept = groups if sweep == "each" else groups[:1]
+    total = len(models) * (len(swept) * (len(lrs) - 1) + len(groups) * len(seeds))
+    done = [0]
+
+    def train(scratch, model, seq_len, pairs, seed, lr):
+        done[0] += 1
+        key = cell_key(model, seq_len, pairs, seed, lr)
+        run = cell_run(base, model, seq_len, pairs, seed, lr, os.path.join(scratch, key.replace("/", "-")))
+        stamp = fingerprint(run)
+        if cells.get(key, {}).get("fingerprint") == stamp:
+            return
+        started = time.perf_counter()
+        try:
+            trained = run_training(run)
+        except FloatingPointError as error:  # a rate too high for this model: a result of the sweep, kept
+            trained = {"eval_accuracy": None, "eval_loss": None, "loss": None, "diverged": str(error)}
+        cells[key] = {"model": model, "seq_len": seq_len, "num_kv_pairs": pairs, "seed": seed, "lr": lr,
+                      "task": run.train.task, "eval_accuracy": trained["eval_accuracy"],
+                      "eval_loss": trained["eval_loss"], "train_loss": trained["loss"],
+                      "seconds": time.perf_counter() - started, "num_params": trained.get("num_params"),
+                      "fingerprint": stamp}
+        if "diverged" in trained:
+            cells[key]["diverged"] = trained["diverged"]
+        write_text_atomic(out_path, json.dumps(results, indent=1, sort_keys=True) + "\n")
+        if log:
+            score = "diverged" if "diverged" in trained else f"accuracy {trained['eval_accuracy']:.3f}"
+            log(f"[{done[0]}/{total}] {key:<30} {score}  ({cells[key]['seconds']:.0f} s)")
+
     with tempfile.TemporaryDirectory(prefix="mcdist-recall-") as scratch:
-        for pairs in pairs_list:
-            for seq_len in seq_lens:
-                for model in models:
-                    for seed in seeds:
-                        key = cell_key(model, seq_len, pairs, seed)
-                        run = cell_run(base, model, seq_len, pairs, seed, os.path.join(scratch, key.replace("/", "-")))
-                        stamp = fingerprint(run)
-                        if cells.get(key, {}).get("fingerprint") == stamp:
-                            continue
-                        started = time.perf_counter()
-                        trained = run_training(run)
-                        cells[key] = {"model": model, "seq_len": seq_len, "num_kv_pairs": pairs, "seed": seed,
-                                      "eval_accuracy": trained["eval_accuracy"], "eval_loss": trained["eval_loss"],
-                                      "train_loss": trained["loss"], "seconds": time.perf_counter() - started,
-                                      "num_params": trained.get("num_params"), "fingerprint": stamp}
-                        write_text_atomic(out_path, json.dumps(results, indent=1, sort_keys=True) + "\n")
-                        if log:
-                            log(f"{key:<22} accuracy {trained['eval_accuracy']:.3f}  "
-                                f"({cells[key]['seconds']:.0f} s)")
+        for seq_len, pairs in swept:
+            for model in models:
+                for lr in lrs:
+                    train(scratch, model, seq_len, pairs, seeds[0], lr)
+                chosen[group_key(model, seq_len, pairs)] = best_lr(cells, model, seq_len, pairs, seeds[0], lrs)
+        for seq_len, pairs in groups[len(swept):]:
+            for model in models:
+                chosen[group_key(model, seq_len, pairs)] = chosen[group_key(model, *groups[0])]
+        write_text_atomic(out_path, json.dumps(results, indent=1, sort_keys=True) + "\n")
+        for index, (seq_len, pairs) in enumerate(groups):
+            for model in models:
+                for seed in seeds[1:] if index < len(swept) else seeds:
+                    train(scratch, model, seq_len, pairs, seed, chosen[group_key(model, seq_len, pairs)])
     write_text_atomic(out_path, json.dumps(results, indent=1, sort_keys=True) + "\n")
     return results
 
 
-def summary(cells: dict, models, seq_lens, pairs_list, seeds) -> dict:
-    """{pairs: {model: {seq_len: [accuracy per seed]}}} of the requested cells."""
-    return {pairs: {model: {seq_len: [cells[cell_key(model, seq_len, pairs, seed)]["eval_accuracy"]
-                                      for seed in seeds] for seq_len in seq_lens} for model in models}
-            for pairs in pairs_list}
+def summary(results: dict, models, groups, seeds) -> dict:
+    """{group key: {"lr", "accuracy" (per seed, at the model's rate), "mean", "spread" (max − min), "diverged"
+    (seeds whose loss diverged at that rate: left out of the mean and spread), "num_params"}}."""
+    table = {}
+    for seq_len, pairs in groups:
+        for model in models:
+            group = group_key(model, seq_len, pairs)
+            lr = results["best_lr"][group]
+            runs = [results["cells"][cell_key(model, seq_len, pairs, seed, lr)] for seed in seeds]
+            accuracy = [run["eval_accuracy"] for run in runs if not run.get("diverged")]
+            diverged = [seed for seed, run in zip(seeds, runs) if run.get("diverged")]
+            table[group] = {"model": model, "seq_len": seq_len, "num_kv_pairs": pairs, "lr": lr, "accuracy": accuracy,
+                            "mean": sum(accuracy) / len(accuracy) if accuracy else None,
+                            "spread": max(accuracy) - min(accuracy) if accuracy else None, "diverged": diverged,
+                            "num_params": next((run.get("num_params") for run in runs if run.get("num_params")), None)}
+    return table
 
 
-def plot(table: dict, seq_lens, path: str) -> None:
-    """One panel per pair count: mean accuracy over seeds against seq_len, min-max band, one line per model."""
+def plot(table: dict, models, groups, path: str) -> None:
+    """Accuracy against length, one panel per pair count; with several pair counts, also against the pairs, one
+    panel per length. Mean over seeds, min–max band, one line per model."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(table), figsize=(4.5 * len(table), 3.6), squeeze=False)
-    for axis, (pairs, by_model) in zip(axes[0], table.items()):
-        for model, by_length in by_model.items():
-            runs = [by_length[length] for length in seq_lens]
-            mean = [sum(values) / len(values) for values in runs]
-            line, = axis.plot(seq_lens, mean, marker="o", label=model)
-            axis.fill_between(seq_lens, [min(v) for v in runs], [max(v) for v in runs], color=line.get_color(),
-                              alpha=0.15)
-        axis.set_xscale("log", base=2)
-        axis.set_xticks(seq_lens, [str(length) for length in seq_lens])
+    pair_counts = sorted({pairs for _, pairs in groups}, key=lambda n: -1 if n is None else n)
+    lengths = sorted({seq_len for seq_len, _ in groups})
+    panels = [("length", pairs) for pairs in pair_counts]
+    if len(pair_counts) > 1:
+        panels += [("pairs", seq_len) for seq_len in lengths]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    for axis, (along, fixed) in zip(axes[0], panels):
+        for model in models:
+            rows = [row for row in table.values() if row["model"] == model and row["accuracy"]
+                    and (row["num_kv_pairs"] if along == "length" else row["seq_len"]) == fixed]
+            rows.sort(key=lambda row: row["seq_len"] if along == "length" else row["num_kv_pairs"])
+            if not rows:
+                continue
+            xs = [row["seq_len"] if along == "length" else row["num_kv_pairs"] for row in rows]
+            line, = axis.plot(xs, [row["mean"] for row in rows], marker="o", label=model)
+            axis.fill_between(xs, [min(row["accuracy"]) for row in rows], [max(row["accuracy"]) for row in rows],
+                              color=line.get_color(), alpha=0.15)
+        if along == "length":
+            axis.set_xscale("log", base=2)
+            axis.set_xticks(lengths, [str(length) for length in lengths])
+            axis.set_xlabel("sequence length")
+            axis.set_title("passkey retrieval" if fixed is None else f"{fixed} key-value pairs")
+        else:
+            axis.set_xlabel("key-value pairs")
+            axis.set_title(f"length {fixed}")
         axis.set_ylim(0, 1.02)
-        axis.set_xlabel("sequence length")
-        axis.set_ylabel("MQAR query accuracy")
-        axis.set_title(f"{pairs} key-value pairs")
+        axis.set_ylabel("query accuracy")
         axis.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8)
+    axes[0][-1].legend(fontsize=7)
     figure.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    handle, temporary = tempfile.mkstemp(prefix=".recall-", suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
+    os.close(handle)
+    try:  # crash-safe: a complete PNG or the previous one
+        figure.savefig(temporary, dpi=110, format="png")
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
+        os.chmod(temporary, 0o644)  # mkstemp makes it private
+        os.replace(temporary, path)
+    finally:
+        plt.close(figure)
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help="the RunConfig of every cell (default: "
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="the RunConfig of every run (default: "
                                                                  "examples/main_job.json)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--models", default="attention,none,residual,grm,soup,ssc")
+    parser.add_argument("--task", default="mqar", help=f"one of {list(TASKS)}")
     parser.add_argument("--seq-lens", default="128,256")
     parser.add_argument("--pairs", default="6,16")
+    parser.add_argument("--cells", default=None, help="length:pairs items instead of --seq-lens × --pairs (mqar)")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--lrs", default=None, help="learning rates of the sweep (default: the config's train.lr)")
+    parser.add_argument("--sweep", default="each", help="sweep the rates in each cell, or in the first only")
     parser.add_argument("--out", default="benchmarks/results/recall.json")
     parser.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
     parser.add_argument("--toy", action="store_true", help="a tiny model, two steps (seconds)")
     args = parser.parse_args(argv)
     try:
         models = parse_model_names(args.models)
-        seq_lens = _int_list(args.seq_lens, "--seq-lens")
-        pairs_list = _int_list(args.pairs, "--pairs")
+        if args.task not in TASKS:
+            raise ConfigError(f"--task = {args.task!r} is invalid; expected one of {list(TASKS)}")
         seeds = _int_list(args.seeds, "--seeds", minimum=0)
         base = RunConfig.load(args.config).with_overrides((TOY if args.toy else []) + args.overrides)
+        lrs = _lr_list(args.lrs) if args.lrs is not None else [base.train.lr]
+        if args.sweep not in ("each", "first"):
+            raise ConfigError(f"--sweep = {args.sweep!r} is invalid; expected 'each' or 'first'")
+        if args.task == "passkey":
+            if args.cells is not None:
+                raise ConfigError("--cells = length:pairs is for mqar; passkey takes --seq-lens only")
+            groups = [(seq_len, None) for seq_len in _int_list(args.seq_lens, "--seq-lens")]
+        elif args.cells is not None:
+            groups = _cell_list(args.cells)
+        else:
+            seq_lens, pairs_list = _int_list(args.seq_lens, "--seq-lens"), _int_list(args.pairs, "--pairs")
+            groups = [(seq_len, pairs) for pairs in pairs_list for seq_len in seq_lens]
+        for seq_len, pairs in groups:  # every run must be able to start before the first one trains
+            for model in models:
+                check_run(cell_run(base, model, seq_len, pairs, seeds[0], lrs[0], "unused"))
     except (ConfigError, FileNotFoundError, ValueError) as error:
         print(f"recall: error: {error}", file=sys.stderr)
         return 2
     torch.set_num_threads(1)
-    results = run_cells(base, models, seq_lens, pairs_list, seeds, args.out)
-    table = summary(results["cells"], models, seq_lens, pairs_list, seeds)
-    plot(table, seq_lens, args.plot or os.path.splitext(args.out)[0] + ".png")
-    for pairs, by_model in table.items():
-        print(f"{pairs} pairs: mean accuracy over seeds {seeds}")
-        for model, by_length in by_model.items():
-            print(f"  {model:<10} " + "  ".join(f"L {length}: {sum(v) / len(v):.3f}" for length, v in by_length.items()))
+    try:
+        results = run_cells(base, models, groups, seeds, lrs, args.out, sweep=args.sweep)
+    except RuntimeError as error:  # every rate of a sweep diverged: the runs so far are in args.out
+        print(f"recall: error: {error}", file=sys.stderr)
+        return 1
+    table = summary(results, models, groups, seeds)
+    results["summary"] = table
+    write_text_atomic(args.out, json.dumps(results, indent=1, sort_keys=True) + "\n")
+    plot(table, models, groups, args.plot or os.path.splitext(args.out)[0] + ".png")
+    print(f"mean accuracy over seeds {seeds} ± half the spread (max − min), each model at its rate from {lrs}")
+    for row in table.values():
+        cell = "passkey" if row["num_kv_pairs"] is None else f"{row['num_kv_pairs']} pairs"
+        score = "diverged" if row["mean"] is None else f"{row['mean']:.3f} ± {row['spread'] / 2:.3f}"
+        extra = f", seeds {row['diverged']} diverged" if row["diverged"] else ""
+        print(f"  L {row['seq_len']:<5} {cell:<9} {row['model']:<12} {score}  (lr {row['lr']:g}{extra})")
     return 0
 
 

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Submit an inference job to a running Ray cluster (one started with `ray up launch/cluster.yaml`):
+# Submit an inference job to a running Ray cluster (one started with `ray up launch/cluster.yaml` or
+# launch/local_cluster.yaml, or `.venv/bin/ray start --head` on this machine):
 #
-#   ray job submit --working-dir . -- python -m mcdist.cli generate --ray [your arguments]
+#   ray job submit --working-dir . -- JOB_PYTHON -m mcdist.cli generate --ray [your arguments]
 #
 #   launch/generate.sh --checkpoint /shared/runs/big/checkpoint --prompt-file /shared/prompts.txt \
 #       --max-new-tokens 256 --sp 4 --device cuda --out /shared/runs/big/generated.jsonl
 #
-# Environment: RAY_ADDRESS and RAY as for launch/submit.sh (which this runs).
+# Environment: RAY_ADDRESS, RAY, JOB_PYTHON and RAY_AUTH_MODE as for launch/submit.sh (which this runs).
 #
 # Every worker loads the checkpoint itself, so it must lie on storage every node mounts at the same path (the
 # same goes for --prompt-file, read by the driver, and --out, written by it: the driver runs on the head).

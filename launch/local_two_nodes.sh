@@ -24,8 +24,8 @@ OUT_DIR=${OUT_DIR:-runs/two_nodes}
 PORT=${PORT:-$("$PYTHON" -c 'from mcdist.parallel.spawn import free_port; print(free_port())')}
 ADDRESS="127.0.0.1:$PORT"
 RAY_TEMP=$(mktemp -d /tmp/mcdist-two-nodes-XXXXXX)
-# `ray start --head` turns on token authentication (Ray 2.60 does) and writes the token to ~/.ray/auth_token;
-# the second node and the driver must present it too.
+# Token authentication, as every head of ours starts (docs/launch.md): with RAY_AUTH_MODE=token `ray start --head`
+# requires the token of ~/.ray/auth_token (made when missing) and the second node and the driver present it.
 export RAY_AUTH_MODE=token
 NODE_OPTIONS=(--num-cpus 1 --disable-usage-stats --object-store-memory 200000000 --block)
 

@@ -10,7 +10,8 @@ Three measurements in float32 with B = 1, timed forward + backward unless said o
    T = 2048 run by the chunked path (median of several runs after a warm-up) and by the token-loop reference
    (``impl="reference"``, timed once). Target: chunked ≥ 50× faster.
 2. ``layer_vs_sdpa``: the MC layer (linear memory, H 2, head dim 64, C 256, chunk 64) for the aggregations none,
-   residual, grm and ssc (top_k 4), against ``scaled_dot_product_attention(is_causal=True)`` on q, k, v
+   residual, grm and ssc (top_k 4), against the attention mixer of the same width (``attention``: the whole
+   layer, as ``model.mixer = "attention"`` builds it) and ``scaled_dot_product_attention(is_causal=True)`` on q, k, v
    [1, H, T, 64] that require grad. The MC time is the whole layer (projections, memory pass, read, output
    gate and projection); the SDPA time is the attention core alone. From the third size on, the time of one
    run is predicted from the two sizes before (power law, exponent clamped to [1, 2]); a forward + backward
@@ -43,6 +44,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from mcdist.attention import AttentionLayer
 from mcdist.config import ModelConfig, write_text_atomic
 from mcdist.layer import MemoryCachingLayer
 
@@ -220,6 +222,12 @@ def make_layer(settings: dict, aggregation: str, memory: str = "linear", seed: i
     return MemoryCachingLayer(config)
 
 
+def make_attention_layer(settings: dict, seed: int = 0) -> AttentionLayer:
+    """The attention baseline mixer (``model.mixer = "attention"``) of the same width and heads."""
+    torch.manual_seed(seed)
+    return AttentionLayer(ModelConfig(d_model=settings["d_model"], n_heads=settings["n_heads"], mixer="attention"))
+
+
 def chunked_vs_reference(settings: dict, log: Callable[[str], None]) -> dict:
     """Chunked path vs token loop of one grm layer with linear memory, forward + backward."""
     s = settings
@@ -243,12 +251,13 @@ def layer_vs_sdpa(settings: dict, sizes: list, quick: bool, max_seconds: float, 
     H, width, B = s["n_heads"], s["d_model"], s["batch"]
     D = width // H
     rows = []
-    history = {name: {"full": [], "forward": []} for name in ("sdpa",) + VARIANTS}
+    names = ("sdpa", "attention") + VARIANTS
+    history = {name: {"full": [], "forward": []} for name in names}
     for T in sizes:
         repeats, warmup = repeats_for(T, quick)
-        for name in ("sdpa",) + VARIANTS:
+        for name in names:
             row = dict(name=name, seq_len=T, batch=B, n_heads=H, head_dim=D)
-            if name != "sdpa":
+            if name not in ("sdpa", "attention"):
                 row.update(segment_len=s["segment_len"], chunk_len=s["chunk_len"], memory="linear")
                 if name == "ssc":
                     row["top_k"] = s["top_k"]
@@ -276,8 +285,8 @@ def layer_vs_sdpa(settings: dict, sizes: list, quick: bool, max_seconds: float, 
             if name == "sdpa":
                 q, k, v = (torch.randn(B, H, T, D, generator=generator).requires_grad_() for _ in range(3))
                 step = sdpa_step(q, k, v, backward)
-            else:
-                layer = make_layer(s, name)
+            else:  # the attention mixer (the whole layer: projections, RoPE, SDPA, output) or an MC layer
+                layer = make_attention_layer(s) if name == "attention" else make_layer(s, name)
                 x = torch.randn(B, T, width, generator=generator).requires_grad_()
                 step = layer_step(layer, x, "chunked", backward)
             log(f"  T = {T:>6} {name:<9} {mode}, {run_repeats} run(s) after {run_warmup} warm-up ...")
@@ -301,6 +310,7 @@ def add_ratios(rows: list) -> list:
     same mode (both forward + backward, or both forward only). ``forward_ratio_to_sdpa``: forward medians.
     """
     sdpa = {row["seq_len"]: row for row in rows if row["name"] == "sdpa" and "median_s" in row}
+    mixer = {row["seq_len"]: row for row in rows if row["name"] == "attention" and "median_s" in row}
     for row in rows:
         base = sdpa.get(row["seq_len"])
         if row["name"] == "sdpa" or base is None or "median_s" not in row:
@@ -309,6 +319,9 @@ def add_ratios(rows: list) -> list:
         if base["mode"] == row["mode"]:
             row["ratio_to_sdpa"] = row["median_s"] / base["median_s"]
             row["cpu_ratio_to_sdpa"] = row["median_cpu_s"] / base["median_cpu_s"]
+        layer = mixer.get(row["seq_len"])  # the whole attention layer: the like-for-like baseline of an MC layer
+        if row["name"] != "attention" and layer is not None and layer["mode"] == row["mode"]:
+            row["ratio_to_attention_layer"] = row["median_s"] / layer["median_s"]
     return rows
 
 
@@ -375,9 +388,10 @@ def format_tables(report: dict) -> str:
     lines.append("")
     lines.append("MC layer (linear memory) vs causal SDPA, B 1, medians:")
     lines.append("(/SDPA: time over SDPA's in the same mode; cpu/SDPA: the same with process CPU time; fwd/SDPA: "
-                 "forward times)")
+                 "forward times; /attn layer: over the whole attention mixer's, `attention`: projections, RoPE, SDPA, "
+                 "output)")
     header = (f"{'T':>6}  {'variant':<9} {'mode':<17} {'runs':>4}  {'fwd s':>8}  {'fwd+bwd s':>9}  {'cpu s':>8}  "
-              f"{'/SDPA':>6}  {'cpu/SDPA':>8}  {'fwd/SDPA':>8}")
+              f"{'/SDPA':>6}  {'cpu/SDPA':>8}  {'fwd/SDPA':>8}  {'/attn layer':>11}")
     lines.append(header)
     lines.append("-" * len(header))
     for row in report["layer_vs_sdpa"]:
@@ -389,7 +403,8 @@ def format_tables(report: dict) -> str:
         lines.append(f"{row['seq_len']:>6}  {row['name']:<9} {row['mode']:<17} {row['repeats']:>4}  "
                      f"{row['forward_median_s']:>8.3f}  {_seconds(full):>9}  {cpu:>8.3f}  "
                      f"{_ratio(row.get('ratio_to_sdpa')):>6}  {_ratio(row.get('cpu_ratio_to_sdpa')):>8}  "
-                     f"{_ratio(row.get('forward_ratio_to_sdpa')):>8}")
+                     f"{_ratio(row.get('forward_ratio_to_sdpa')):>8}  "
+                     f"{_ratio(row.get('ratio_to_attention_layer')):>11}")
     lines.append("")
     lines.append("Cached states per layer and sequence (values; float32):")
     for row in report["cached_states"]:

@@ -1,4 +1,5 @@
-"""The ``mcdist`` command: ``train``, ``eval``, ``generate``, ``compare``, ``bench``, ``data prepare`` and ``export``.
+"""The ``mcdist`` command: ``train``, ``eval``, ``generate``, ``infer``, ``compare``, ``bench``, ``data prepare``
+and ``export``.
 
 ``python -m mcdist.cli ...`` is the same as ``mcdist ...``. A run is described by a RunConfig file (JSON, or
 TOML when the name ends in ``.toml``) plus ``--set section.key=value`` overrides, applied in order. Errors
@@ -19,9 +20,10 @@ import torch
 from mcdist import bench
 from mcdist.checkpoint import CheckpointError, load_config
 from mcdist.config import IMPLS, ConfigError, RunConfig, parse_size, write_text_atomic
-from mcdist.data.prepare import load_tokenizer, prepare_tokens
+from mcdist.data.prepare import decode_text, load_tokenizer, prepare_tokens
 from mcdist.device import resolve_device
-from mcdist.evaluation import (evaluate_checkpoint, evaluate_local, evaluate_under_torchrun, evaluate_with_ray,
+from mcdist.evaluation import (evaluate_checkpoint, evaluate_documents_checkpoint, evaluate_documents_local,
+                               evaluate_local, evaluate_under_torchrun, evaluate_with_ray, format_document_table,
                                format_table)
 from mcdist.infer_job import (check_request, generate_from_checkpoint, generate_local, generate_under_torchrun,
                               generate_with_ray)
@@ -84,14 +86,23 @@ def _build_parser() -> argparse.ArgumentParser:
                           help="evaluation seed of the synthetic tasks (default: the training run's)")
     evaluate.add_argument("--seq-lens", default=None, metavar="L1,L2,...",
                           help="lengths to score, e.g. 4096,16384,65536 (default train.seq_len)")
-    evaluate.add_argument("--buckets", type=int, default=1, metavar="K",
-                          help="split label positions into K buckets, each twice as wide as the one before")
+    evaluate.add_argument("--buckets", type=int, default=None, metavar="K",
+                          help="split label positions into K buckets, each twice as wide as the one before "
+                               "(default 1; with --data 4)")
     evaluate.add_argument("--depths", default=None, metavar="D1,D2,...",
                           help="passkey: depths in [0, 1] to place the passkey at, e.g. 0,0.25,0.5,0.75,1")
     evaluate.add_argument("--sp", type=int, default=None, metavar="P",
                           help="sequence-parallel ranks per sequence: local processes, Ray workers with --ray "
                                "(default 1), under torchrun its processes over --dp")
     evaluate.add_argument("--dp", type=int, default=1, metavar="D", help="data-parallel groups (default 1)")
+    evaluate.add_argument("--data", default=None, metavar="FILE",
+                          help="long documents: the loss by position over whole documents of this token file, each "
+                               "run alone from its first token (instead of the run's task)")
+    evaluate.add_argument("--seq-len", type=int, default=None, metavar="L",
+                          help="with --data: score the first L positions of every document of at least L + 1 "
+                               "tokens (default 4 · train.seq_len)")
+    evaluate.add_argument("--documents", type=int, default=None, metavar="N",
+                          help="with --data: score the first N such documents (default all)")
     add_job_args(evaluate, "run the dp·sp ranks as Ray Train workers")
 
     generate = commands.add_parser("generate", help="continue prompts with a saved model (prefill, then decode)")
@@ -125,6 +136,48 @@ def _build_parser() -> argparse.ArgumentParser:
                                "CUDA, chunked PyTorch on the CPU)")
     add_job_args(generate, "run the ranks as Ray Train workers")
 
+    infer = commands.add_parser("infer", help="a resumable batch-inference job: a JSON-lines prompts file in, "
+                                              "one result line per prompt out, on replicas × sp ranks")
+    infer.add_argument("--checkpoint", required=True, metavar="DIR", help="folder written by `mcdist train` or "
+                                                                          "save_model")
+    infer.add_argument("--prompts", required=True, metavar="IN.jsonl",
+                       help='one prompt per line: {"id": ..., "prompt_ids": [...]} or {"id": ..., "prompt": "text"}')
+    infer.add_argument("--out", required=True, metavar="OUT.jsonl",
+                       help="results, appended as they come; a rerun resumes it (OUT.job.json names the job)")
+    infer.add_argument("--errors", default=None, metavar="ERR.jsonl",
+                       help="the bad input lines with their line numbers (default OUT.errors.jsonl)")
+    infer.add_argument("--ray", action="store_true", help="run the replicas' ranks as Ray actors")
+    infer.add_argument("--address", default=None, metavar="ADDR",
+                       help="with --ray: the Ray cluster (host:port, ray://host:port or auto); default: the Ray of "
+                            "this machine if one runs, else a local one started for the job")
+    infer.add_argument("--workers-cpus", type=int, default=1, metavar="N",
+                       help="with --ray: CPUs per rank (default 1)")
+    infer.add_argument("--replicas", type=int, default=1, metavar="R", help="data-parallel replicas (default 1)")
+    infer.add_argument("--sp", type=int, default=1, metavar="P",
+                       help="sequence-parallel ranks per replica (default 1)")
+    infer.add_argument("--sp-min-tokens", type=int, default=None, metavar="N",
+                       help="prompts of at least N tokens decode over the sp group; shorter ones are shared out "
+                            "among its ranks (default: one sharding unit, 2·P·segment_len for zigzag)")
+    infer.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                       help="tokens to add per prompt, unless its line says (default 64)")
+    infer.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 (default): greedy")
+    infer.add_argument("--top-k", type=int, default=0, metavar="K", help="default 0: every token")
+    infer.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling (default 1: off)")
+    infer.add_argument("--seed", type=int, default=0,
+                       help="seeds each prompt's sampling together with its id (default 0)")
+    infer.add_argument("--tokenizer", default=None, metavar="byte|tokenizer.json",
+                       help="encodes \"prompt\" lines; results then also carry \"text\"")
+    infer.add_argument("--cache-dtype", choices=["float32", "bfloat16"], default=None,
+                       help="dtype of the cached segment states (default: the model's)")
+    infer.add_argument("--batch-size", type=int, default=16, metavar="B",
+                       help="prompts decoded together on one rank (default 16)")
+    infer.add_argument("--layout", choices=["zigzag", "contiguous"], default="zigzag",
+                       help="how a long prompt is sharded over the sp ranks (default zigzag)")
+    infer.add_argument("--impl", choices=IMPLS, default="auto", help="which implementation computes the layers")
+    infer.add_argument("--device", default="auto",
+                       help="in this process or, with --ray, each rank (auto: a GPU each when there are enough); "
+                            "local processes run on the CPU")
+
     compare = commands.add_parser("compare", help="train one model per name (attention or an aggregation) on the "
                                                   "same task")
     add_config_args(compare, "RunConfig file shared by every run")
@@ -146,10 +199,24 @@ def _build_parser() -> argparse.ArgumentParser:
 
     data = commands.add_parser("data", help="prepare training data")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
-    prepare = data_commands.add_parser("prepare", help="tokenize text or .jsonl files into a token file")
-    prepare.add_argument("inputs", nargs="+", metavar="INPUT", help="text files (one document each) or .jsonl files")
+    prepare = data_commands.add_parser("prepare", help="tokenize text, .jsonl, .json or .parquet files into a token "
+                                                       "file with its document boundaries")
+    prepare.add_argument("inputs", nargs="*", metavar="INPUT",
+                         help="text files (one document each), .jsonl / .json / .parquet files (one document per "
+                              "record) or folders of them")
+    prepare.add_argument("--demo", choices=["stdlib"], default=None,
+                         help="instead of INPUTs: the demo corpus, Python's standard library sources (one document "
+                              "per .py file, sorted)")
+    prepare.add_argument("--loader", choices=["auto", "builtin", "datasets"], default="auto",
+                         help="who reads the inputs: auto (default: built in for text and .jsonl, Hugging Face "
+                              "datasets for .json and .parquet), builtin, or datasets for every kind")
+    prepare.add_argument("--workers", type=int, default=1, metavar="N",
+                         help="processes that tokenize (default 1: this one; a tokenizer.json uses its own thread "
+                              "pool there)")
+    prepare.add_argument("--quiet", action="store_true", help="no progress bar")
     prepare.add_argument("--output", required=True, metavar="FILE",
-                         help="token file to write (its header goes to FILE.json)")
+                         help="token file to write (its document boundaries go to FILE.docs, its header to "
+                              "FILE.json)")
     prepare.add_argument("--tokenizer", default="byte", metavar="byte|tokenizer.json",
                          help="built-in byte-level tokenizer (default) or a Hugging Face tokenizer.json")
     prepare.add_argument("--eos-token", default=None, help="end-of-document token of a tokenizer.json")
@@ -299,7 +366,15 @@ def _cmd_eval(args) -> int:
     if not os.path.isfile(fallback):
         fallback = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "run_config.json")
     run_config = _load_run_config(args.config, args.overrides, fallback=fallback)
-    options = dict(seq_lens=_parse_list(args.seq_lens, "--seq-lens", int), buckets=args.buckets,
+    if args.data is not None:
+        return _eval_documents(args, checkpoint, run_config, torchrun,
+                               found_config=args.config is not None or os.path.isfile(fallback))
+    for flag, value in (("--seq-len", args.seq_len), ("--documents", args.documents)):
+        if value is not None:
+            raise UsageError(f"{flag} applies to --data FILE (long documents); expected --seq-lens or --batches "
+                             "for the run's task")
+    options = dict(seq_lens=_parse_list(args.seq_lens, "--seq-lens", int),
+                   buckets=1 if args.buckets is None else args.buckets,
                    depths=_parse_list(args.depths, "--depths", float), num_batches=args.batches, seed=args.seed)
     try:
         if torchrun:
@@ -323,9 +398,41 @@ def _cmd_eval(args) -> int:
     if task.task == "mqar":
         common["num_kv_pairs"] = task.num_kv_pairs
     records = [json.dumps({**common, **entry}, sort_keys=True) + "\n" for entry in results]
-    if (len(results) > 1 or args.buckets > 1) and _speaks():
+    if (len(results) > 1 or options["buckets"] > 1) and _speaks():
         print(format_table(results), file=sys.stderr)
     _emit(records, args.out)
+    return 0
+
+
+def _eval_documents(args, checkpoint: str, run_config: RunConfig, torchrun: Optional[int], *,
+                    found_config: bool) -> int:
+    """``mcdist eval --data FILE``: the loss by position over the file's long documents (one process or --sp)."""
+    given = [flag for flag, value in (("--seq-lens", args.seq_lens), ("--depths", args.depths), ("--seed", args.seed),
+                                      ("--batches", args.batches), ("--ray", args.ray or None),
+                                      ("--dp", None if args.dp == 1 else args.dp)) if value is not None]
+    if given:
+        raise UsageError(f"{given[0]} does not apply to --data (each long document runs alone, in one process or "
+                         "over --sp P local processes); expected --seq-len, --buckets, --documents, --sp")
+    if torchrun:
+        raise UsageError("eval --data under torchrun is not supported; run it in one process or with --sp P local "
+                         "processes")
+    if args.seq_len is None and not found_config:
+        raise UsageError(f"--data needs --seq-len L here: no run_config.json inside or beside {checkpoint!r} (nor "
+                         "--config) tells the training length the default 4 · train.seq_len comes from")
+    options = dict(seq_len=args.seq_len, buckets=args.buckets, documents=args.documents)
+    sp = args.sp or 1
+    try:
+        if sp > 1:
+            result = evaluate_documents_local(checkpoint, run_config, args.data, sp=sp, **options)
+        else:
+            result = evaluate_documents_checkpoint(checkpoint, run_config, args.data, device=args.device, **options)
+    except ValueError as error:  # a bad value, a missing or corrupt checkpoint or token file
+        raise UsageError(str(error)) from error
+    if not found_config:
+        result["train_seq_len"] = None  # no run config: the training length is unknown, not the default's
+    print(format_document_table(result), file=sys.stderr)
+    _emit([json.dumps({"checkpoint": checkpoint, "task": "documents", "data": args.data, **result},
+                      sort_keys=True) + "\n"], args.out)
     return 0
 
 
@@ -386,18 +493,6 @@ def _line_of(path: str, offset: int) -> int:
         return handle.read(offset).count(b"\n") + 1
 
 
-def _decode(tokenizer, ids: list[int]) -> str:
-    """The text of ``ids``; an id past the tokenizer's vocabulary (a model may have more) reads as U+FFFD."""
-    pieces, run = [], []
-    for token in ids:
-        if token < tokenizer.vocab_size:
-            run.append(token)
-        else:
-            pieces += [tokenizer.decode(run), "\ufffd"]
-            run = []
-    return "".join(pieces + [tokenizer.decode(run)])
-
-
 def _cmd_generate(args) -> int:
     if args.sp is not None and args.sp < 1:
         raise UsageError(f"--sp = {args.sp} is invalid; expected a positive integer")
@@ -442,10 +537,51 @@ def _cmd_generate(args) -> int:
     for prompt, new in zip(prompts, new_ids):
         record = {"prompt_ids": prompt, "new_ids": new}
         if tokenizer is not None:
-            record["text"] = _decode(tokenizer, new)
+            record["text"] = decode_text(tokenizer, new)
         records.append(json.dumps(record) + "\n")
     _emit(records, args.out)
     return 0
+
+
+def _cmd_infer(args) -> int:
+    from mcdist.infer_batch import InferOptions, run_infer_job
+
+    if not args.ray and (args.address is not None or args.workers_cpus != 1):
+        raise UsageError("--address and --workers-cpus need --ray")
+    if not args.ray and args.replicas * args.sp > 1 and args.device not in ("auto", "cpu"):
+        raise UsageError(f"--device {args.device} with {args.replicas * args.sp} local processes: they run on the "
+                         "CPU (gloo); use --ray for GPUs, or one replica of one rank")
+    if not os.path.isfile(args.prompts):
+        raise UsageError(f"prompts file {args.prompts!r} does not exist")
+    options = InferOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, seed=args.seed, cache_dtype=args.cache_dtype,
+                           batch_size=args.batch_size, sp_min_tokens=args.sp_min_tokens, layout=args.layout,
+                           impl=args.impl)
+    try:
+        summary = run_infer_job(args.checkpoint, args.prompts, args.out, options=options, replicas=args.replicas,
+                                sp=args.sp, tokenizer=args.tokenizer, errors_path=args.errors, ray=args.ray,
+                                address=args.address, device=args.device, cpus_per_rank=args.workers_cpus)
+    except (ValueError, RayConnectionError, ImportError) as error:  # InferJobError, CheckpointError, a bad value
+        raise UsageError(str(error)) from error
+    except RuntimeError as error:  # every replica was lost: what is written stays, a rerun finishes the job
+        print(f"mcdist infer: error: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(json.dumps(summary, sort_keys=True))
+    return 0
+
+
+def parse_set_for(items) -> dict:
+    """``--set-for MODEL:section.key=value`` items as {model: [overrides]}; a model name may hold a colon
+    (``titans:grm:train.lr=1e-3``: the split is at the last colon before the '=')."""
+    overrides_for: dict = {}
+    for item in items:
+        head, equals, value = item.partition("=")
+        name, colon, key = head.rpartition(":")
+        if not colon or not name.strip() or not key.strip() or not equals:
+            raise UsageError(f"--set-for {item!r} is invalid; expected MODEL:section.key=value, e.g. "
+                             "none:model.state_init=checkpoint")
+        overrides_for.setdefault(name.strip(), []).append((key + equals + value).strip())
+    return overrides_for
 
 
 def _cmd_compare(args) -> int:
@@ -458,13 +594,7 @@ def _cmd_compare(args) -> int:
             raise UsageError("--aggregations names attention, which is a mixer; expected --models attention,...")
     else:
         names = parse_model_names("grm,none" if args.models is None else args.models, "--models")
-    overrides_for = {}
-    for item in args.set_for:
-        name, colon, override = item.partition(":")
-        if not colon or "=" not in override:
-            raise UsageError(f"--set-for {item!r} is invalid; expected MODEL:section.key=value, e.g. "
-                             "none:model.state_init=checkpoint")
-        overrides_for.setdefault(name.strip(), []).append(override.strip())
+    overrides_for = parse_set_for(args.set_for)
     base = _load_run_config(args.config, args.overrides)
     changes = {}
     if args.device != "auto":
@@ -506,9 +636,16 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_data(args) -> int:
+    if args.workers < 1:
+        raise UsageError(f"--workers = {args.workers} is invalid; expected a positive integer")
+    if args.demo is None and not args.inputs:
+        raise UsageError("no INPUT given; expected text, .jsonl, .json or .parquet files or folders, or --demo stdlib")
+    if args.demo is not None and args.inputs:
+        raise UsageError(f"--demo {args.demo} and INPUT files were given together; expected one of them")
     try:
         result = prepare_tokens(args.inputs, args.output, tokenizer=args.tokenizer, eos_token=args.eos_token,
-                                dtype=args.dtype, val_fraction=args.val_fraction, text_key=args.text_key)
+                                dtype=args.dtype, val_fraction=args.val_fraction, text_key=args.text_key,
+                                loader=args.loader, workers=args.workers, progress=not args.quiet, demo=args.demo)
     except (ImportError, ValueError) as error:
         raise UsageError(str(error)) from error
     for split in ("train", "val"):
@@ -519,6 +656,9 @@ def _cmd_data(args) -> int:
                   f"{header['vocab_size']}")
     if result["replaced_bytes"]:
         print(f"note: {result['replaced_bytes']} invalid UTF-8 sequences were replaced by U+FFFD")
+    if result["replacement_characters"]:
+        print(f"note: the text files read through datasets hold {result['replacement_characters']} U+FFFD "
+              "characters (invalid UTF-8 is replaced by it; datasets does not tell which were)")
     print(json.dumps({"train_path": result["train_path"], "val_path": result["val_path"],
                       "num_tokens": result["train"]["num_tokens"]}, sort_keys=True))
     return 0
@@ -548,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as stop:  # argparse already printed its message
         return int(stop.code or 0)
     handlers = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate, "compare": _cmd_compare,
-                "bench": _cmd_bench, "data": _cmd_data, "export": _cmd_export}
+                "infer": _cmd_infer, "bench": _cmd_bench, "data": _cmd_data, "export": _cmd_export}
     try:
         if getattr(args, "device", None) is not None and not getattr(args, "ray", False):
             resolve_device(args.device)  # CUDA asked for but not here: refused before anything starts, naming why

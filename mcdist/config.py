@@ -16,8 +16,8 @@ import tempfile
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-MEMORY_KINDS = ("linear", "gated", "dla", "titans")
-LINEAR_MEMORY_KINDS = ("linear", "gated")
+MEMORY_KINDS = ("linear", "gated", "swla", "dla", "titans")
+LINEAR_MEMORY_KINDS = ("linear", "gated", "swla")  # swla: sliding-window linear attention, c = 2
 DEEP_MEMORY_KINDS = ("dla", "titans")
 AGGREGATIONS = ("none", "residual", "grm", "soup", "ssc")
 STATE_INITS = ("checkpoint", "independent")
@@ -27,6 +27,13 @@ SEGMENTATIONS = ("constant", "logarithmic")
 LAYOUTS = ("contiguous", "zigzag")
 IMPLS = ("auto", "chunked", "reference", "triton")
 MIXERS = ("mc", "attention")
+OPEN_GATE_BIAS = 1.278464542761074  # the root of SiLU(b) = b·sigmoid(b) = 1; SiLU'(b) ≈ 1.0 there
+# fields every saved model config has held since the first release (output_gate among them): a model section
+# holding all of them but no output_gate_bias was saved before the gate had a bias (docs/math.md §7)
+_SAVED_BEFORE_GATE_BIAS = frozenset((
+    "vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "mlp_ratio", "tie_embeddings", "norm_eps", "memory",
+    "aggregation", "state_init", "segmentation", "segment_len", "chunk_len", "top_k", "pool", "gate_scale",
+    "share_uq", "qk_norm", "output_gate", "output_norm", "expansion", "minibatch_len", "inner_lr", "init_std"))
 
 
 class ConfigError(ValueError):
@@ -186,6 +193,9 @@ class ModelConfig(_Config):
     share_uq: bool = False
     qk_norm: str = "l2"
     output_gate: bool = True
+    # the output gate's initial bias b: SiLU(x W_gate + b), SiLU(b) = 1 at the default, so the gate starts open
+    # (≈ 1 ± 0.16) instead of at ≈ ±0.08; 0 = no bias (the gate before this field; docs/math.md §7)
+    output_gate_bias: float = OPEN_GATE_BIAS
     output_norm: bool = True
     # short causal depthwise convolution of q, k, v over the last conv_size tokens (then SiLU); 0 = none
     conv_size: int = 0
@@ -208,6 +218,8 @@ class ModelConfig(_Config):
         ``train.impl``) is dropped: it chose kernels, not the model."""
         if isinstance(data, Mapping) and "impl" in data:
             data = {key: value for key, value in data.items() if key != "impl"}
+        if isinstance(data, Mapping) and "output_gate_bias" not in data and _SAVED_BEFORE_GATE_BIAS <= set(data):
+            data = {**data, "output_gate_bias": 0.0}  # saved before the gate had a bias: build it without one
         return super().from_dict(data)
 
     def __post_init__(self) -> None:
@@ -229,6 +241,9 @@ class ModelConfig(_Config):
         _check_choice(s, "qk_norm", self.qk_norm, QK_NORMS)
         for name in ("mlp_ratio", "inner_lr", "norm_eps", "init_std"):
             _check_positive_float(s, name, getattr(self, name))
+        if isinstance(self.output_gate_bias, bool) or not _is_finite_number(self.output_gate_bias):
+            raise ConfigError(f"{s}.output_gate_bias = {self.output_gate_bias!r} is invalid; expected a finite number "
+                              f"(0 = no bias; default {OPEN_GATE_BIAS!r}, where SiLU(b) = 1)")
         if not isinstance(self.gate_scale, (int, float)) or self.gate_scale < 0 or not math.isfinite(self.gate_scale):
             raise ConfigError(f"{s}.gate_scale = {self.gate_scale!r} is invalid; expected 0 (= 1/sqrt(head_dim)) "
                               "or a positive number")
@@ -342,6 +357,9 @@ class TrainConfig(_Config):
     # data beyond the built-in tasks: pre-tokenized files (mcdist data prepare)
     data_path: str = ""
     val_data_path: str = ""
+    # token files: each window's documents (boundaries after every eos_id the file holds) computed apart, as if
+    # each were alone (docs/packing.md); under sequence parallelism each rank reads whole windows
+    packed: bool = False
     # optimisation at scale
     grad_accum: int = 1
     min_lr_ratio: float = 0.1
@@ -383,7 +401,10 @@ class TrainConfig(_Config):
             raise ConfigError(f"{s}.min_lr_ratio = {self.min_lr_ratio!r} is invalid; expected a number in [0, 1]")
         if self.task == "tokens" and not self.data_path:
             raise ConfigError(f"{s}.task = 'tokens' needs {s}.data_path (a file written by `mcdist data prepare`)")
-        for name in ("activation_checkpointing", "progress", "tensorboard", "shard_optimizer"):
+        if self.packed is True and self.task != "tokens":
+            raise ConfigError(f"{s}.packed = true needs {s}.task = 'tokens' (documents of a token file); got task "
+                              f"{self.task!r}")
+        for name in ("activation_checkpointing", "progress", "tensorboard", "shard_optimizer", "packed"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{s}.{name} = {getattr(self, name)!r} is invalid; expected true or false")
         if not isinstance(self.resume, str) or not self.resume:

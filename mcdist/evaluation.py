@@ -19,6 +19,17 @@ the same numbers up to float rounding (tested).
 * :func:`evaluate_local`: ``dp · sp`` new local processes (gloo, CPU).
 * :func:`evaluate_with_ray`: ``dp · sp`` Ray Train workers (one GPU each on a GPU cluster).
 * :func:`evaluate_under_torchrun`: this process is one of the ``dp · sp`` ranks of a ``torchrun`` job.
+
+Long documents (``mcdist eval --data FILE``): the loss by position over whole documents of a token file, each
+run alone from its first token (batch 1, so no document reads another), the first ``seq_len`` positions of every
+document that holds ``seq_len + 1`` tokens at least, so that every position bucket averages over the same
+documents (the figure long-context papers show, typically several times the training length):
+
+* :func:`check_documents`: the documents to score, after checking every argument.
+* :func:`evaluate_documents`: every rank of an initialised sp group, or one process (the model already built).
+* :func:`evaluate_documents_checkpoint`: load the saved model in this process and score it.
+* :func:`evaluate_documents_local`: ``sp`` new local processes (gloo, CPU), each holding its pieces of every
+  document.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ import math
 import os
 from typing import Callable, List, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -34,8 +46,10 @@ import torch.nn.functional as F
 from mcdist.checkpoint import CheckpointError, load_config, load_model
 from mcdist.config import ConfigError, ParallelConfig, RunConfig
 from mcdist.data.mqar import IGNORE_INDEX
+from mcdist.data.tokens import TokenFile, TokenFileError
 from mcdist.device import autocast_for, resolve_device
 from mcdist.layer import at_least_float32
+from mcdist.parallel.layout import check_sequence_length, rank_pieces
 from mcdist.parallel.mesh import Mesh, build_mesh
 from mcdist.parallel.model import parallelize
 from mcdist.runners.problems import first_problem, problem
@@ -45,8 +59,13 @@ from mcdist.runners.torchrun import run_under_torchrun, world_size_from_environm
 from mcdist.train.checks import check_run, length_run
 from mcdist.train.data import RankData
 
-__all__ = ["check_evaluation", "evaluate_checkpoint", "evaluate_local", "evaluate_model", "evaluate_on_data",
-           "evaluate_under_torchrun", "evaluate_with_ray", "format_table", "position_edges"]
+__all__ = ["DOCUMENT_BUCKETS", "DOCUMENT_LENGTH_FACTOR", "check_documents", "check_evaluation",
+           "evaluate_checkpoint", "evaluate_documents", "evaluate_documents_checkpoint", "evaluate_documents_local",
+           "evaluate_local", "evaluate_model", "evaluate_on_data", "evaluate_under_torchrun", "evaluate_with_ray",
+           "format_document_table", "format_table", "position_edges"]
+
+DOCUMENT_LENGTH_FACTOR = 4  # long documents are scored to this many times train.seq_len unless told otherwise
+DOCUMENT_BUCKETS = 4  # ... in this many doubling position buckets (fewer when the length allows fewer)
 
 
 def position_edges(seq_len: int, buckets: int) -> List[int]:
@@ -134,41 +153,58 @@ def evaluate_on_data(model: torch.nn.Module, data: RankData, *, num_batches: int
         ``{"eval_loss", "eval_accuracy", "labelled"}`` (+ ``by_position``), the same on every rank.
     """
     bounds = [0, data.seq_len] if edges is None else list(edges)
-    positions = torch.cat([torch.arange(start, start + length) for start, length in data.pieces])  # [t] global
-    bucket = torch.bucketize(positions, torch.tensor(bounds[1:-1], dtype=torch.int64), right=True).to(device)
+    bucket = _position_buckets(data.pieces, bounds, device)
     sums = torch.zeros(len(bounds) - 1, 3, dtype=torch.float64, device=device)  # per bucket: loss, correct, count
     was_training = model.training
     model.eval()
-    chunk_tokens = data.config.train.loss_chunk  # logits a few positions at a time, as training makes them
     try:
-        for input_ids, labels in data.eval_batches(num_batches, depth=depth, seed=seed):
-            input_ids, labels = input_ids.to(device), labels.to(device)
-            positions = max(1, chunk_tokens // input_ids.shape[0]) if chunk_tokens else 0
-            with autocast():
-                for first, logits in model.logit_chunks(input_ids, chunk_tokens=positions, impl=impl):  # [b, n, V]
-                    part = labels[:, first:first + logits.shape[1]]
-                    losses = F.cross_entropy(at_least_float32(logits).transpose(1, 2), part,
-                                             ignore_index=IGNORE_INDEX, reduction="none")  # [b, n], 0 unlabelled
-                    mask = part != IGNORE_INDEX  # [b, n]
-                    correct = (logits.argmax(dim=-1) == part) & mask
-                    for column, values in enumerate((losses, correct, mask)):
-                        sums[:, column].index_add_(0, bucket[first:first + logits.shape[1]],
-                                                   values.double().sum(dim=0))
+        for input_ids, labels, documents in data.eval_batches(num_batches, depth=depth, seed=seed, documents=True):
+            _score_batch(model, input_ids.to(device), labels.to(device), bucket, sums, autocast=autocast,
+                         chunk_tokens=data.config.train.loss_chunk, impl=impl, cu_seqlens=documents)
     finally:
         model.train(was_training)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(sums)
-
-    def scores(row: torch.Tensor) -> dict:
-        count = float(row[2])
-        return {"eval_loss": float(row[0]) / max(count, 1.0), "eval_accuracy": float(row[1]) / max(count, 1.0),
-                "labelled": int(count)}
-
-    result = scores(sums.sum(dim=0))
+    result = _scores(sums.sum(dim=0))
     if edges is not None:
-        result["by_position"] = [{"start": bounds[i], "end": bounds[i + 1], **scores(sums[i])}
+        result["by_position"] = [{"start": bounds[i], "end": bounds[i + 1], **_scores(sums[i])}
                                  for i in range(len(bounds) - 1)]
     return result
+
+
+def _position_buckets(pieces: Sequence[tuple], bounds: Sequence[int], device: torch.device) -> torch.Tensor:
+    """The bucket of each local position (pieces: ``(global_start, length)``), by its global position."""
+    positions = torch.cat([torch.arange(start, start + length) for start, length in pieces])  # [t] global
+    return torch.bucketize(positions, torch.tensor(bounds[1:-1], dtype=torch.int64), right=True).to(device)
+
+
+def _score_batch(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, bucket: torch.Tensor,
+                 sums: torch.Tensor, *, autocast, chunk_tokens: int, impl: Optional[str], cu_seqlens=None) -> None:
+    """Add the loss, correct arg-maxes and labelled count of each bucket of one batch ``[b, t]`` to ``sums``
+    ``[K, 3]`` (float64); the logits are made ``chunk_tokens / b`` positions at a time (``train.loss_chunk``).
+    ``cu_seqlens``: the documents of the rows laid end to end (packed runs: docs/packing.md), each computed alone."""
+    if cu_seqlens is not None:
+        with autocast():
+            logits = model(input_ids.reshape(1, -1), cu_seqlens=cu_seqlens, impl=impl).logits
+        chunks = [(0, logits.view(*input_ids.shape, -1))]
+    else:  # made lazily, under the autocast below
+        positions = max(1, chunk_tokens // input_ids.shape[0]) if chunk_tokens else 0
+        chunks = model.logit_chunks(input_ids, chunk_tokens=positions, impl=impl)
+    with autocast():
+        for first, logits in chunks:  # [b, n, V]
+            part = labels[:, first:first + logits.shape[1]]
+            losses = F.cross_entropy(at_least_float32(logits).transpose(1, 2), part,
+                                     ignore_index=IGNORE_INDEX, reduction="none")  # [b, n], 0 unlabelled
+            mask = part != IGNORE_INDEX  # [b, n]
+            correct = (logits.argmax(dim=-1) == part) & mask
+            for column, values in enumerate((losses, correct, mask)):
+                sums[:, column].index_add_(0, bucket[first:first + logits.shape[1]], values.double().sum(dim=0))
+
+
+def _scores(row: torch.Tensor) -> dict:
+    count = float(row[2])
+    return {"eval_loss": float(row[0]) / max(count, 1.0), "eval_accuracy": float(row[1]) / max(count, 1.0),
+            "labelled": int(count)}
 
 
 def evaluate_model(model: torch.nn.Module, run_config: RunConfig, *, mesh=None, device: torch.device | str = "cpu",
@@ -235,11 +271,22 @@ def _evaluate_on_rank(rank: int, world_size: int, device: str, where: str, model
                       options: dict) -> dict:
     """One rank's part (a :mod:`mcdist.runners` rank function): ``{"results": [...]}`` or the first rank's
     problem."""
+    loaded = _load_on_rank(config, model_dir, device, where, lambda run: check_evaluation(run, **options))
+    if "error" in loaded:  # a rank's problem (mcdist.runners.problems.problem)
+        return loaded
+    model, run_config, mesh = loaded["model"], loaded["run_config"], loaded["mesh"]
+    return {"results": evaluate_model(model, run_config, mesh=mesh, device=device, **options)}
+
+
+def _load_on_rank(config: dict, model_dir: str, device: str, where: str, check) -> dict:
+    """Every rank: the run config with the saved model's fields, ``check``-ed, and the model loaded and
+    parallelized over the run's mesh: ``{"model", "run_config", "mesh"}``, or the first rank's problem (every rank
+    stops alike)."""
     run_config = RunConfig.from_dict(config)
     model, mine = None, None
     try:
         run_config = _with_model_config(run_config, model_dir, run_config.parallel)
-        check_evaluation(run_config, **options)
+        check(run_config)
         model, _ = load_model(model_dir, map_location=torch.device(device))
     except (CheckpointError, ValueError) as error:
         mine = problem(error, where)
@@ -248,7 +295,7 @@ def _evaluate_on_rank(rank: int, world_size: int, device: str, where: str, model
         return found
     mesh = build_mesh(run_config.parallel)
     parallelize(model, mesh, run_config.parallel.layout)
-    return {"results": evaluate_model(model, run_config, mesh=mesh, device=device, **options)}
+    return {"model": model, "run_config": run_config, "mesh": mesh}
 
 
 def _parallel_for(run_config: RunConfig, dp: int, sp: int) -> RunConfig:
@@ -344,4 +391,187 @@ def format_table(results: Sequence[dict]) -> str:
         for length in sorted({length for length, _ in grid}):
             lines.append(f"{length:>11,}" + "".join(f"{grid[(length, depth)]:>8.3f}" if (length, depth) in grid
                                                    else " " * 8 for depth in depths))
+    return "\n".join(lines)
+
+
+# -- long documents: the loss by position over whole documents of a token file ----------------------------------
+
+
+def _document_starts(file: TokenFile, seq_len: int, documents: Optional[int]) -> tuple[List[int], int, int]:
+    """(first token of each document scored, how many documents the file holds, the longest one's length)."""
+    ends = np.asarray(file.boundaries(), dtype=np.int64)  # [n + 1]
+    lengths = np.diff(ends)  # [n]
+    starts = ends[:-1][lengths >= seq_len + 1]  # seq_len inputs and the label of the last one, inside the document
+    if documents is not None:
+        starts = starts[:documents]
+    return [int(start) for start in starts], int(lengths.size), int(lengths.max(initial=0))
+
+
+def check_documents(run_config: RunConfig, data_path: str, *, seq_len: Optional[int] = None,
+                    buckets: Optional[int] = None, documents: Optional[int] = None) -> dict:
+    """The plan of a long-document evaluation, after checking every argument against the run and the file.
+
+    Args:
+        run_config: its ``model`` section the saved model's, ``parallel`` the sp group it runs on (``dp = 1``),
+            ``train.seq_len`` the training length, ``train.impl``, ``train.dtype`` and ``train.loss_chunk`` how
+            the forward runs.
+        data_path: a token file with document boundaries (``mcdist data prepare``), or EOS ids.
+        seq_len: positions scored per document, L (default ``DOCUMENT_LENGTH_FACTOR · train.seq_len``); a
+            document is scored when it holds at least ``L + 1`` tokens (its EOS included), on its first L.
+        buckets: doubling position buckets (:func:`position_edges`); default ``DOCUMENT_BUCKETS``, or as many as
+            L allows when fewer.
+        documents: score at most this many (the first in the file that are long enough); default all of them.
+
+    Returns:
+        ``{"seq_len", "buckets", "edges", "starts" (each document's first token), "documents_in_file",
+        "boundaries" (``"file"``: the ``.docs`` file; ``"eos"``: an older file, split at its EOS ids)}``.
+
+    Raises:
+        ConfigError: naming the value and what was expected.
+    """
+    train_len = run_config.train.seq_len
+    length = DOCUMENT_LENGTH_FACTOR * train_len if seq_len is None else seq_len
+    if isinstance(length, bool) or not isinstance(length, int) or length < 2:
+        raise ConfigError(f"seq_len = {length!r} is invalid; expected an integer >= 2")
+    parallel = run_config.parallel
+    if parallel.dp != 1:
+        raise ConfigError(f"parallel.dp = {parallel.dp}: long documents run one at a time over the sp ranks; "
+                          "expected dp = 1")
+    if parallel.sp > 1:
+        try:
+            check_sequence_length(length, parallel.sp, run_config.model.segment_len, parallel.layout)
+        except ValueError as error:
+            raise ConfigError(f"seq_len = {length} does not fit sp = {parallel.sp}: {error}") from error
+    if buckets is None:
+        buckets = min(DOCUMENT_BUCKETS, length.bit_length())
+    try:
+        edges = position_edges(length, buckets)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    if documents is not None and (isinstance(documents, bool) or not isinstance(documents, int) or documents < 1):
+        raise ConfigError(f"documents = {documents!r} is invalid; expected a positive integer")
+    try:
+        file = TokenFile(data_path)
+        starts, in_file, longest = _document_starts(file, length, documents)
+    except TokenFileError as error:
+        raise ConfigError(f"--data: {error}") from error
+    if file.vocab_size > run_config.model.vocab_size:
+        raise ConfigError(f"--data {data_path!r} holds ids of a vocabulary of {file.vocab_size}; the model's "
+                          f"vocab_size = {run_config.model.vocab_size} expected at least that")
+    if not starts:
+        raise ConfigError(f"--data {data_path!r}: none of its {in_file:,} documents holds seq_len + 1 = "
+                          f"{length + 1:,} tokens (the longest holds {longest:,}); expected a smaller seq_len or "
+                          "longer documents")
+    return {"seq_len": length, "buckets": buckets, "edges": edges, "starts": starts, "documents_in_file": in_file,
+            "boundaries": file.boundaries_source}
+
+
+@torch.no_grad()
+def evaluate_documents(model: torch.nn.Module, run_config: RunConfig, data_path: str, *, mesh=None,
+                       device: torch.device | str = "cpu", seq_len: Optional[int] = None,
+                       buckets: Optional[int] = None, documents: Optional[int] = None) -> dict:
+    """Score ``model`` on the long documents of ``data_path`` on every rank of ``mesh`` (default: this one
+    process; under sp the model already parallelized), with ``train.impl``; arguments as :func:`check_documents`.
+
+    Each document runs alone (batch 1) from its first token; an sp rank reads and runs only its pieces of it
+    (``parallel.layout``). Loss, correct arg-maxes and counts are summed per bucket in float64, then over the
+    ranks (one all-reduce).
+
+    Returns:
+        ``{"seq_len", "train_seq_len", "documents" (scored), "documents_in_file", "boundaries" (where the
+        documents come from, as :func:`check_documents`), "eval_loss", "eval_accuracy",
+        "perplexity", "labelled", "by_position": [{"start", "end", "eval_loss", "eval_accuracy", "perplexity",
+        "labelled"}, ...]}``, the same on every rank; ``perplexity = exp(eval_loss)``.
+    """
+    mesh = mesh or Mesh.single()
+    if mesh.dp * mesh.sp != run_config.parallel.world_size:
+        raise ConfigError(f"the mesh is dp {mesh.dp} × sp {mesh.sp}; run_config.parallel says dp "
+                          f"{run_config.parallel.dp} × sp {run_config.parallel.sp}")
+    plan = check_documents(run_config, data_path, seq_len=seq_len, buckets=buckets, documents=documents)
+    length, edges = plan["seq_len"], plan["edges"]
+    device = torch.device(device)
+    layout = run_config.parallel.layout
+    pieces = rank_pieces(length, mesh.sp, mesh.sp_rank, layout) if mesh.sp > 1 else [(0, length)]
+    bucket = _position_buckets(pieces, edges, device)
+    sums = torch.zeros(len(edges) - 1, 3, dtype=torch.float64, device=device)  # per bucket: loss, correct, count
+    file = TokenFile(data_path)
+    autocast = autocast_for(run_config.train.dtype, device)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in plan["starts"]:
+            input_ids, labels = file.read_sequence(start, length, pieces)  # [t] each: this rank's pieces only
+            _score_batch(model, input_ids[None].to(device), labels[None].to(device), bucket, sums,
+                         autocast=autocast, chunk_tokens=run_config.train.loss_chunk, impl=run_config.train.impl)
+    finally:
+        model.train(was_training)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sums)
+
+    def with_perplexity(scores: dict) -> dict:
+        return {**scores, "perplexity": math.exp(min(scores["eval_loss"], 700.0))}
+
+    return {"seq_len": length, "train_seq_len": run_config.train.seq_len, "documents": len(plan["starts"]),
+            "documents_in_file": plan["documents_in_file"], "boundaries": plan["boundaries"],
+            **with_perplexity(_scores(sums.sum(dim=0))),
+            "by_position": [{"start": edges[i], "end": edges[i + 1], **with_perplexity(_scores(sums[i]))}
+                            for i in range(len(edges) - 1)]}
+
+
+def evaluate_documents_checkpoint(model_dir: str | os.PathLike, run_config: RunConfig, data_path: str, *,
+                                  device: str = "auto", seq_len: Optional[int] = None, buckets: Optional[int] = None,
+                                  documents: Optional[int] = None) -> dict:
+    """Load the model saved in ``model_dir`` and score it on the long documents of ``data_path`` in this process
+    (``run_config``'s ``parallel`` section is ignored, its model section replaced by the saved model's); the
+    other arguments as :func:`check_documents`, returns as :func:`evaluate_documents`."""
+    model_dir = os.fspath(model_dir)
+    run_config = _with_model_config(run_config, model_dir, ParallelConfig())
+    options = dict(seq_len=seq_len, buckets=buckets, documents=documents)
+    check_documents(run_config, data_path, **options)  # before loading the weights: the cheap checks first
+    device = resolve_device(device)
+    model, _ = load_model(model_dir, map_location=device)
+    return evaluate_documents(model, run_config, data_path, device=device, **options)
+
+
+def _evaluate_documents_on_rank(rank: int, world_size: int, device: str, where: str, model_dir: str, config: dict,
+                                data_path: str, options: dict) -> dict:
+    """One sp rank's part (a :mod:`mcdist.runners` rank function): ``{"result": {...}}`` or the first rank's
+    problem."""
+    loaded = _load_on_rank(config, model_dir, device, where,
+                           lambda run: check_documents(run, data_path, **options))
+    if "error" in loaded:  # a rank's problem (mcdist.runners.problems.problem)
+        return loaded
+    model, run_config, mesh = loaded["model"], loaded["run_config"], loaded["mesh"]
+    return {"result": evaluate_documents(model, run_config, data_path, mesh=mesh, device=device, **options)}
+
+
+def evaluate_documents_local(model_dir: str | os.PathLike, run_config: RunConfig, data_path: str, *, sp: int = 1,
+                             seq_len: Optional[int] = None, buckets: Optional[int] = None,
+                             documents: Optional[int] = None, timeout_s: float = 600.0) -> dict:
+    """:func:`evaluate_documents_checkpoint` on ``sp`` new local processes (gloo, CPU), each document spread over
+    them as ``run_config.parallel.layout`` lays it out (``seq_len`` must fit it); ``sp = 1`` runs in this process
+    on the CPU. The whole run is bounded by ``timeout_s``."""
+    model_dir = os.path.abspath(os.fspath(model_dir))
+    data_path = os.path.abspath(os.fspath(data_path))
+    run_config = _parallel_for(run_config, 1, sp)
+    options = dict(seq_len=seq_len, buckets=buckets, documents=documents)
+    check_documents(_with_model_config(run_config, model_dir, run_config.parallel), data_path, **options)
+    if sp == 1:
+        return evaluate_documents_checkpoint(model_dir, run_config, data_path, device="cpu", **options)
+    return run_spawned(_evaluate_documents_on_rank, sp, model_dir, run_config.to_dict(), data_path, options,
+                       what="long-document evaluation", timeout_s=timeout_s)["result"]
+
+
+def format_document_table(result: dict) -> str:
+    """A long-document result as aligned text lines: the documents scored, then one line per position bucket;
+    buckets at or beyond the training length (``train_seq_len``, when known) are marked ``*``."""
+    train_len = result["train_seq_len"]
+    trained = "training length unknown" if train_len is None else f"trained at {train_len:,}; * = beyond it"
+    lines = [f"{result['documents']:,} of {result['documents_in_file']:,} documents, first {result['seq_len']:,} "
+             f"positions each ({trained})  loss {result['eval_loss']:.4f}  ppl {result['perplexity']:.3f}  "
+             f"accuracy {result['eval_accuracy']:.4f}  ({result['labelled']:,} labelled)"]
+    for bucket in result["by_position"]:
+        mark = "*" if train_len is not None and bucket["start"] >= train_len else " "
+        lines.append(f"  {mark} [{bucket['start']:>9,}, {bucket['end']:>9,})  loss {bucket['eval_loss']:.4f}  ppl "
+                     f"{bucket['perplexity']:10.3f}  accuracy {bucket['eval_accuracy']:.4f}  ({bucket['labelled']:,})")
     return "\n".join(lines)

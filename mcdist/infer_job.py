@@ -1,9 +1,9 @@
 """Generate from a saved model: in this process, on local processes under sequence parallelism, or through Ray.
 
-Prompts of equal length share a :class:`mcdist.infer.Session`, ``batch_size`` at a time (prompts may differ in
-length): the prompts are prefilled, then ``max_new_tokens`` tokens are decoded (fewer when ``eos_id`` comes,
-which is then the last new id). Each prompt samples with its own generator seeded by ``seed``, so a prompt's
-continuation does not depend on the prompts beside it. Greedy decoding (``temperature = 0``) is deterministic.
+Prompts decode together ``batch_size`` at a time (:func:`mcdist.infer.complete`, docs/inference.md "Batching"):
+each is prefilled, then ``max_new_tokens`` tokens are decoded (fewer when ``eos_id`` comes, which is then the
+last new id). Each prompt samples with its own generator seeded by ``seed``, so a prompt's continuation does not
+depend on the prompts beside it. Greedy decoding (``temperature = 0``) is deterministic.
 
 * :func:`generate_from_checkpoint`: one process, or every rank of an initialised process group (pass the
   group's :class:`~mcdist.parallel.comm.SPGroup`; every rank returns the same ids).
@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from mcdist.checkpoint import CheckpointError, load_config, load_model
 from mcdist.device import resolve_device
-from mcdist.infer import Session, generate
+from mcdist.infer import Request, complete
 from mcdist.parallel.comm import SPGroup
 from mcdist.runners.problems import first_problem, problem
 from mcdist.runners.ray import run_on_ray, unique_run_name
@@ -101,31 +101,18 @@ def _resolve_device(device: str, sp) -> torch.device:
 def generate_with_model(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
                         top_k: int = 0, seed: int = 0, eos_id: Optional[int] = None, impl: Optional[str] = None,
                         sp=None, layout: str = "zigzag", batch_size: int = 8) -> List[List[int]]:
-    """The new ids of each prompt from ``model`` (an MCLanguageModel, on the device the ids should go to).
-    Prompts of equal length decode together, ``batch_size`` at a time, in one :class:`~mcdist.infer.Session`
-    (every row samples with its own generator, so a prompt continues as it would alone). Arguments as
-    :func:`generate_from_checkpoint`."""
+    """The new ids of each prompt from ``model`` (an MCLanguageModel, on the device the ids should go to), through
+    :func:`mcdist.infer.complete`: prompts decode together ``batch_size`` at a time (docs/inference.md,
+    "Batching"), every one with its own generator seeded by ``seed``, so a prompt continues as it would alone; a
+    continuation ends after ``eos_id`` when it comes. Arguments as :func:`generate_from_checkpoint`."""
     prompts = check_request(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                             seed=seed, eos_id=eos_id, layout=layout, batch_size=batch_size,
                             vocab_size=model.config.vocab_size)
-    device = next(model.parameters()).device
-    by_length = {}
-    for number, prompt in enumerate(prompts):
-        by_length.setdefault(len(prompt), []).append(number)
-    results: List[Optional[List[int]]] = [None] * len(prompts)
-    for _, numbers in sorted(by_length.items()):
-        for first in range(0, len(numbers), batch_size):
-            batch = numbers[first:first + batch_size]
-            session = Session(model, sp=sp, layout=layout, impl=impl)
-            ids = torch.tensor([prompts[number] for number in batch], dtype=torch.int64, device=device)  # [b, L]
-            new = generate(session, ids, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
-                           eos_id=eos_id)  # [b, n]: a row that ended repeats eos_id
-            for row, number in enumerate(batch):
-                continuation = new[row].tolist()
-                if eos_id is not None and eos_id in continuation:
-                    continuation = continuation[:continuation.index(eos_id) + 1]
-                results[number] = continuation
-    return results
+    stops = [[eos_id]] if eos_id is not None else []
+    requests = [Request(prompt, max_new_tokens, temperature=temperature, top_k=top_k, stop_ids=stops, seed=seed)
+                for prompt in prompts]
+    return [completion.new_ids for completion in complete(model, requests, sp=sp, layout=layout, impl=impl,
+                                                          max_batch=batch_size)]
 
 
 def generate_from_checkpoint(model_dir: str | os.PathLike, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,

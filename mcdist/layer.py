@@ -19,12 +19,45 @@ import torch.nn.functional as F
 
 from mcdist import ops
 from mcdist.config import ModelConfig
+from mcdist.packing import documents_of, run_documents
 from mcdist.readers import DecodeReader, LayerCache, LocalReader, MemoryResult, Projections, Reader
 from mcdist.reference import memory_caching_reference
 
 
 def at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+def swla_inputs(p: Projections, config: ModelConfig, previous=None, initial_state=None):
+    """The gated linear memory inputs over 2H heads whose two halves sum to the swla memory (docs/math.md §3.3):
+    heads [0, H) write λ_t v_t k_tᵀ, heads [H, 2H) write β_t v_{t-1} k_{t-1}ᵀ, both with the decays a_t, both
+    read with q_t. ``previous``: (k, v) [B, H, D] of the token before p's first one (``None``: zeros, p starts the
+    sequence); p starts at a segment boundary. ``initial_state`` [B, H, D, D] goes into the first half.
+
+    Returns: (q, k, v [B, T, 2H, D], log_decay [B, T, 2H], initial_state [B, 2H, D, D] or None)."""
+    B, T, H, D = p.k.shape
+    if previous is None:
+        k_before = v_before = p.k.new_zeros(B, 1, H, D)
+    else:
+        k_before, v_before = (x[:, None].to(p.k.dtype) for x in previous)
+    k_shift = torch.cat([k_before, p.k[:, :-1]], 1)  # [B, T, H, D]: k_{t-1}
+    v_shift = torch.cat([v_before, p.v[:, :-1]], 1)
+    beta, lam = p.window.unbind(2)  # [B, T, H] each
+    if config.state_init == "independent":  # a segment's memory holds its own tokens only
+        first = torch.arange(T, device=p.k.device) % config.segment_len == 0
+        beta = beta.masked_fill(first[None, :, None], 0.0)
+    q = torch.cat([p.q, p.q], 2)
+    k = torch.cat([p.k, k_shift], 2)
+    v = torch.cat([(lam[..., None] * p.v).to(p.v.dtype), (beta[..., None] * v_shift).to(p.v.dtype)], 2)
+    log_decay = torch.cat([p.log_decay, p.log_decay], 2)
+    if initial_state is not None:
+        initial_state = torch.cat([initial_state, torch.zeros_like(initial_state)], 1)
+    return q, k, v, log_decay, initial_state
+
+
+def swla_sum(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The sum of the two head halves (dimension ``head_dim``, 2H wide) of a swla pass's output or states."""
+    return at_least_float32(x).unflatten(head_dim, (2, -1)).sum(head_dim).to(x.dtype)
 
 
 class HeadRMSNorm(nn.Module):
@@ -60,8 +93,10 @@ class MemoryCachingLayer(nn.Module):
         self.needs_gate_query = config.aggregation in ("grm", "soup", "ssc")
         if self.needs_gate_query and not config.share_uq:
             self.connector = nn.Linear(width, H * D, bias=False)
-        if config.memory == "gated":
+        if config.memory in ("gated", "swla"):
             self.decay_proj = nn.Linear(width, H)
+        if config.memory == "swla":  # β_t, λ_t of the window's two tokens (docs/math.md §3.3)
+            self.window_proj = nn.Linear(width, 2 * H)
         if config.is_deep:
             E = config.expansion * D
             self.step_proj = nn.Linear(width, H)
@@ -73,7 +108,8 @@ class MemoryCachingLayer(nn.Module):
         if config.output_norm:
             self.y_norm = HeadRMSNorm(H, D, config.norm_eps)
         if config.output_gate:
-            self.gate_proj = nn.Linear(width, H * D, bias=False)
+            # a bias (config.output_gate_bias; 0 = none, the gate before it) opens the gate at the start
+            self.gate_proj = nn.Linear(width, H * D, bias=config.output_gate_bias != 0.0)
         self.out_proj = nn.Linear(H * D, width, bias=False)
         self.shard = None  # sequence parallelism's shard context (mcdist.parallel.parallelize), or None
         self.reset_parameters()
@@ -90,9 +126,15 @@ class MemoryCachingLayer(nn.Module):
             nn.init.normal_(self.decay_proj.weight, std=std)
             with torch.no_grad():  # per-head decays from about 0.99 down to about 0.73 at the start
                 self.decay_proj.bias.copy_(torch.linspace(-5.0, -1.0, self.n_heads))
+        if hasattr(self, "window_proj"):
+            nn.init.normal_(self.window_proj.weight, std=std)
+            with torch.no_grad():  # β = sigmoid(0) = 0.5 for the previous token, λ = sigmoid(3) ≈ 0.95 for this one
+                self.window_proj.bias.copy_(torch.tensor([0.0, 3.0]).repeat_interleave(self.n_heads))
         if hasattr(self, "step_proj"):
             nn.init.normal_(self.step_proj.weight, std=std)
             nn.init.zeros_(self.step_proj.bias)
+        if getattr(self, "gate_proj", None) is not None and self.gate_proj.bias is not None:
+            nn.init.constant_(self.gate_proj.bias, self.config.output_gate_bias)  # SiLU(b) = 1 at the default
 
     def short_conv(self, raw: torch.Tensor, prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The short convolution (``conv_size = w``) of q, k, v: SiLU(Σ_j w_j ⊙ raw_{t-w+1+j}), causal.
@@ -143,11 +185,13 @@ class MemoryCachingLayer(nn.Module):
             u = q
         else:
             u = self.connector(x).view(B, T, H, D)
-        log_decay = None
-        if self.config.memory == "gated":  # cumulative log-decays are kept in float32 at least
+        log_decay = window = None
+        if self.config.memory in ("gated", "swla"):  # cumulative log-decays are kept in float32 at least
             log_decay = -F.softplus(at_least_float32(self.decay_proj(x)))
+        if self.config.memory == "swla":  # [B, T, 2, H]: (β_t, λ_t)
+            window = torch.sigmoid(at_least_float32(self.window_proj(x))).view(B, T, 2, H)
         theta = torch.sigmoid(self.step_proj(x)) if self.config.is_deep else None
-        return Projections(q, k, v, u, log_decay, theta)
+        return Projections(q, k, v, u, log_decay, theta, window)
 
     def deep_parameters(self) -> dict:
         """The learned pieces of the deep memory's inner optimisation."""
@@ -168,9 +212,18 @@ class MemoryCachingLayer(nn.Module):
         return torch.zeros(batch, cfg.n_heads, cfg.dim_head, cfg.dim_head, dtype=ops.state_dtype(dtype),
                            device=device)
 
-    def memory_pass(self, p: Projections, *, impl: str, initial_state=None) -> MemoryResult:
-        """Online reads M_t(q_t), cached states at every segment end, and the final state."""
+    def memory_pass(self, p: Projections, *, impl: str, initial_state=None, previous=None) -> MemoryResult:
+        """Online reads M_t(q_t), cached states at every segment end, and the final state.
+
+        ``previous``: swla only, (k, v) [B, H, D] of the token before p's first one (``None``: p starts the
+        sequence). p must start at a segment boundary."""
         cfg = self.config
+        if cfg.memory == "swla":
+            q, k, v, log_decay, initial_state = swla_inputs(p, cfg, previous, initial_state)
+            result = ops.linear_memory(q, k, v, log_decay, segment_len=cfg.segment_len, chunk_len=cfg.chunk_len,
+                                       state_init=cfg.state_init, initial_state=initial_state, impl=impl)
+            return MemoryResult(swla_sum(result.online_out, 2), swla_sum(result.cached_states, 2),
+                                swla_sum(result.final_state, 1))
         if not cfg.is_deep:
             result = ops.linear_memory(p.q, p.k, p.v, p.log_decay, segment_len=cfg.segment_len,
                                        chunk_len=cfg.chunk_len, state_init=cfg.state_init,
@@ -184,7 +237,7 @@ class MemoryCachingLayer(nn.Module):
                             cfg.minibatch_len)
 
     def output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """o_t = W_o (RMSNorm_head(y_t) ⊙ SiLU(x_t W_gate)), the norm and gate as configured."""
+        """o_t = W_o (RMSNorm_head(y_t) ⊙ SiLU(x_t W_gate + b)), the norm and gate as configured."""
         B, T, _ = x.shape
         y = y.to(x.dtype)
         if self.config.output_norm:
@@ -211,6 +264,7 @@ class MemoryCachingLayer(nn.Module):
         cache.all_contexts, cache.state = contexts, self.initial_memory(B, dtype, device)
         cache.context_sum = torch.zeros(B, H, D, dtype=cdt, device=device)
         cache.pending, cache.owned_counts, cache.conv_tail = None, [0] * group_size, None
+        cache.previous = None  # swla: no token before the first
 
     def resolve_impl(self, impl: Optional[str], x: torch.Tensor) -> str:
         """The implementation a forward asks the ops for: ``impl`` ('auto' when None), checked for x's device.
@@ -226,14 +280,22 @@ class MemoryCachingLayer(nn.Module):
         resolved = ops.resolve_impl(requested, x)  # validates the name, and 'triton' against the device
         return "auto" if requested == "auto" else resolved
 
-    def forward(self, x: torch.Tensor, *, impl: Optional[str] = None, cache: Optional[LayerCache] = None):
+    def forward(self, x: torch.Tensor, *, impl: Optional[str] = None, cache: Optional[LayerCache] = None,
+                cu_seqlens=None, document_ids: Optional[torch.Tensor] = None):
         """The layer over x [B, T, d_model] -> [B, T, d_model].
 
         ``cache``: None for a plain forward (training, evaluation). An empty :class:`LayerCache` makes this a
         prefill (the parallel path over x, then the cache holds what later tokens read); a filled one continues
         the sequence token by token from it (x: the next tokens, on every rank alike under sequence parallelism).
         Under sequence parallelism (``self.shard``, set by ``mcdist.parallel.parallelize``) x is this rank's slice
-        of the sequence for a plain forward or a prefill."""
+        of the sequence for a plain forward or a prefill. ``cu_seqlens`` (or ``document_ids``): documents packed in
+        x [1, T] (mcdist.packing), each computed as if alone; a plain forward in one process only."""
+        cu_seqlens = documents_of(cu_seqlens, document_ids)
+        if cu_seqlens is not None:
+            if cache is not None or self.shard is not None:
+                raise ValueError("cu_seqlens: a plain forward in one process only (no decode cache, no sequence "
+                                 "parallelism yet)")
+            return run_documents(lambda rows: self.forward(rows, impl=impl), x, cu_seqlens)
         impl = self.resolve_impl(impl, x)
         if impl == "reference":
             if cache is not None or self.shard is not None:

@@ -17,6 +17,8 @@ from torch.utils.checkpoint import checkpoint
 from mcdist.attention import AttentionLayer, KVCache
 from mcdist.config import ModelConfig
 from mcdist.layer import MemoryCachingLayer, at_least_float32
+from mcdist.packing import buckets, check_cu_seqlens, documents_of, run_documents
+from mcdist.parallel.layout import shard_sequence
 from mcdist.readers import LayerCache
 
 IGNORE_INDEX = -100
@@ -118,7 +120,9 @@ class MCLanguageModel(nn.Module):
                             for block in self.blocks])
 
     def hidden_states(self, input_ids: torch.Tensor, *, impl: Optional[str] = None,
-                      cache: Optional[DecodeCache] = None) -> torch.Tensor:
+                      cache: Optional[DecodeCache] = None, cu_seqlens=None) -> torch.Tensor:
+        """The final-normed hidden states [B, T, d_model]. ``cu_seqlens``: the documents packed in the one
+        sequence input_ids [1, T] (mcdist.packing): each is computed as if alone."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T]; got shape {tuple(input_ids.shape)}")
         if input_ids.dtype not in (torch.int64, torch.int32):
@@ -127,15 +131,31 @@ class MCLanguageModel(nn.Module):
             raise ValueError(f"cache holds {len(cache.layers)} layers; this model has {len(self.blocks)} "
                              "(make it with model.new_cache())")
         x = self.embed(input_ids)
+        if cu_seqlens is not None:
+            if cache is not None:
+                raise ValueError("cu_seqlens with a decode cache: decode packed prompts as separate requests "
+                                 "(mcdist.infer.complete), which batches them")
+            if any(block.mixer.shard is not None for block in self.blocks):
+                raise ValueError("packed documents (cu_seqlens) under sequence parallelism: loss_sum takes them "
+                                 "(the whole packed sequence on every rank); logits of packed documents are computed "
+                                 "in one process")
+            return self.final_norm(run_documents(lambda rows: self._blocks(rows, impl, None), x, cu_seqlens))
+        return self.final_norm(self._blocks(x, impl, cache))
+
+    def _blocks(self, x: torch.Tensor, impl: Optional[str], cache: Optional[DecodeCache]) -> torch.Tensor:
         for index, block in enumerate(self.blocks):
             x = block(x, impl=impl, cache=None if cache is None else cache.layers[index])
-        return self.final_norm(x)
+        return x
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
-                cache: Optional[DecodeCache] = None, impl: Optional[str] = None) -> ModelOutput:
+                cache: Optional[DecodeCache] = None, impl: Optional[str] = None, cu_seqlens=None,
+                document_ids: Optional[torch.Tensor] = None) -> ModelOutput:
         """Logits [B, T, vocab] (and the mean loss over labels != -100 when given). With ``cache``: a prefill
-        (empty cache) or the next tokens of the cached sequence; the cache is updated in place and returned."""
-        logits = self.lm_head(self.hidden_states(input_ids, impl=impl, cache=cache))
+        (empty cache) or the next tokens of the cached sequence; the cache is updated in place and returned.
+        ``cu_seqlens``: int [n_docs + 1], the documents packed in input_ids [1, T] ([0, end_0, …, T]); each is
+        computed exactly as if alone (docs/packing.md); or ``document_ids`` [1, T], a document id per token."""
+        cu_seqlens = documents_of(cu_seqlens, document_ids)
+        logits = self.lm_head(self.hidden_states(input_ids, impl=impl, cache=cache, cu_seqlens=cu_seqlens))
         loss = None
         if labels is not None:
             if labels.shape != input_ids.shape:
@@ -146,15 +166,20 @@ class MCLanguageModel(nn.Module):
         return ModelOutput(logits, loss, cache)
 
     def loss_sum(self, input_ids: torch.Tensor, labels: torch.Tensor, *, chunk_tokens: int = 0,
-                 impl: Optional[str] = None) -> torch.Tensor:
+                 impl: Optional[str] = None, cu_seqlens=None) -> torch.Tensor:
         """Σ cross-entropy (float32 or wider) over the labelled tokens (labels != -100) of input_ids [B, T].
 
         ``chunk_tokens > 0``: the logits are made and reduced ``chunk_tokens`` tokens at a time, each chunk under
         activation checkpointing, so neither the forward nor the backward ever holds more than one chunk's
         [chunk, vocab] logits (a long sequence's full logits are the largest activation by far: 128K tokens × a
         32K vocabulary are 16 GiB in float32). The same value and gradients as ``chunk_tokens = 0`` up to float
-        summation order."""
-        hidden = self.hidden_states(input_ids, impl=impl).flatten(0, 1)  # [B·T, d_model]
+        summation order. ``cu_seqlens``: packed documents, as for ``forward``. Under sequence parallelism with
+        ``cu_seqlens``, input_ids and labels are the *whole* packed sequence [1, T] on every rank of the group, and
+        this rank's part of the sum is returned (the ranks' parts add up to the whole: docs/packing.md)."""
+        shard = self.sequence_shard()
+        if cu_seqlens is not None and shard is not None:
+            return self._sharded_documents_loss_sum(input_ids, labels, cu_seqlens, shard, chunk_tokens, impl)
+        hidden = self.hidden_states(input_ids, impl=impl, cu_seqlens=cu_seqlens).flatten(0, 1)  # [B·T, d_model]
         labels = labels.reshape(-1)
         if chunk_tokens <= 0:
             return _cross_entropy_sum(self.lm_head, hidden, labels)
@@ -162,6 +187,38 @@ class MCLanguageModel(nn.Module):
         for first in range(0, hidden.shape[0], chunk_tokens):
             part = checkpoint(_cross_entropy_sum, self.lm_head, hidden[first:first + chunk_tokens],
                               labels[first:first + chunk_tokens], use_reentrant=False)
+            total = part if total is None else total + part
+        return total
+
+    def sequence_shard(self):
+        """The shard context sequence parallelism gave the layers (its ``sp`` group and ``layout``), or None."""
+        for block in self.blocks:
+            if block.mixer.shard is not None:
+                return block.mixer.shard
+        return None
+
+    def _sharded_documents_loss_sum(self, input_ids, labels, cu_seqlens, shard, chunk_tokens, impl):
+        """Σ CE of packed documents under sequence parallelism: each length bucket of documents
+        (mcdist.packing.buckets) is a batch, every document right-padded (ids 0, labels ignored) to the bucket's
+        longest rounded up to what the layout divides, sharded as any batch; this rank's pieces are summed."""
+        if input_ids.shape[0] != 1 or labels.shape != input_ids.shape:
+            raise ValueError(f"packed documents take input_ids and labels [1, T]; got {tuple(input_ids.shape)} and "
+                             f"{tuple(labels.shape)}")
+        cu = check_cu_seqlens(cu_seqlens, input_ids.shape[1])
+        P, layout = shard.sp.size, shard.layout
+        unit = (2 * P if layout == "zigzag" else P) * self.config.segment_len
+        starts, lengths = cu[:-1].tolist(), (cu[1:] - cu[:-1]).tolist()
+        total = None
+        for group in buckets(lengths):
+            width = -(-max(lengths[i] for i in group) // unit) * unit
+            ids = input_ids.new_zeros(len(group), width)
+            targets = labels.new_full((len(group), width), IGNORE_INDEX)
+            for row, i in enumerate(group):
+                ids[row, :lengths[i]] = input_ids[0, starts[i]:starts[i] + lengths[i]]
+                targets[row, :lengths[i]] = labels[0, starts[i]:starts[i] + lengths[i]]
+            part = self.loss_sum(shard_sequence(ids, P, shard.sp.rank, layout),
+                                 shard_sequence(targets, P, shard.sp.rank, layout), chunk_tokens=chunk_tokens,
+                                 impl=impl)
             total = part if total is None else total + part
         return total
 

@@ -37,6 +37,7 @@ class Projections(NamedTuple):
     u: torch.Tensor  # [B, T, H, D] gate queries (the connector)
     log_decay: Optional[torch.Tensor]  # [B, T, H] for `gated`
     theta: Optional[torch.Tensor]  # [B, T, H] step scales for deep memory
+    window: Optional[torch.Tensor] = None  # [B, T, 2, H] swla: (β_t, λ_t), the weights of v_{t-1}k_{t-1}ᵀ, v_t k_tᵀ
 
 
 class MemoryResult(NamedTuple):
@@ -65,6 +66,10 @@ class LayerCache:
     pending: Optional[tuple] = None  # deep memory: (k [B, n, H, D], v, θ [B, n, H]) of the open mini-batch
     owned_counts: List[int] = field(default_factory=lambda: [0])  # states held by each rank of the group
     conv_tail: Optional[torch.Tensor] = None  # short convolution: qkv of the last conv_size − 1 tokens, or None
+    previous: Optional[tuple] = None  # swla: (k [B, H, D], v [B, H, D]) of the last token seen, or None (none yet)
+    # rows of different prompts in one batch (mcdist.readers.stack_caches): [B] leading placeholder segments of
+    # each row, never read; None when every row's states are all its own
+    pad: Optional[torch.Tensor] = None
 
     @property
     def filled(self) -> bool:
@@ -114,6 +119,7 @@ def fill_cache(layer, cache: LayerCache, p: Projections, memory: MemoryResult, T
     cache.context_sum = p.k[:, p.k.shape[1] - open_len:].to(context_dtype(p.k)).sum(1)
     cache.pending = None
     cache.owned_counts = [len(kept)] * group_size
+    cache.previous = (p.k[:, -1], p.v[:, -1]) if p.window is not None else None  # swla: the window's older token
 
 
 class Reader:
@@ -245,7 +251,16 @@ class DecodeReader(Reader):
             q, k, v = (x[:, 0].to(M.dtype) for x in (p.q, p.k, p.v))
             if p.log_decay is not None:
                 M = torch.exp(p.log_decay[:, 0].to(M.dtype))[..., None, None] * M
-            M = M + v[..., :, None] * k[..., None, :]  # rows index values, columns keys
+            if p.window is None:
+                M = M + v[..., :, None] * k[..., None, :]  # rows index values, columns keys
+            else:  # swla (docs/math.md §3.3): + λ_t v_t k_tᵀ + β_t v_{t-1} k_{t-1}ᵀ
+                beta, lam = (w[..., None, None].to(M.dtype) for w in p.window[:, 0].unbind(1))  # [B, H, 1, 1]
+                M = M + lam * (v[..., :, None] * k[..., None, :])
+                opens = cfg.state_init == "independent" and cache.position % cfg.segment_len == 0
+                if cache.previous is not None and not opens:  # a segment's own tokens only, under independent
+                    k_before, v_before = (x.to(M.dtype) for x in cache.previous)
+                    M = M + beta * (v_before[..., :, None] * k_before[..., None, :])
+                cache.previous = (p.k[:, 0], p.v[:, 0])
             cache.state = M
             online = torch.einsum("bhij,bhj->bhi", M, q)[:, None].to(p.q.dtype)
             return MemoryResult(online, cache.states, None)
@@ -273,6 +288,14 @@ class DecodeReader(Reader):
     def select(self, u, *, top_k, gate_scale):
         cache = self.cache
         n_all = cache.all_contexts.shape[1]
+        if cache.pad is not None:  # each row chooses among its own segments, as it would alone
+            chosen = []
+            for row, pad in enumerate(cache.pad.tolist()):
+                own = ops.select_top_k(u[row:row + 1], cache.all_contexts[row:row + 1, pad:],
+                                       segment_len=self.segment_len, top_k=top_k, gate_scale=gate_scale,
+                                       query_offset=(n_all - pad) * self.segment_len, impl=self.impl)
+                chosen.append(torch.where(own >= 0, own + pad, own))
+            return local_selection(torch.cat(chosen), cache.segments)
         chosen = ops.select_top_k(u, cache.all_contexts, segment_len=self.segment_len, top_k=top_k,
                                   gate_scale=gate_scale, query_offset=n_all * self.segment_len, impl=self.impl)
         return local_selection(chosen, cache.segments)
@@ -285,6 +308,9 @@ class DecodeReader(Reader):
         B, _, H = z.shape[:3]
         dout = z.shape[-1] if isinstance(states, tuple) else states.shape[3]
         if n:
+            states = widened(states, contexts.dtype)
+            if selected is None and self.cache.pad is not None:
+                selected = own_states(self.cache.pad, n, H)
             out, lse = self._local_read(z, u, states, contexts, gate_scale, selected)
         else:
             out = z.new_zeros(B, 1, H, dout, dtype=contexts.dtype)
@@ -342,7 +368,18 @@ class DecodeReader(Reader):
 
     def total(self, z, states):
         n = states[0].shape[1] if isinstance(states, tuple) else states.shape[1]
-        if n:
+        states = widened(states, ops.state_dtype(z.dtype))
+        if n and self.cache.pad is not None:  # each row sums its own states only
+            rows = []
+            for row, pad in enumerate(self.cache.pad.tolist()):
+                if pad < n:
+                    rows.append(ops.residual_read(z[row:row + 1], take_rows(take_states(states, slice(pad, None)),
+                                                                              slice(row, row + 1)),
+                                                  segment_len=self.segment_len, query_offset=(n - pad) * self.segment_len))
+                else:
+                    rows.append(torch.zeros_like(z[row:row + 1], dtype=ops.state_dtype(z.dtype)))
+            out = torch.cat(rows)
+        elif n:
             out = ops.residual_read(z, states, segment_len=self.segment_len, query_offset=n * self.segment_len)
         else:
             out = torch.zeros_like(z, dtype=ops.state_dtype(z.dtype))
@@ -366,6 +403,7 @@ class DecodeReader(Reader):
         owner = min(range(len(cache.owned_counts)), key=lambda r: (cache.owned_counts[r], r))
         cache.owned_counts[owner] += 1
         final = (cache.state.w1[:, None], cache.state.w2[:, None]) if cfg.is_deep else cache.state[:, None]
+        final = narrowed_like(final, cache.states)  # the cache's own dtype (float32, or bfloat16: cast_cache)
         cache.all_contexts = torch.cat([cache.all_contexts, context[:, None]], 1)
         if owner == self.rank:
             cache.states = cat_states([cache.states, final])
@@ -375,3 +413,128 @@ class DecodeReader(Reader):
             dtype = cache.state.w1.dtype if cfg.is_deep else cache.state.dtype
             cache.state = layer.initial_memory(context.shape[0], dtype, context.device)
         cache.context_sum = torch.zeros_like(cache.context_sum)
+
+
+# --- caches of several prompts in one batch (mcdist.infer.complete, docs/inference.md "Batching") -------------
+
+def _is_tuple(value) -> bool:
+    return isinstance(value, tuple)
+
+
+def take_rows(value, index):
+    """``value`` (a tensor [B, ...], a tuple or NamedTuple of them, or anything else: kept) at batch rows
+    ``index``."""
+    if isinstance(value, torch.Tensor):
+        return value[index]
+    if _is_tuple(value):
+        items = [take_rows(item, index) for item in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    return value
+
+
+def _cat_rows(values):
+    """Row-wise concatenation of the same field of several caches (tensors, tuples of tensors, or all None)."""
+    first = values[0]
+    if first is None:
+        if any(value is not None for value in values):
+            raise ValueError("cannot batch caches that differ in what they hold (one has a field another lacks)")
+        return None
+    if isinstance(first, torch.Tensor):
+        return torch.cat(values)
+    if _is_tuple(first):
+        items = [_cat_rows([value[i] for value in values]) for i in range(len(first))]
+        return type(first)(*items) if hasattr(first, "_fields") else tuple(items)
+    raise TypeError(f"cannot batch a cache field of type {type(first).__name__}")
+
+
+def _left_pad(states, n: int):
+    """[1, m, ...] states (or a tuple of them) with n − m leading zero entries."""
+    if _is_tuple(states):
+        return tuple(_left_pad(w, n) for w in states)
+    missing = n - states.shape[1]
+    return torch.cat([states.new_zeros(states.shape[0], missing, *states.shape[2:]), states], 1)
+
+
+def _count(states) -> int:
+    return (states[0] if _is_tuple(states) else states).shape[1]
+
+
+SEGMENT_FIELDS = ("states", "contexts", "all_contexts")  # [B, n, ...]: padded in front when rows are stacked
+
+
+def stack_caches(caches: List[LayerCache], segment_len: int) -> LayerCache:
+    """One cache for a batch of sequences from the caches of each alone (one process; each filled, one row).
+
+    The rows may hold different numbers of closed segments, but must stand at the same point of a segment
+    (position mod C): then every row closes its segments on the same later tokens. A row with fewer segments
+    gets placeholder segments in front (zeros) that ``pad`` marks, which the decode reader never reads
+    (selections and sums skip them), so each row decodes exactly as alone."""
+    if not caches:
+        raise ValueError("stack_caches needs at least one cache")
+    offsets = {cache.position % segment_len for cache in caches}
+    if len(offsets) != 1:
+        raise ValueError(f"caches stand at different points of a segment (positions mod {segment_len}: "
+                         f"{sorted(offsets)}); only prompts of equal length mod segment_len decode together")
+    for cache in caches:
+        if not cache.filled or len(cache.owned_counts) != 1 or cache.pad is not None:
+            raise ValueError("stack_caches takes filled one-process caches of single sequences")
+    counts = [_count(cache.states) for cache in caches]
+    n = max(counts)
+    merged = LayerCache()
+    for name in LayerCache.__dataclass_fields__:
+        values = [getattr(cache, name) for cache in caches]
+        if name in SEGMENT_FIELDS:
+            setattr(merged, name, _cat_rows([_left_pad(value, n) for value in values]))
+        elif name not in ("position", "segments", "owned_counts", "pad"):
+            setattr(merged, name, _cat_rows(values))
+    merged.position = n * segment_len + offsets.pop()
+    merged.segments = list(range(n))
+    merged.owned_counts = [n]
+    pads = [n - count for count in counts]
+    merged.pad = torch.tensor(pads, dtype=torch.int64, device=merged.context_sum.device) if any(pads) else None
+    return merged
+
+
+def select_cache_rows(cache: LayerCache, index: torch.Tensor) -> LayerCache:
+    """The cache of batch rows ``index`` (a 1-D int64 tensor) only: rows that finished leave the batch."""
+    kept = LayerCache()
+    for name in LayerCache.__dataclass_fields__:
+        value = getattr(cache, name)
+        if name in ("position", "segments", "owned_counts"):  # the same for every row
+            setattr(kept, name, list(value) if isinstance(value, list) else value)
+        else:
+            setattr(kept, name, take_rows(value, index))
+    if kept.pad is not None and not bool(kept.pad.any()):
+        kept.pad = None
+    return kept
+
+
+def own_states(pad: torch.Tensor, n: int, heads: int) -> torch.Tensor:
+    """Every row's own states as a selection [B, 1, H, n]: positions pad_b … n − 1, −1 for the placeholders."""
+    index = torch.arange(n, device=pad.device)
+    chosen = torch.where(index[None, :] >= pad[:, None], index[None, :], torch.full_like(index[None, :], -1))
+    return chosen[:, None, None, :].expand(pad.shape[0], 1, heads, n)
+
+
+NARROW = (torch.bfloat16, torch.float16)
+
+
+def widened(states, dtype: torch.dtype):
+    """Cached states kept in bfloat16 / float16 (``cast_cache``) as ``dtype`` for a read; others as they are."""
+    if _is_tuple(states):
+        return tuple(widened(w, dtype) for w in states)
+    return states.to(dtype) if states.dtype in NARROW and dtype not in NARROW else states
+
+
+def narrowed_like(new, states):
+    """``new`` states in the dtype of the cache's ``states`` (tensors or tuples alike)."""
+    if _is_tuple(new):
+        return tuple(narrowed_like(w, s) for w, s in zip(new, states))
+    return new.to(states.dtype)
+
+
+def cast_cache(cache: LayerCache, dtype: torch.dtype) -> None:
+    """Keep the cached segment states in ``dtype`` (e.g. bfloat16: half the bytes of float32); they are read
+    in the contexts' dtype (float32), so only their storage is rounded (docs/inference.md, "Cache dtype")."""
+    states = cache.states
+    cache.states = tuple(w.to(dtype) for w in states) if _is_tuple(states) else states.to(dtype)

@@ -42,7 +42,7 @@ def memory_caching_reference(layer, p) -> torch.Tensor:
     sdt = ops.state_dtype(p.q.dtype)
     q, k, v, u = (x.to(sdt) for x in (p.q, p.k, p.v, p.u))
     if cfg.segmentation == "logarithmic":
-        if cfg.is_deep:
+        if cfg.memory not in ("linear", "gated"):
             raise ValueError("segmentation = 'logarithmic' supports linear and gated memory only; "
                              f"memory = {cfg.memory!r}")
         split = logarithmic_segments
@@ -65,13 +65,22 @@ def memory_caching_reference(layer, p) -> torch.Tensor:
             return ops.mlp_read(z, state[0], state[1])
     else:
         decay = torch.ones(B, T, H, dtype=sdt) if p.log_decay is None else torch.exp(p.log_decay.to(sdt))
+        window = getattr(p, "window", None)  # swla: [B, T, 2, H] = (β_t, λ_t), docs/math.md §3.3
 
-        def step(state, t):
-            return decay[:, t, :, None, None] * state + v[:, t, :, :, None] * k[:, t, :, None, :]
+        def step(state, t, first):
+            """The state after token t of a recurrence whose first token is ``first``."""
+            new = v[:, t, :, :, None] * k[:, t, :, None, :]
+            if window is None:
+                return decay[:, t, :, None, None] * state + new
+            beta, lam = window[:, t, 0, :, None, None].to(sdt), window[:, t, 1, :, None, None].to(sdt)
+            state = decay[:, t, :, None, None] * state + lam * new
+            if t > first:  # the window's older token, when it belongs to this recurrence
+                state = state + beta * (v[:, t - 1, :, :, None] * k[:, t - 1, :, None, :])
+            return state
 
         running, state = [], torch.zeros(B, H, D, D, dtype=sdt)
         for t in range(T):
-            state = step(state, t)
+            state = step(state, t, 0)
             running.append(state)
 
         @lru_cache(maxsize=None)
@@ -80,7 +89,7 @@ def memory_caching_reference(layer, p) -> torch.Tensor:
                 return running[end - 1]
             state = torch.zeros(B, H, D, D, dtype=sdt)
             for t in range(start, end):
-                state = step(state, t)
+                state = step(state, t, start)
             return state
 
         def online_state(t, start):

@@ -48,7 +48,7 @@ def test_every_variant_and_sdpa_is_measured_at_every_size(quick_report):
     rows = quick_report["layer_vs_sdpa"]
     sizes = quick_report["settings"]["sizes"]
     names = {(row["name"], row["seq_len"]) for row in rows}
-    assert names == {(name, T) for name in ("sdpa", "none", "residual", "grm", "ssc") for T in sizes}
+    assert names == {(name, T) for name in ("sdpa", "attention", "none", "residual", "grm", "ssc") for T in sizes}
     for row in rows:
         assert row["mode"] == "forward+backward", row  # quick sizes are far below the time limit
         assert row["repeats"] == len(row["times_s"]) >= 1
@@ -58,6 +58,8 @@ def test_every_variant_and_sdpa_is_measured_at_every_size(quick_report):
         if row["name"] != "sdpa":
             for key in ("ratio_to_sdpa", "cpu_ratio_to_sdpa", "forward_ratio_to_sdpa"):
                 assert _positive(row[key]), (row["name"], row["seq_len"], key)
+        if row["name"] not in ("sdpa", "attention"):  # each MC layer beside the whole attention mixer
+            assert _positive(row["ratio_to_attention_layer"]), (row["name"], row["seq_len"])
 
 
 def test_cached_state_counts_match_the_formula(quick_report):

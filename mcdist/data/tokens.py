@@ -1,15 +1,21 @@
 """Pre-tokenized token files: raw little-endian uint16/uint32 ids, memory-mapped, with a JSON sidecar.
 
-A token file is two files side by side:
+A token file is three files side by side:
 
 * ``<path>``: the token ids, one after the other, as little-endian ``uint16`` (vocabularies up to 65,536 ids)
   or ``uint32``; documents are concatenated, each followed by ``eos_id`` when the tokenizer has one,
+* ``<path>.docs``: the document boundaries, little-endian ``int64``, in the ``cu_seqlens`` convention of
+  flash-linear-attention's varlen API: ``[0, end_0, end_1, ..., num_tokens]`` (document ``i`` is tokens
+  ``[end_(i-1), end_i)``, its EOS included; a run of tokens after the last document counts as one more),
 * ``<path>.json``: the header, e.g.
   ``{"format": "mcdist-tokens", "version": 1, "dtype": "uint16", "num_tokens": 1234, "vocab_size": 256,
-  "eos_id": 0, "num_documents": 3, "tokenizer": {"kind": "byte"}}``.
+  "eos_id": 0, "num_documents": 3, "tokenizer": {"kind": "byte"},
+  "boundaries": {"file": "train.bin.docs", "dtype": "int64", "count": 4}}``.
 
-:class:`TokenWriter` writes both atomically (temporary names, then renames: the ids first, the header last, so
-a header always describes a complete file). :class:`TokenFile` opens them with ``numpy.memmap``: reading a
+Files written before the boundaries existed have no ``boundaries`` entry; their documents are found from the
+EOS ids (:meth:`TokenFile.boundaries`). :class:`TokenWriter` writes all three atomically (temporary names,
+then renames: the ids first, the boundaries next, the header last, so a header always describes complete
+files). :class:`TokenFile` opens them with ``numpy.memmap``: reading a
 slice touches only the pages of that slice, which is what lets each sequence-parallel rank read just its own
 piece of a million-token window (:meth:`TokenFile.read_window`).
 
@@ -35,6 +41,9 @@ FORMAT = "mcdist-tokens"
 FORMAT_VERSION = 1
 TOKEN_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 SIDECAR_SUFFIX = ".json"
+BOUNDARIES_SUFFIX = ".docs"
+BOUNDARY_DTYPE = np.dtype("<i8")
+_BOUNDARY_BUFFER = 1 << 16  # boundaries held in memory before they are appended to the temporary file
 
 
 class TokenFileError(ValueError):
@@ -44,6 +53,11 @@ class TokenFileError(ValueError):
 def sidecar_path(path: str | os.PathLike) -> str:
     """The header file of the token file ``path``: ``<path>.json``."""
     return os.fspath(path) + SIDECAR_SUFFIX
+
+
+def boundaries_path(path: str | os.PathLike) -> str:
+    """The document boundaries file of the token file ``path``: ``<path>.docs``."""
+    return os.fspath(path) + BOUNDARIES_SUFFIX
 
 
 def dtype_for_vocab(vocab_size: int) -> str:
@@ -59,17 +73,20 @@ class TokenWriter:
     """Stream token ids into a new token file; nothing appears under ``path`` until :meth:`close`.
 
     Args:
-        path: the token file to write (its header goes to ``<path>.json``); an existing pair is replaced.
+        path: the token file to write (its boundaries go to ``<path>.docs``, its header to ``<path>.json``); an
+            existing file of that name is replaced.
         vocab_size: ids must lie in ``[0, vocab_size)``.
         dtype: ``"uint16"``, ``"uint32"`` or ``None`` (the smallest that fits ``vocab_size``).
         eos_id: appended after each document by :meth:`end_document`; ``None`` = documents are not separated.
         tokenizer: a JSON-able description of the tokenizer, stored in the header.
+        source: a JSON-able description of where the text came from (``mcdist data prepare --demo``), stored in
+            the header when given.
 
     Use as a context manager: an exception inside the ``with`` removes the temporary file and writes nothing.
     """
 
     def __init__(self, path: str | os.PathLike, *, vocab_size: int, dtype: Optional[str] = None,
-                 eos_id: Optional[int] = None, tokenizer: Optional[dict] = None):
+                 eos_id: Optional[int] = None, tokenizer: Optional[dict] = None, source: Optional[dict] = None):
         self.path = os.fspath(path)
         self.dtype = dtype or dtype_for_vocab(vocab_size)
         if self.dtype not in TOKEN_DTYPES:
@@ -81,6 +98,7 @@ class TokenWriter:
         self.vocab_size = vocab_size
         self.eos_id = eos_id
         self.tokenizer = tokenizer or {}
+        self.source = source
         self.num_tokens = 0
         self.num_documents = 0
         folder = os.path.dirname(os.path.abspath(self.path))
@@ -88,7 +106,12 @@ class TokenWriter:
         tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._tmp = os.path.join(folder, f".{os.path.basename(self.path)}.tmp-{tag}")
         self._tmp_header = self._tmp + SIDECAR_SUFFIX
+        self._tmp_boundaries = self._tmp + BOUNDARIES_SUFFIX
         self._handle = open(self._tmp, "wb")
+        self._boundary_handle = open(self._tmp_boundaries, "wb")
+        self._ends = [0]  # boundaries not yet appended to the temporary file
+        self._last_end = 0
+        self._num_boundaries = 0
         self._closed = False
 
     def write(self, ids: Iterable[int] | np.ndarray | torch.Tensor) -> None:
@@ -106,23 +129,47 @@ class TokenWriter:
         self.num_tokens += int(array.size)
 
     def end_document(self) -> None:
-        """Close one document: append ``eos_id`` (when there is one) and count it."""
+        """Close one document: append ``eos_id`` (when there is one), count it and record where it ends."""
         if self.eos_id is not None:
             self.write([self.eos_id])
         self.num_documents += 1
+        self._add_boundary(self.num_tokens)
+
+    def _add_boundary(self, end: int) -> None:
+        self._ends.append(end)
+        self._last_end = end
+        if len(self._ends) >= _BOUNDARY_BUFFER:
+            self._flush_boundaries()
+
+    def _flush_boundaries(self) -> None:
+        if self._ends:
+            self._boundary_handle.write(np.asarray(self._ends, dtype=BOUNDARY_DTYPE).tobytes())
+            self._num_boundaries += len(self._ends)
+            self._ends = []
 
     def header(self) -> dict:
-        return {"format": FORMAT, "version": FORMAT_VERSION, "dtype": self.dtype, "num_tokens": self.num_tokens,
-                "vocab_size": self.vocab_size, "eos_id": self.eos_id, "num_documents": self.num_documents,
-                "tokenizer": self.tokenizer}
+        count = self._num_boundaries + len(self._ends) + (self.num_tokens != self._last_end)
+        header = {"format": FORMAT, "version": FORMAT_VERSION, "dtype": self.dtype, "num_tokens": self.num_tokens,
+                  "vocab_size": self.vocab_size, "eos_id": self.eos_id, "num_documents": self.num_documents,
+                  "tokenizer": self.tokenizer,
+                  "boundaries": {"file": os.path.basename(boundaries_path(self.path)),
+                                 "dtype": BOUNDARY_DTYPE.name, "count": count}}
+        if self.source is not None:
+            header["source"] = self.source
+        return header
 
     def close(self) -> dict:
-        """Finish the file: fsync, rename the ids into place, then the header. Returns the header."""
+        """Finish the files: fsync, rename the ids into place, then the boundaries, then the header. Returns the
+        header."""
         if self._closed:
             raise RuntimeError(f"TokenWriter for {self.path} is already closed")
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
-        self._handle.close()
+        if self.num_tokens != self._last_end:  # tokens after the last document: one more, unterminated
+            self._add_boundary(self.num_tokens)
+        self._flush_boundaries()
+        for handle in (self._handle, self._boundary_handle):
+            handle.flush()
+            os.fsync(handle.fileno())
+            handle.close()
         header = self.header()
         with open(self._tmp_header, "w", encoding="utf-8") as out:
             out.write(json.dumps(header, indent=2, sort_keys=True) + "\n")
@@ -132,16 +179,20 @@ class TokenWriter:
         if os.path.exists(sidecar_path(self.path)):
             os.unlink(sidecar_path(self.path))
         os.replace(self._tmp, self.path)
+        os.replace(self._tmp_boundaries, boundaries_path(self.path))
         os.replace(self._tmp_header, sidecar_path(self.path))
+        _fsync_folder(self.path)
         self._closed = True
         return header
 
     def abort(self) -> None:
-        """Drop everything written so far (the target files are left as they were)."""
+        """Drop everything written so far. Before :meth:`close` started renaming, the target files are left as
+        they were; a failure between its renames leaves a token file without a header, which readers refuse."""
         if not self._closed:
             self._handle.close()
+            self._boundary_handle.close()
             self._closed = True
-        for leftover in (self._tmp, self._tmp_header):
+        for leftover in (self._tmp, self._tmp_boundaries, self._tmp_header):
             if os.path.exists(leftover):
                 os.unlink(leftover)
 
@@ -153,6 +204,20 @@ class TokenWriter:
             self.close()
         else:
             self.abort()
+
+
+def _fsync_folder(path: str) -> None:
+    """Make the renames into the folder of ``path`` durable (where the platform allows opening a folder)."""
+    try:
+        handle = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass  # some filesystems refuse fsync on a folder; the renames themselves are atomic
+    finally:
+        os.close(handle)
 
 
 def write_tokens(path: str | os.PathLike, tokens: Sequence[int] | np.ndarray | torch.Tensor, *, vocab_size: int,
@@ -194,7 +259,23 @@ def read_header(path: str | os.PathLike) -> dict:
     if actual != expected:
         raise TokenFileError(f"{path}: {actual} bytes, but its header says {header['num_tokens']} {dtype} tokens = "
                              f"{expected} bytes (truncated, or the two files come from different writes)")
+    if "boundaries" in header:
+        _check_boundaries_entry(path, header_path, header["boundaries"])
     return header
+
+
+def _check_boundaries_entry(path: str, header_path: str, entry) -> None:
+    if (not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or entry.get("dtype") != "int64"
+            or not isinstance(entry.get("count"), int) or entry["count"] < 1):
+        raise TokenFileError(f"{header_path}: boundaries = {entry!r} is invalid; expected {{\"file\": name, "
+                             "\"dtype\": \"int64\", \"count\": entries >= 1}")
+    docs = os.path.join(os.path.dirname(os.path.abspath(path)), entry["file"])
+    if not os.path.isfile(docs):
+        raise TokenFileError(f"{path}: its boundaries file {docs!r} (named in {header_path}) does not exist")
+    expected = entry["count"] * BOUNDARY_DTYPE.itemsize
+    if os.path.getsize(docs) != expected:
+        raise TokenFileError(f"{docs}: {os.path.getsize(docs)} bytes, but {header_path} says {entry['count']} int64 "
+                             f"boundaries = {expected} bytes (truncated, or the files come from different writes)")
 
 
 class TokenFile:
@@ -213,7 +294,11 @@ class TokenFile:
         self.vocab_size: int = self.header["vocab_size"]
         self.eos_id: Optional[int] = self.header.get("eos_id")
         self.dtype: str = self.header["dtype"]
+        entry = self.header.get("boundaries")
+        self.boundaries_path: Optional[str] = (
+            None if entry is None else os.path.join(os.path.dirname(os.path.abspath(self.path)), entry["file"]))
         self._memmap = None
+        self._boundaries = None
         self.reads: Optional[list] = [] if record_reads else None
 
     def _tokens(self) -> np.ndarray:
@@ -231,7 +316,73 @@ class TokenFile:
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_memmap"] = None
+        state["_boundaries"] = None
         return state
+
+    @property
+    def boundaries_source(self) -> Optional[str]:
+        """Where the document boundaries come from: ``"file"`` (``<path>.docs``), ``"eos"`` (a file written
+        before boundaries files existed: the EOS ids), or ``None`` (neither: the documents are unknown)."""
+        if self.boundaries_path is not None:
+            return "file"
+        return "eos" if self.eos_id is not None else None
+
+    def boundaries(self) -> np.ndarray:
+        """The document boundaries of the whole file, int64 ``[num_documents + 1]``: ``[0, end_0, ...,
+        num_tokens]`` (the ``cu_seqlens`` convention), from ``<path>.docs``, else from the EOS ids.
+
+        Raises:
+            TokenFileError: the boundaries file is corrupt (not ``0``-first, ``num_tokens``-last, non-decreasing),
+                or the file has neither a boundaries file nor an ``eos_id``.
+        """
+        if self._boundaries is None:
+            source = self.boundaries_source
+            if source is None:
+                raise TokenFileError(f"{self.path}: its documents are unknown (no boundaries file and no eos_id in "
+                                     "its header); expected a token file written by `mcdist data prepare`")
+            if source == "file":
+                ends = np.memmap(self.boundaries_path, dtype=BOUNDARY_DTYPE, mode="r")
+                if ends[0] != 0 or ends[-1] != self.num_tokens or (ends.size > 1 and np.any(np.diff(ends) < 0)):
+                    raise TokenFileError(f"{self.boundaries_path}: not the boundaries of {self.path}; expected "
+                                         f"non-decreasing offsets from 0 to num_tokens = {self.num_tokens}")
+            else:
+                ends = np.flatnonzero(self._tokens() == self.eos_id).astype(np.int64) + 1  # [documents]
+                tail = [self.num_tokens] if ends.size == 0 or ends[-1] != self.num_tokens else []
+                ends = np.concatenate([np.zeros(1, dtype=np.int64), ends, np.asarray(tail, dtype=np.int64)])
+            self._boundaries = ends
+        return self._boundaries
+
+    def read_boundaries(self, start: int, length: int) -> torch.Tensor:
+        """The document boundaries of tokens ``[start, start + length)`` relative to ``start``: int32
+        ``[k + 1]``, ``[0, ..., length]``, the ``cu_seqlens`` of the ``k`` documents (or parts of documents)
+        that slice holds, as flash-linear-attention's varlen API takes them. Empty documents do not appear.
+
+        Reads only the boundaries inside the slice (a binary search in ``<path>.docs``), or, for a file without
+        one, the slice's own tokens (a document starts after each EOS).
+        """
+        if start < 0 or length <= 0 or start + length > self.num_tokens:
+            raise IndexError(f"{self.path}: tokens [{start}, {start + length}) are outside [0, {self.num_tokens}) "
+                             "or empty")
+        if length >= 2 ** 31:
+            raise ValueError(f"length = {length} does not fit int32 cu_seqlens; expected fewer than 2**31 tokens")
+        if self.boundaries_source == "eos":
+            tokens = self._tokens()[start:start + length - 1]  # an EOS at the slice's last token starts nothing
+            inside = np.flatnonzero(tokens == self.eos_id).astype(np.int64) + 1  # [k - 1], relative to start
+        else:
+            ends = self.boundaries()
+            first = int(np.searchsorted(ends, start, side="right"))
+            last = int(np.searchsorted(ends, start + length, side="left"))
+            inside = np.unique(np.asarray(ends[first:last], dtype=np.int64)) - start  # [k - 1]
+        values = np.concatenate([np.zeros(1, dtype=np.int64), inside, np.asarray([length], dtype=np.int64)])
+        return torch.from_numpy(values.astype(np.int32))  # [k + 1]
+
+    def window_boundaries(self, window: int, seq_len: int) -> torch.Tensor:
+        """:meth:`read_boundaries` of the inputs of window ``window`` (tokens ``[window · L, (window + 1) · L)``),
+        the ``cu_seqlens`` of the sequence :meth:`read_window` returns."""
+        count = self.num_windows(seq_len)
+        if not 0 <= window < count:
+            raise IndexError(f"{self.path}: window {window} is outside [0, {count}) for seq_len {seq_len}")
+        return self.read_boundaries(window * seq_len, seq_len)
 
     def read(self, start: int, length: int) -> torch.Tensor:
         """Tokens ``[start, start + length)`` as an int64 tensor ``[length]`` (only those bytes are read)."""
@@ -263,7 +414,14 @@ class TokenFile:
         count = self.num_windows(seq_len)
         if not 0 <= window < count:
             raise IndexError(f"{self.path}: window {window} is outside [0, {count}) for seq_len {seq_len}")
-        base = window * seq_len
+        return self.read_sequence(window * seq_len, seq_len, pieces)
+
+    def read_sequence(self, base: int, seq_len: int,
+                      pieces: Optional[Sequence[tuple]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`read_window` of the ``seq_len`` inputs starting at token ``base`` (any offset: the first token
+        of a document, for evaluation); tokens ``[base, base + seq_len + 1)`` must lie in the file."""
+        if base < 0 or base + seq_len + 1 > self.num_tokens:
+            raise IndexError(f"{self.path}: tokens [{base}, {base + seq_len + 1}) are outside [0, {self.num_tokens})")
         ids, labels = [], []
         for start, length in (pieces if pieces is not None else [(0, seq_len)]):
             if start < 0 or length <= 0 or start + length > seq_len:

@@ -18,6 +18,7 @@ group). docs/distributed.md, "Data parallelism and FSDP".
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Optional
 
 import torch
@@ -45,6 +46,16 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(value)
     return value
 
+
+
+def _no_buffer_sync() -> dict:
+    """DDP's keyword for "do not re-broadcast buffers at each forward": ``forward_sync_buffers`` since torch 2.13,
+    ``broadcast_buffers`` before it (the project supports torch >= 2.11; the GPU machines run 2.11)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 class LossSum(nn.Module):
     """``model.loss_sum`` as a module's forward: DDP reduces gradients of what runs through its forward only."""
@@ -100,7 +111,7 @@ class DataParallel:
 
             group = mesh.dp_sp_mesh.get_group()
             device = next(model.parameters()).device
-            self.ddp = DistributedDataParallel(LossSum(model), process_group=group, forward_sync_buffers=False,
+            self.ddp = DistributedDataParallel(LossSum(model), process_group=group, **_no_buffer_sync(),
                                                device_ids=[device] if device.type == "cuda" else None)
             self.ddp.register_comm_hook(group, _sum_buckets)
 

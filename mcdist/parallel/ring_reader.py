@@ -91,8 +91,11 @@ def sp_memory_pass(layer, p: Projections, shard: Shard, impl: str) -> MemoryResu
     cfg = layer.config
     if cfg.is_deep and cfg.state_init == "checkpoint":
         return _deep_checkpoint_pass(layer, p, shard, impl)
-    results = [layer.memory_pass(_slice(p, offset, length), impl=impl)
-               for offset, _, length in shard.local_pieces()]
+    previous = [None] * len(shard.local_pieces())
+    if cfg.memory == "swla" and cfg.state_init == "checkpoint":  # under independent a piece opens a segment
+        previous = _previous_tokens(p, shard)
+    results = [layer.memory_pass(_slice(p, offset, length), impl=impl, previous=before)
+               for (offset, _, length), before in zip(shard.local_pieces(), previous)]
     if cfg.state_init == "checkpoint":
         results = _linear_prefix_scan(p, results, shard)
     minibatch = None
@@ -100,6 +103,23 @@ def sp_memory_pass(layer, p: Projections, shard: Shard, impl: str) -> MemoryResu
         minibatch = cat_states([r.minibatch_weights for r in results])
     return MemoryResult(torch.cat([r.online_out for r in results], 1),
                         cat_states([r.cached_states for r in results]), None, minibatch, cfg.minibatch_len)
+
+
+def _previous_tokens(p: Projections, shard: Shard) -> list:
+    """swla: (k, v) [B, H, D] of the token before each local piece (zeros for the sequence's first piece), which
+    another rank may hold: every rank sends its pieces' last (k, v) to all (one all-gather, with its gradient), as
+    ``sp_project`` sends the short convolution's rows."""
+    pieces = shard.local_pieces()
+    tails = torch.stack([torch.stack([p.k[:, offset + length - 1], p.v[:, offset + length - 1]], 1)
+                         for offset, _, length in pieces], 1)  # [B, pieces, 2, H, D]
+    gathered = all_gather_with_grad(tails, shard.sp, "swla")  # [P, B, pieces, 2, H, D]
+    # every piece's last token, then zeros (what the sequence's first piece reads): every rank reads the gathered
+    # tensor, so every rank runs its backward (a collective) even when its only piece starts the sequence
+    table = torch.cat([gathered.transpose(0, 1).flatten(1, 2), tails.new_zeros(tails[:, :1].shape)], 1)
+    row = {start + length: rank * len(pieces) + j for rank in range(shard.sp.size)
+           for j, (start, length) in enumerate(shard.pieces(rank))}
+    row[0] = table.shape[1] - 1
+    return [(table[:, row[start], 0], table[:, row[start], 1]) for _, start, _ in pieces]
 
 
 def _linear_prefix_scan(p: Projections, results, shard: Shard):
@@ -592,6 +612,8 @@ class RingReader(Reader):
         fill_cache(layer, self.cache, p, memory._replace(final_state=state), seq_len, held, closed,
                    global_contexts(closed, shard), sp.size)
         self.cache.conv_tail = self.conv_tail
+        if cfg.memory == "swla":  # the sequence's last token's (k, v): last in the owner's local order
+            self.cache.previous = tuple(broadcast(x[:, -1].clone(), owner, sp) for x in (p.k, p.v))
 
 
 def broadcast(tensor: torch.Tensor, owner: int, sp: SPGroup) -> torch.Tensor:

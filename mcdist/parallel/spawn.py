@@ -10,6 +10,7 @@ import socket
 import sys
 import threading
 import time
+from multiprocessing.connection import wait as wait_for_exit
 from typing import Callable
 
 import torch
@@ -92,6 +93,27 @@ def _leave_together(rank: int, world_size: int, timeout_s: float) -> None:
         return
 
 
+# after one rank fails, how long the others may take to end by themselves before they are terminated: a rank that
+# fails on its own cause (and writes its report) at the moment a peer reports "another rank failed" must not be
+# killed before its report is written, or the caller would see the peer's echo instead of the cause
+FAILURE_GRACE_S = 5.0
+
+
+def _join(context, deadline: float) -> bool:
+    """``context.join`` (True when every process ended well; raises the first failure, terminating the rest),
+    after letting the others end by themselves for up to FAILURE_GRACE_S once one has failed."""
+    running = [process.sentinel for process in context.processes if process.exitcode is None]
+    if running:
+        wait_for_exit(running, timeout=0.5)
+    if any(process.exitcode not in (None, 0) for process in context.processes):
+        grace_end = min(deadline, time.monotonic() + FAILURE_GRACE_S)
+        alive = [process for process in context.processes if process.exitcode is None]
+        while alive and time.monotonic() < grace_end:
+            wait_for_exit([process.sentinel for process in alive], timeout=0.1)
+            alive = [process for process in alive if process.exitcode is None]
+    return context.join(timeout=0.01)
+
+
 def spawn(fn: Callable, world_size: int, *args, timeout_s: float = 300.0, backend: str = "gloo",
           collective_timeout_s: float = 60.0, threads_per_rank: int = 1) -> None:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` fresh processes joined in one process group.
@@ -107,7 +129,7 @@ def spawn(fn: Callable, world_size: int, *args, timeout_s: float = 300.0, backen
     # torch warns "Terminating process N via signal SIGTERM" for each peer of a failed rank it stops: the
     # failure itself is raised (and reported as one line by the CLI), so the line is noise
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
-    while not context.join(timeout=0.5):
+    while not _join(context, deadline):
         if time.monotonic() > deadline:
             for process in context.processes:
                 if process.is_alive():

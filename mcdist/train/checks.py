@@ -55,6 +55,10 @@ def check_task(run_config: RunConfig) -> None:
             if file.num_windows(train.seq_len) < 1:
                 raise ConfigError(f"train.{name} = {path!r} holds {file.num_tokens} tokens, fewer than "
                                   f"train.seq_len + 1 = {train.seq_len + 1}")
+            if train.packed and name == "data_path" and file.boundaries_source is None:
+                raise ConfigError(f"train.packed = true, but train.data_path = {path!r} has no document boundaries "
+                                  "(no .docs file, no eos_id); expected a token file written by `mcdist data "
+                                  "prepare`")
 
 
 def check_run(run_config: RunConfig) -> None:

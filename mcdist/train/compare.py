@@ -1,9 +1,10 @@
 """``mcdist compare``: train one model per name on the same MQAR task, reload each saved model and score it at the
 training length and at 2× and 4× it.
 
-A model name is ``attention`` (the softmax-attention baseline, ``model.mixer = "attention"``) or an aggregation
-(``model.mixer = "mc"`` with that ``model.aggregation``; ``none`` is the base RNN). Every model trains with the real
-trainer (:func:`mcdist.train.trainer.run_training`) on the same data stream, locally
+A model name is ``attention`` (the softmax-attention baseline, ``model.mixer = "attention"``), an aggregation
+(``model.mixer = "mc"`` with that ``model.aggregation`` over the config's ``model.memory``; ``none`` is the base
+RNN), or ``<memory>:<aggregation>`` (e.g. ``titans:grm``, ``linear:none``), which also sets ``model.memory``.
+Every model trains with the real trainer (:func:`mcdist.train.trainer.run_training`) on the same data stream, locally
 (:func:`~mcdist.train.trainer.launch_local`: ``parallel.dp · parallel.sp`` processes) or through Ray
 (:func:`~mcdist.train.ray_job.train_with_ray`, one Ray for all the runs), so the two give the same numbers for the
 same config and seed. The scores are those of ``mcdist eval`` on the saved model
@@ -17,7 +18,7 @@ import os
 import time
 from typing import Callable, Mapping, Optional, Sequence
 
-from mcdist.config import AGGREGATIONS, ConfigError, RunConfig
+from mcdist.config import AGGREGATIONS, MEMORY_KINDS, ConfigError, RunConfig
 from mcdist.evaluation import evaluate_checkpoint
 from mcdist.train.checks import check_run
 from mcdist.train.ray_job import check_workers, ray_session, train_with_ray
@@ -27,7 +28,7 @@ __all__ = ["LENGTH_FACTORS", "MODEL_NAMES", "compare_aggregations", "compare_mod
            "parse_model_names"]
 
 LENGTH_FACTORS = (1, 2, 4)  # each saved model is scored at these multiples of train.seq_len
-MODEL_NAMES = ("attention",) + AGGREGATIONS
+MODEL_NAMES = ("attention",) + AGGREGATIONS  # and "<memory>:<aggregation>" for each of MEMORY_KINDS
 
 
 def model_overrides(name: str) -> list[str]:
@@ -36,7 +37,11 @@ def model_overrides(name: str) -> list[str]:
         return ["model.mixer=attention"]
     if name in AGGREGATIONS:
         return ["model.mixer=mc", f"model.aggregation={name}"]
-    raise ConfigError(f"model {name!r} is unknown; expected one of {list(MODEL_NAMES)}")
+    memory, _, aggregation = name.partition(":")
+    if memory in MEMORY_KINDS and aggregation in AGGREGATIONS:
+        return ["model.mixer=mc", f"model.memory={memory}", f"model.aggregation={aggregation}"]
+    raise ConfigError(f"model {name!r} is unknown; expected one of {list(MODEL_NAMES)} or <memory>:<aggregation> "
+                      f"with a memory of {list(MEMORY_KINDS)} (e.g. titans:grm)")
 
 
 def parse_model_names(text: str, option: str = "--models") -> list[str]:
@@ -45,8 +50,11 @@ def parse_model_names(text: str, option: str = "--models") -> list[str]:
     if not names:
         raise ConfigError(f"{option} = {text!r} is empty; expected a comma-separated list such as attention,grm,none")
     for name in names:
-        if name not in MODEL_NAMES:
-            raise ConfigError(f"{option}: model {name!r} is unknown; expected names from {list(MODEL_NAMES)}")
+        try:
+            model_overrides(name)
+        except ConfigError:
+            raise ConfigError(f"{option}: model {name!r} is unknown; expected names from {list(MODEL_NAMES)} or "
+                              f"<memory>:<aggregation> with a memory of {list(MEMORY_KINDS)} (e.g. titans:grm)") from None
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise ConfigError(f"{option} = {text!r} names {repeated} more than once; expected each model once")

@@ -17,6 +17,7 @@ from mcdist.data.mqar import make_mqar_batch
 from mcdist.data.passkey import make_passkey_batch
 from mcdist.data.rows import mqar_row, passkey_row
 from mcdist.data.tokens import TokenFile, window_for_sample
+from mcdist.packing import cu_seqlens_of_rows
 from mcdist.parallel.layout import rank_pieces, shard_sequence
 from mcdist.parallel.mesh import Mesh
 
@@ -64,6 +65,10 @@ class RankData:
         self.sp, self.sp_rank, self.layout = mesh.sp, mesh.sp_rank, run_config.parallel.layout
         self.pieces = rank_pieces(cfg.seq_len, mesh.sp, mesh.sp_rank, self.layout)
         self.train_file = self.val_file = None
+        self.packed = cfg.packed
+        # packed documents under sp: every rank of the group reads whole windows, and the model cuts them into
+        # batches of documents and shards those (MCLanguageModel.loss_sum; docs/packing.md)
+        self.whole_window = [(0, cfg.seq_len)]
         if self.task == "tokens":
             self.train_file = TokenFile(cfg.data_path, record_reads=record_reads)
             if cfg.val_data_path:
@@ -87,12 +92,37 @@ class RankData:
             return make_mqar_batch(count, self.seq_len, self.config.train.num_kv_pairs, model.vocab_size, generator)
         return make_passkey_batch(count, self.seq_len, model.vocab_size, generator, depth=depth)
 
+    def labelled(self, labels: torch.Tensor) -> int:
+        """The labelled tokens of this rank's share (labels != −100): with packed documents under sp every rank of
+        the group holds the whole rows, which the group's rank 0 alone counts."""
+        if self.packed and self.sp > 1 and self.sp_rank != 0:
+            return 0
+        return int((labels != -100).sum())
+
+    def train_documents(self, step: int, micro: int) -> Optional[torch.Tensor]:
+        """With ``train.packed``: the cu_seqlens of the rows of :meth:`train_batch` ``(step, micro)`` laid end to
+        end as one sequence (:meth:`_token_documents`). None otherwise (the model reads across documents)."""
+        if not self.packed:
+            return None
+        first = (step * self.grad_accum + micro) * self.batch_size + self.first_row
+        return self._token_documents(self.train_file, range(first, first + self.local_batch), True, self.seed)
+
+    def _token_documents(self, file: TokenFile, samples, shuffle: bool, seed: int) -> torch.Tensor:
+        """The cu_seqlens of the windows of ``samples`` laid end to end (mcdist.packing.cu_seqlens_of_rows): each
+        row starts a document, and within a row the token file's own document boundaries (``<path>.docs``; for a
+        file written before those, a document starts after each eos_id) cut it."""
+        count = file.num_windows(self.seq_len)
+        rows = [file.window_boundaries(window_for_sample(sample, count, seed, shuffle=shuffle), self.seq_len)
+                for sample in samples]
+        return cu_seqlens_of_rows(len(rows), self.seq_len, rows)
+
     def _shard(self, x: torch.Tensor) -> torch.Tensor:
         return shard_sequence(x, self.sp, self.sp_rank, self.layout) if self.sp > 1 else x
 
-    def _token_rows(self, file: TokenFile, samples, shuffle: bool, seed: int):
+    def _token_rows(self, file: TokenFile, samples, shuffle: bool, seed: int, whole: bool = False):
         count = file.num_windows(self.seq_len)
-        rows = [file.read_window(window_for_sample(sample, count, seed, shuffle=shuffle), self.seq_len, self.pieces)
+        pieces = self.whole_window if whole else self.pieces
+        rows = [file.read_window(window_for_sample(sample, count, seed, shuffle=shuffle), self.seq_len, pieces)
                 for sample in samples]
         return torch.stack([ids for ids, _ in rows]), torch.stack([labels for _, labels in rows])
 
@@ -105,7 +135,7 @@ class RankData:
         first = (step * self.grad_accum + micro) * self.batch_size + self.first_row
         samples = range(first, first + self.local_batch)
         if self.train_file is not None:
-            return self._token_rows(self.train_file, samples, True, self.seed)
+            return self._token_rows(self.train_file, samples, True, self.seed, whole=self.packed)
         rows = [self._synthetic_row(sample_seed(self.seed, TRAIN_SPLIT, sample)) for sample in samples]
         return torch.stack([ids for ids, _ in rows]), torch.stack([labels for _, labels in rows])
 
@@ -118,21 +148,29 @@ class RankData:
         return passkey_row(row_seed, self.seq_len, vocab, pieces)
 
     def eval_batches(self, num_batches: int, *, depth: Optional[float] = None,
-                     seed: Optional[int] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                     seed: Optional[int] = None, documents: bool = False) -> Iterator[tuple]:
         """This rank's part of each of the ``num_batches`` evaluation batches (the same ones at every eval).
 
         ``depth`` (passkey only) places every passkey at that depth in [0, 1]; ``seed`` replaces the evaluation
         seed ``train.seed + EVAL_SEED_OFFSET`` (the generator of the synthetic batches, the window order of a
-        training file read without a validation file)."""
+        training file read without a validation file). ``documents``: yield ``(input_ids, labels, cu_seqlens)``,
+        the cu_seqlens of the rows end to end for packed runs (``train.packed``, one process per sequence), else
+        None."""
         seed = self.seed + EVAL_SEED_OFFSET if seed is None else seed
         rows = slice(self.first_row, self.first_row + self.local_batch)
+        packed = documents and self.packed and self.sp == 1
         if self.train_file is not None:
             file = self.val_file or self.train_file
             for index in range(num_batches):
                 first = index * self.batch_size + self.first_row
-                yield self._token_rows(file, range(first, first + self.local_batch), self.val_file is None, seed)
+                samples = range(first, first + self.local_batch)
+                batch = self._token_rows(file, samples, self.val_file is None, seed)
+                if documents:
+                    cu = self._token_documents(file, samples, self.val_file is None, seed) if packed else None
+                    batch = (*batch, cu)
+                yield batch
             return
         generator = torch.Generator().manual_seed(seed)
         for _ in range(num_batches):
             ids, labels = self._synthetic(self.batch_size, generator, depth)  # [B, T] each: the whole global batch
-            yield self._shard(ids[rows]), self._shard(labels[rows])
+            yield (self._shard(ids[rows]), self._shard(labels[rows])) + ((None,) if documents else ())

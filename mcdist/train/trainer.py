@@ -47,7 +47,6 @@ import torch.distributed as dist
 
 from mcdist.checkpoint import CheckpointError, load_model
 from mcdist.config import ConfigError, RunConfig, write_text_atomic
-from mcdist.data.mqar import IGNORE_INDEX
 from mcdist.device import autocast_for, resolve_device
 from mcdist.evaluation import evaluate_model
 from mcdist.model import MCLanguageModel
@@ -513,17 +512,21 @@ def run_training(config: RunConfig, *, callbacks: Optional[TrainCallbacks] = Non
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batches = [data.train_batch(step, micro) for micro in range(cfg.grad_accum)]
-            labelled = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in batches)
+            labelled = sum(data.labelled(labels) for _, labels in batches)
             count = _all_reduce(torch.tensor([float(labelled)], dtype=torch.float64, device=device))
             if float(count[0]) == 0:
                 raise ValueError(f"step {step + 1} has no labelled token on any rank; expected at least one")
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             for micro, (input_ids, labels) in enumerate(batches):
+                documents = data.train_documents(step, micro)  # packed: the rows end to end, cut at documents
+                if documents is not None:
+                    input_ids, labels = input_ids.reshape(1, -1), labels.reshape(1, -1)
                 input_ids, labels = input_ids.to(device), labels.to(device)
                 with parallel.gradient_sync(micro == len(batches) - 1):  # summed over every rank at the last one
                     with autocast():
+                        options = {} if documents is None else {"cu_seqlens": documents}
                         total = parallel.loss_sum(input_ids, labels, chunk_tokens=cfg.loss_chunk,
-                                                  impl=cfg.impl)  # Σ CE, float32 or wider
+                                                  impl=cfg.impl, **options)  # Σ CE, float32 or wider
                     (total / count[0].to(total.dtype)).backward()
                 loss_sum += total.detach().double()
             stop = callbacks.should_stop(step + 1)

@@ -26,6 +26,9 @@ CASES_4 = [("zigzag", "gated", "grm", "checkpoint", 37, 9), ("contiguous", "line
            ("zigzag", "titans", "soup", "checkpoint", 32, 6), ("zigzag", "gated", "grm", "checkpoint", 35, 7, 4)]
 # the short convolution (last element: conv_size): the prefill's pieces read across ranks, decoding reads the tail
 CASES += [("zigzag", "gated", "ssc", "checkpoint", 19, 8, 3), ("contiguous", "dla", "grm", "checkpoint", 16, 6, 4)]
+# swla: the cache keeps the last prompt token's (k, v), which the last piece's owner sends to every rank
+CASES += [("zigzag", "swla", "grm", "checkpoint", 19, 8, 3), ("contiguous", "swla", "residual", "independent", 16, 9)]
+CASES_4 += [("contiguous", "swla", "ssc", "checkpoint", 16, 7)]
 
 
 @pytest.fixture(scope="module")

@@ -58,6 +58,8 @@ STEP_CASES = [
     (2, 2, "zigzag", "gated", "grm", "checkpoint", 4),
     (1, 4, "zigzag", "dla", "ssc", "independent", 3),
     (2, 2, "contiguous", "linear", "soup", "checkpoint", 5),
+    # swla: each piece's first token also writes the (k, v) of the token before it, held by another rank
+    (1, 4, "zigzag", "swla", "grm", "checkpoint", 3),
 ]
 
 

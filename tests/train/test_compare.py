@@ -88,3 +88,13 @@ def test_cli_bad_model_lists_are_one_line_errors(tmp_path, capsys, flags, messag
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "grm").exists()  # nothing trained
+
+
+def test_set_for_splits_at_the_last_colon_before_the_value():
+    from mcdist.cli import UsageError, parse_set_for
+
+    assert parse_set_for(["titans:grm:train.lr=1e-3", "none:model.state_init=checkpoint", "grm:train.lr=3e-3"]) == {
+        "titans:grm": ["train.lr=1e-3"], "none": ["model.state_init=checkpoint"], "grm": ["train.lr=3e-3"]}
+    for bad in ("grm", "grm:", ":train.lr=1", "train.lr=1"):
+        with pytest.raises(UsageError, match="--set-for"):
+            parse_set_for([bad])

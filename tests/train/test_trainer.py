@@ -154,7 +154,10 @@ def test_the_model_runs_under_bfloat16_autocast(tmp_path, aggregation):
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert_rel_close(loss, full, 1e-3, "loss under autocast")
     assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
-    assert_rel_close(grads, full_grads, 0.03, "gradients under autocast", joint=True)
+    # measured 4.4-4.8 % jointly with the output gate open (its default since the gate has a bias): the error grows
+    # through the backward from 1 % at the head to 4 % at the embedding (the attention mixer: 1.3 %); with the gate
+    # nearly shut (the old init) the MC layer barely counted and it was 0.55 %
+    assert_rel_close(grads, full_grads, 0.07, "gradients under autocast", joint=True)
 
 def test_loss_falls_on_mqar(tmp_path):
     config = tiny(tmp_path, "model.d_model=32", "model.n_layers=1", "model.segment_len=16", "model.chunk_len=8",

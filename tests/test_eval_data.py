@@ -9,13 +9,12 @@ import pytest
 import torch
 
 from checks import assert_rel_close
+from tiny_models import save_tiny_model
 from mcdist import cli
-from mcdist.checkpoint import save_model
 from mcdist.config import ConfigError, ModelConfig, RunConfig
 from mcdist.data.tokens import TokenWriter
 from mcdist.evaluation import (check_documents, evaluate_documents_checkpoint, evaluate_documents_local,
                                position_edges)
-from mcdist.model import MCLanguageModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,14 +27,10 @@ LENGTHS = [70, 20, 130, 65, 64, 200, 66, 100]  # tokens per document, its EOS in
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """(checkpoint folder, model) of a tiny float64 model, with the run_config.json of a run at L = 32 beside."""
-    torch.manual_seed(0)
-    config = ModelConfig(vocab_size=VOCAB, d_model=16, n_layers=2, n_heads=2, memory="gated", aggregation="grm",
-                         segment_len=4, chunk_len=2, minibatch_len=2)
-    model = MCLanguageModel(config).double().eval()
     run = tmp_path_factory.mktemp("run")
-    save_model(model, config, str(run / "checkpoint"))
+    saved_model = save_tiny_model(run / "checkpoint", vocab_size=VOCAB)
     run_config().save(str(run / "run_config.json"))
-    return str(run / "checkpoint"), model
+    return saved_model
 
 
 @pytest.fixture(scope="module")

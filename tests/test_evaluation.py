@@ -12,15 +12,15 @@ import torch
 import torch.nn.functional as F
 
 from checks import import_optional
+from tiny_models import save_tiny_model
 from mcdist import cli
-from mcdist.checkpoint import CheckpointError, save_model
+from mcdist.checkpoint import CheckpointError
 from mcdist.config import ConfigError, ModelConfig, RunConfig
 from mcdist.data.mqar import IGNORE_INDEX, make_mqar_batch
 from mcdist.data.passkey import make_passkey_batch
 from mcdist.data.tokens import write_tokens
 from mcdist.evaluation import (check_evaluation, evaluate_checkpoint, evaluate_local, evaluate_with_ray,
                                position_edges)
-from mcdist.model import MCLanguageModel
 from mcdist.train.data import EVAL_SEED_OFFSET
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,13 +32,8 @@ BATCH = 4
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """(checkpoint folder, model) of a tiny float64 model: vocabulary 64, C = 4, grm over gated memory."""
-    torch.manual_seed(0)
-    config = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, memory="gated", aggregation="grm",
-                         segment_len=SEGMENT_LEN, chunk_len=2, minibatch_len=2)
-    model = MCLanguageModel(config).double().eval()
-    folder = str(tmp_path_factory.mktemp("evaluation") / "checkpoint")
-    save_model(model, config, folder)
-    return folder, model
+    return save_tiny_model(tmp_path_factory.mktemp("evaluation") / "checkpoint", vocab_size=64,
+                           segment_len=SEGMENT_LEN)
 
 
 @pytest.fixture(scope="module")

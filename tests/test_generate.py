@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from checks import import_optional
+from tiny_models import save_tiny_model
 from mcdist import cli
 from mcdist.checkpoint import CheckpointError, save_model
 from mcdist.config import ModelConfig
@@ -29,13 +30,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """(checkpoint folder, the model) of a tiny float64 model with a byte-sized vocabulary."""
-    torch.manual_seed(0)
-    config = ModelConfig(vocab_size=256, d_model=16, n_layers=2, n_heads=2, memory="gated", aggregation="grm",
-                         segment_len=SEGMENT_LEN, chunk_len=2, minibatch_len=2, top_k=2)
-    model = MCLanguageModel(config).double().eval()
-    folder = str(tmp_path_factory.mktemp("generate") / "checkpoint")
-    save_model(model, config, folder)
-    return folder, model
+    return save_tiny_model(tmp_path_factory.mktemp("generate") / "checkpoint", vocab_size=256,
+                           segment_len=SEGMENT_LEN, top_k=2)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from mcdist.attention import AttentionLayer, KVCache
 from mcdist.config import ModelConfig
 from mcdist.layer import MemoryCachingLayer, at_least_float32
-from mcdist.packing import buckets, check_cu_seqlens, documents_of, run_documents
+from mcdist.packing import buckets, check_cu_seqlens, documents_of, padded_documents, run_documents
 from mcdist.parallel.layout import shard_sequence
 from mcdist.readers import LayerCache
 
@@ -211,11 +211,8 @@ class MCLanguageModel(nn.Module):
         total = None
         for group in buckets(lengths):
             width = -(-max(lengths[i] for i in group) // unit) * unit
-            ids = input_ids.new_zeros(len(group), width)
-            targets = labels.new_full((len(group), width), IGNORE_INDEX)
-            for row, i in enumerate(group):
-                ids[row, :lengths[i]] = input_ids[0, starts[i]:starts[i] + lengths[i]]
-                targets[row, :lengths[i]] = labels[0, starts[i]:starts[i] + lengths[i]]
+            ids = padded_documents(input_ids[0], starts, lengths, group, width, 0)
+            targets = padded_documents(labels[0], starts, lengths, group, width, IGNORE_INDEX)
             part = self.loss_sum(shard_sequence(ids, P, shard.sp.rank, layout),
                                  shard_sequence(targets, P, shard.sp.rank, layout), chunk_tokens=chunk_tokens,
                                  impl=impl)

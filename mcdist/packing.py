@@ -76,6 +76,19 @@ def buckets(lengths: List[int]) -> List[List[int]]:
     return [groups[key] for key in sorted(groups, reverse=True)]
 
 
+def padded_documents(x: torch.Tensor, starts: List[int], lengths: List[int], group: List[int], width: int,
+                     pad_value=0) -> torch.Tensor:
+    """The documents ``group`` of the packed sequence ``x`` [T, ...] as a batch [len(group), width, ...], each from
+    its first token, right-padded with ``pad_value`` to ``width`` (at least the longest of them)."""
+    rows = []
+    for i in group:
+        row = x[starts[i]:starts[i] + lengths[i]]
+        if lengths[i] < width:
+            row = torch.cat([row, row.new_full((width - lengths[i], *row.shape[1:]), pad_value)])
+        rows.append(row)
+    return torch.stack(rows)
+
+
 def run_documents(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, cu_seqlens,
                   pad_value=0) -> torch.Tensor:
     """``fn`` over each document of the packed sequence ``x`` [1, T, ...] alone; returns [1, T, ...] in the
@@ -91,14 +104,7 @@ def run_documents(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, c
         return fn(x)
     pieces: List[Optional[torch.Tensor]] = [None] * len(lengths)
     for group in buckets(lengths):
-        longest = max(lengths[i] for i in group)
-        rows = []
-        for i in group:
-            row = x[0, starts[i]:starts[i] + lengths[i]]
-            if lengths[i] < longest:
-                row = torch.cat([row, row.new_full((longest - lengths[i], *row.shape[1:]), pad_value)])
-            rows.append(row)
-        out = fn(torch.stack(rows))
+        out = fn(padded_documents(x[0], starts, lengths, group, max(lengths[i] for i in group), pad_value))
         for j, i in enumerate(group):
             pieces[i] = out[j, :lengths[i]]
     return torch.cat(pieces)[None]

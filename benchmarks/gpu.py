@@ -8,7 +8,9 @@ written to DIR/gpu.json after every section; --budget-s stops starting new ones)
 1. `checks`: correctness of each kernel in bf16 and fp32 against float64 PyTorch references (the kernels' own
    check(): both linear-memory walks, every cached-read tile set); `ssc_gather`: the same for the ssc gather
    read (mcdist.kernels.ssc_read) against cached_read_chunked;
-2. `layer`: the MC layer with impl='triton' against impl='chunked' (outputs and gradients);
+2. `layer`: the MC layer with impl='triton' against impl='chunked' (outputs and gradients); `packed`: packed
+   documents (cu_seqlens) on the kernels in fp32 and bf16 against each document alone (chunked, fp32), and the
+   fwd+bwd time of 32K tokens as 1 and as 64 documents;
 3. `core`: the MC core (memory pass + read) forward+backward for none / grm / ssc (k = 8) beside
    scaled_dot_product_attention (flash backend) at the same B, H, T, d: milliseconds, TFLOP/s and the ratio;
    ssc twice, with the 'blocks' and the 'gather' read (ops.cached_read's ssc_read argument), plus the ssc read alone
@@ -179,6 +181,80 @@ def layer_check(device, smoke) -> list:
             print("layer", row, flush=True)
             rows.append(row)
     return rows
+
+
+# -- 2a. packed documents on the kernels ---------------------------------------------------------------------------
+
+
+def _packed_lengths(tokens: int, docs: int, segment_len: int) -> list:
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.rand(docs, generator=generator) + 0.1
+    raw = (weights / weights.sum() * (tokens - docs)).floor().long() + 1
+    raw[-1] += tokens - int(raw.sum())
+    return raw.tolist()
+
+
+def packed_check(device, smoke) -> dict:
+    """Packed documents (cu_seqlens, docs/packing.md) with impl='triton' in float32 and under bf16 autocast: the
+    logits and every gradient against each document run alone with the chunked path in float32; then the fwd+bwd
+    time of one long sequence as 1 document and as 64 (the issue's cost of boundaries in the kernels)."""
+    from mcdist.model import MCLanguageModel
+
+    rows = []
+    lengths = [5, 33, 1, 70, 12, 64, 9] if smoke else [1, 17, 300, 64, 2000, 5, 129, 1024, 3]
+    cases = [("gated", "grm", 4), ("linear", "ssc", 0)]
+    for memory, aggregation, conv_size in cases:
+        torch.manual_seed(0)
+        config = ModelConfig(vocab_size=256, d_model=32 if smoke else 256, n_layers=2, n_heads=2 if smoke else 4,
+                             memory=memory, aggregation=aggregation, segment_len=16 if smoke else 64, chunk_len=16,
+                             top_k=2, conv_size=conv_size)
+        model = MCLanguageModel(config).to(device)
+        T = sum(lengths)
+        ids = torch.randint(0, 256, (1, T), device=device)
+        cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+        model.zero_grad()
+        reference_logits = []
+        first = 0
+        for length in lengths:  # each document alone, chunked, float32: no cu_seqlens
+            logits = model(ids[:, first:first + length], impl="chunked").logits
+            (logits.float() ** 2).mean().backward()
+            reference_logits.append(logits.detach().float())
+            first += length
+        reference = torch.cat(reference_logits, dim=1)
+        reference_grads = [p.grad.clone() for p in model.parameters()]
+        for dtype in (torch.float32, torch.bfloat16):
+            model.zero_grad()
+            with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
+                logits = model(ids, cu_seqlens=cu, impl="triton").logits
+            loss = sum((logits[:, a:b].float() ** 2).mean() for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()))
+            loss.backward()
+            row = dict(memory=memory, aggregation=aggregation, conv_size=conv_size,
+                       dtype=str(dtype).replace("torch.", ""), logits=relative_error(logits.float(), reference),
+                       grad_params=max(relative_error(p.grad, g) for p, g in zip(model.parameters(), reference_grads)))
+            print("packed", row, flush=True)
+            rows.append(row)
+    timing = []
+    T = 128 if smoke else 32768
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=256, d_model=32 if smoke else 512, n_layers=1, n_heads=2 if smoke else 8,
+                         memory="gated", aggregation="grm", segment_len=16 if smoke else 256, chunk_len=16 if smoke
+                         else 64)
+    model = MCLanguageModel(config).to(device)
+    ids = torch.randint(0, 256, (1, T), device=device)
+    for docs in (1, 64):
+        cu = None if docs == 1 else torch.tensor([0] + torch.tensor(_packed_lengths(T, docs, config.segment_len))
+                                                 .cumsum(0).tolist(), dtype=torch.int32)
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                loss = model.loss_sum(ids, ids, cu_seqlens=cu, impl="triton")
+            loss.backward()
+
+        timing.append({"documents": docs, "tokens": T, "ms": timed(step, device)})
+    timing[1]["ratio_to_one"] = timing[1]["ms"] / timing[0]["ms"]
+    print("packed timing", timing, flush=True)
+    return {"checks": rows, "timing": timing}
 
 
 # -- 2b. the trainer on this GPU ----------------------------------------------------------------------------------
@@ -551,7 +627,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script itself")
     parser.add_argument("--skip", default="",
-                        help="comma-separated sections to skip: checks,ssc_gather,layer,train,infer,core,fla,kernels")
+                        help="comma-separated sections to skip: checks,ssc_gather,layer,packed,train,infer,core,fla,kernels")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="stop starting new benchmark shapes/sections after this many seconds")
     args = parser.parse_args(argv)
@@ -589,6 +665,7 @@ def main(argv=None) -> int:
                                "cached_read": gpu_cached_read.check(args.device)})
     section("ssc_gather", lambda: ssc_gather_check(args.device, args.smoke))
     section("layer", lambda: layer_check(args.device, args.smoke))
+    section("packed", lambda: packed_check(args.device, args.smoke))
     section("core", lambda: core_bench(args.device, args.smoke))
     if not args.smoke:  # the kernels' own benchmarks: both linear-memory walks, previous vs current read tiles
         section("kernels", lambda: {"linear_memory": gpu_linear_memory.bench(args.device),

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from mcdist import ops
 from mcdist.config import ModelConfig
-from mcdist.layer import MemoryCachingLayer
+from mcdist.conv import ShortConvolution
 
 IMPLS = ("auto", "chunked", "triton", "reference")
 QKV_INIT_GAIN = 2.0  # the q, k, v projections start at std QKV_INIT_GAIN / √d_model (docs/results.md)
@@ -85,7 +85,7 @@ def empty_partial(q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return q.new_zeros(q.shape, dtype=wide), q.new_full(q.shape[:3], float("-inf"), dtype=wide)
 
 
-class AttentionLayer(nn.Module):
+class AttentionLayer(ShortConvolution, nn.Module):
     """Causal softmax attention: q, k, v projections (n_heads × dim_head, as the MC layer), with ``conv_size`` > 0
     the MC layer's short convolution of q, k, v, RoPE on q and k, ``scaled_dot_product_attention(is_causal=True)``,
     output projection. 4·d_model·H·D parameters (+ 3·H·D·conv_size).
@@ -120,11 +120,6 @@ class AttentionLayer(nn.Module):
         if hasattr(self, "conv_weight"):  # as the MC layer's filter (nn.Conv1d's default, fan-in = conv_size)
             bound = 1.0 / math.sqrt(self.config.conv_size)
             nn.init.uniform_(self.conv_weight, -bound, bound)
-
-    # the short convolution SiLU(Σ_j w_j ⊙ qkv_{t-w+1+j}) and the rows it carries over: the MC layer's own
-    # (docs/math.md §2), one home for its math; both need only config.conv_size and conv_weight
-    short_conv = MemoryCachingLayer.short_conv
-    conv_tail = MemoryCachingLayer.conv_tail
 
     def project(self, x: torch.Tensor, positions: torch.Tensor, mixed: Optional[torch.Tensor] = None):
         """q, k (rotated at ``positions`` [T]) and v [B, T, H, D] of x [B, T, d_model] (a sequence from its start).

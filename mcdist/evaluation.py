@@ -49,6 +49,7 @@ from mcdist.data.mqar import IGNORE_INDEX
 from mcdist.data.tokens import TokenFile, TokenFileError
 from mcdist.device import autocast_for, resolve_device
 from mcdist.layer import at_least_float32
+from mcdist.packing import labels_at
 from mcdist.parallel.layout import check_sequence_length, rank_pieces
 from mcdist.parallel.mesh import Mesh, build_mesh
 from mcdist.parallel.model import parallelize
@@ -154,6 +155,8 @@ def evaluate_on_data(model: torch.nn.Module, data: RankData, *, num_batches: int
     """
     bounds = [0, data.seq_len] if edges is None else list(edges)
     bucket = _position_buckets(data.pieces, bounds, device)
+    if data.packed:  # packed rows are whole on every rank of an sp group (RankData.eval_batches)
+        bucket = _position_buckets([(0, data.seq_len)], bounds, device)
     sums = torch.zeros(len(bounds) - 1, 3, dtype=torch.float64, device=device)  # per bucket: loss, correct, count
     was_training = model.training
     model.eval()
@@ -184,12 +187,11 @@ def _score_batch(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.
     ``[K, 3]`` (float64); the logits are made ``chunk_tokens / b`` positions at a time (``train.loss_chunk``).
     ``cu_seqlens``: the documents of the rows laid end to end (packed runs: docs/packing.md), each computed alone."""
     if cu_seqlens is not None:
-        with autocast():
-            logits = model(input_ids.reshape(1, -1), cu_seqlens=cu_seqlens, impl=impl).logits
-        chunks = [(0, logits.view(*input_ids.shape, -1))]
-    else:  # made lazily, under the autocast below
-        positions = max(1, chunk_tokens // input_ids.shape[0]) if chunk_tokens else 0
-        chunks = model.logit_chunks(input_ids, chunk_tokens=positions, impl=impl)
+        _score_documents(model, input_ids, labels, bucket, sums, autocast=autocast, chunk_tokens=chunk_tokens,
+                         impl=impl, cu_seqlens=cu_seqlens)
+        return
+    positions = max(1, chunk_tokens // input_ids.shape[0]) if chunk_tokens else 0
+    chunks = model.logit_chunks(input_ids, chunk_tokens=positions, impl=impl)  # made lazily, under the autocast
     with autocast():
         for first, logits in chunks:  # [b, n, V]
             part = labels[:, first:first + logits.shape[1]]
@@ -199,6 +201,26 @@ def _score_batch(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.
             correct = (logits.argmax(dim=-1) == part) & mask
             for column, values in enumerate((losses, correct, mask)):
                 sums[:, column].index_add_(0, bucket[first:first + logits.shape[1]], values.double().sum(dim=0))
+
+
+def _score_documents(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, bucket: torch.Tensor,
+                     sums: torch.Tensor, *, autocast, chunk_tokens: int, impl: Optional[str], cu_seqlens) -> None:
+    """:func:`_score_batch` of packed rows [b, t] (whole on every rank of an sp group): each rank scores its share
+    of the positions (MCLanguageModel.document_share), each position's bucket by its place in its row."""
+    with autocast():
+        hidden, index = model.document_share(input_ids.reshape(1, -1), cu_seqlens, impl=impl)
+    targets = labels_at(labels.reshape(-1), index)  # [N], ignored at padding
+    where = bucket[index.clamp(min=0) % input_ids.shape[1]]  # [N]
+    step = chunk_tokens if chunk_tokens > 0 else max(1, hidden.shape[0])
+    with autocast():
+        for first in range(0, hidden.shape[0], step):
+            logits = model.lm_head(hidden[first:first + step])  # [n, V]
+            part = targets[first:first + step]
+            losses = F.cross_entropy(at_least_float32(logits), part, ignore_index=IGNORE_INDEX, reduction="none")
+            mask = part != IGNORE_INDEX
+            correct = (logits.argmax(dim=-1) == part) & mask
+            for column, values in enumerate((losses, correct, mask)):
+                sums[:, column].index_add_(0, where[first:first + step], values.double())
 
 
 def _scores(row: torch.Tensor) -> dict:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from mcdist import ops
 from mcdist.config import ModelConfig
+from mcdist.conv import ShortConvolution
 from mcdist.packing import documents_of, run_documents
 from mcdist.readers import DecodeReader, LayerCache, LocalReader, MemoryResult, Projections, Reader
 from mcdist.reference import memory_caching_reference
@@ -74,7 +75,7 @@ class HeadRMSNorm(nn.Module):
         return (normed * self.weight).to(y.dtype)
 
 
-class MemoryCachingLayer(nn.Module):
+class MemoryCachingLayer(ShortConvolution, nn.Module):
     """Token mixer with a recurrent memory and cached segment memories.
 
     Args:
@@ -135,36 +136,6 @@ class MemoryCachingLayer(nn.Module):
             nn.init.zeros_(self.step_proj.bias)
         if getattr(self, "gate_proj", None) is not None and self.gate_proj.bias is not None:
             nn.init.constant_(self.gate_proj.bias, self.config.output_gate_bias)  # SiLU(b) = 1 at the default
-
-    def short_conv(self, raw: torch.Tensor, prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The short convolution (``conv_size = w``) of q, k, v: SiLU(Σ_j w_j ⊙ raw_{t-w+1+j}), causal.
-
-        Args:
-            raw: ``qkv(x)`` [B, T, 3·H·D] of consecutive tokens.
-            prefix: ``qkv`` of the w − 1 tokens before them [B, w − 1, 3·H·D]; ``None`` = the sequence starts here
-                (zeros before it).
-        Returns:
-            [B, T, 3·H·D]; ``raw`` itself when the layer has no convolution.
-        """
-        w = self.config.conv_size
-        if not w:
-            return raw
-        B, T, channels = raw.shape
-        if prefix is None:
-            prefix = raw.new_zeros(B, w - 1, channels)
-        padded = torch.cat([prefix.to(raw.dtype), raw], 1).transpose(1, 2)  # [B, 3HD, w - 1 + T]
-        mixed = F.silu(F.conv1d(padded, self.conv_weight.to(raw.dtype)[:, None], groups=channels))  # [B, 3HD, T]
-        return mixed.transpose(1, 2).contiguous()  # the layout of qkv(x): each head's d values adjacent
-
-    def conv_tail(self, raw: torch.Tensor, prefix: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
-        """The ``prefix`` for the tokens after ``raw`` [B, T, 3·H·D] (which followed ``prefix``): the last w − 1 rows
-        of the two; ``None`` without a convolution."""
-        w = self.config.conv_size
-        if not w:
-            return None
-        if prefix is None:
-            prefix = raw.new_zeros(raw.shape[0], w - 1, raw.shape[2])
-        return torch.cat([prefix.to(raw.dtype), raw], 1)[:, raw.shape[1]:]
 
     def project(self, x: torch.Tensor, *, mixed: Optional[torch.Tensor] = None) -> Projections:
         """q, k, v, u and the per-token gates from x [B, T, d_model] (a sequence from its start).

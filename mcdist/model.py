@@ -6,6 +6,7 @@ prefill, a filled one continues the sequence token by token (docs/inference.md).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -17,7 +18,8 @@ from torch.utils.checkpoint import checkpoint
 from mcdist.attention import AttentionLayer, KVCache
 from mcdist.config import ModelConfig
 from mcdist.layer import MemoryCachingLayer, at_least_float32
-from mcdist.packing import buckets, check_cu_seqlens, documents_of, padded_documents, run_documents
+from mcdist.packing import (buckets, check_cu_seqlens, document_owners, documents_of, labels_at,
+                            local_document_limit, padded_documents, run_documents)
 from mcdist.parallel.layout import shard_sequence
 from mcdist.readers import LayerCache
 
@@ -136,9 +138,10 @@ class MCLanguageModel(nn.Module):
                 raise ValueError("cu_seqlens with a decode cache: decode packed prompts as separate requests "
                                  "(mcdist.infer.complete), which batches them")
             if any(block.mixer.shard is not None for block in self.blocks):
-                raise ValueError("packed documents (cu_seqlens) under sequence parallelism: loss_sum takes them "
-                                 "(the whole packed sequence on every rank); logits of packed documents are computed "
-                                 "in one process")
+                raise ValueError("packed documents (cu_seqlens) under sequence parallelism: loss_sum and "
+                                 "document_share take them (the whole packed sequence on every rank, each rank "
+                                 "computing its share of the positions); forward's logits follow the sp layout, "
+                                 "which packed documents do not")
             return self.final_norm(run_documents(lambda rows: self._blocks(rows, impl, None), x, cu_seqlens))
         return self.final_norm(self._blocks(x, impl, cache))
 
@@ -166,7 +169,7 @@ class MCLanguageModel(nn.Module):
         return ModelOutput(logits, loss, cache)
 
     def loss_sum(self, input_ids: torch.Tensor, labels: torch.Tensor, *, chunk_tokens: int = 0,
-                 impl: Optional[str] = None, cu_seqlens=None) -> torch.Tensor:
+                 impl: Optional[str] = None, cu_seqlens=None, local_max: Optional[int] = None) -> torch.Tensor:
         """Σ cross-entropy (float32 or wider) over the labelled tokens (labels != -100) of input_ids [B, T].
 
         ``chunk_tokens > 0``: the logits are made and reduced ``chunk_tokens`` tokens at a time, each chunk under
@@ -175,12 +178,20 @@ class MCLanguageModel(nn.Module):
         32K vocabulary are 16 GiB in float32). The same value and gradients as ``chunk_tokens = 0`` up to float
         summation order. ``cu_seqlens``: packed documents, as for ``forward``. Under sequence parallelism with
         ``cu_seqlens``, input_ids and labels are the *whole* packed sequence [1, T] on every rank of the group, and
-        this rank's part of the sum is returned (the ranks' parts add up to the whole: docs/packing.md)."""
-        shard = self.sequence_shard()
-        if cu_seqlens is not None and shard is not None:
-            return self._sharded_documents_loss_sum(input_ids, labels, cu_seqlens, shard, chunk_tokens, impl)
+        this rank's part of the sum is returned (the ranks' parts add up to the whole; ``local_max`` as for
+        :meth:`document_share`: docs/packing.md)."""
+        if cu_seqlens is not None and self.sequence_shard() is not None:
+            hidden, index = self.document_share(input_ids, cu_seqlens, impl=impl, local_max=local_max)
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}; got "
+                                 f"{tuple(labels.shape)}")
+            return self._loss_of_hidden(hidden, labels_at(labels.reshape(-1), index), chunk_tokens)
         hidden = self.hidden_states(input_ids, impl=impl, cu_seqlens=cu_seqlens).flatten(0, 1)  # [B·T, d_model]
-        labels = labels.reshape(-1)
+        return self._loss_of_hidden(hidden, labels.reshape(-1), chunk_tokens)
+
+    def _loss_of_hidden(self, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+        """Σ CE of the head over hidden [N, d_model] against labels [N], ``chunk_tokens`` rows at a time (each
+        chunk under activation checkpointing) or all at once (0)."""
         if chunk_tokens <= 0:
             return _cross_entropy_sum(self.lm_head, hidden, labels)
         total = None
@@ -197,27 +208,66 @@ class MCLanguageModel(nn.Module):
                 return block.mixer.shard
         return None
 
-    def _sharded_documents_loss_sum(self, input_ids, labels, cu_seqlens, shard, chunk_tokens, impl):
-        """Σ CE of packed documents under sequence parallelism: each length bucket of documents
-        (mcdist.packing.buckets) is a batch, every document right-padded (ids 0, labels ignored) to the bucket's
-        longest rounded up to what the layout divides, sharded as any batch; this rank's pieces are summed."""
-        if input_ids.shape[0] != 1 or labels.shape != input_ids.shape:
-            raise ValueError(f"packed documents take input_ids and labels [1, T]; got {tuple(input_ids.shape)} and "
-                             f"{tuple(labels.shape)}")
-        cu = check_cu_seqlens(cu_seqlens, input_ids.shape[1])
-        P, layout = shard.sp.size, shard.layout
+    def document_share(self, input_ids: torch.Tensor, cu_seqlens, *, impl: Optional[str] = None,
+                       local_max: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final hidden states of the packed documents input_ids [1, T] that this rank computes:
+        ``(hidden [N, d_model], index [N])``, ``index`` each row's position in the packed sequence (−1: padding,
+        to be ignored). In one process, every position in order. Under sequence parallelism (every rank of the
+        group holds the whole packed sequence) the ranks' shares together hold every position once
+        (docs/packing.md): a document of at most ``local_max`` tokens (default
+        :func:`mcdist.packing.local_document_limit`; 0: none) is computed whole by one rank
+        (:func:`mcdist.packing.document_owners`), with no communication and no padding beyond its length class;
+        a longer one is right-padded to a multiple of the layout's unit (2·P·C zigzag, P·C contiguous) and
+        sharded over the group as any sequence, a length class of them a batch."""
+        shard = self.sequence_shard()
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError(f"packed documents take input_ids [1, T]; got {tuple(input_ids.shape)}")
+        T = input_ids.shape[1]
+        positions = torch.arange(T, device=input_ids.device)
+        if shard is None:
+            return self.hidden_states(input_ids, impl=impl, cu_seqlens=cu_seqlens)[0], positions
+        cu = check_cu_seqlens(cu_seqlens, T)
+        P, rank, layout = shard.sp.size, shard.sp.rank, shard.layout
         unit = (2 * P if layout == "zigzag" else P) * self.config.segment_len
         starts, lengths = cu[:-1].tolist(), (cu[1:] - cu[:-1]).tolist()
-        total = None
-        for group in buckets(lengths):
+        limit = local_document_limit(T, P, unit) if local_max is None else local_max
+        owners = document_owners(lengths, P, limit)
+        hidden, index = [], []
+
+        def add(ids: torch.Tensor, where: torch.Tensor) -> None:
+            hidden.append(self.hidden_states(ids, impl=impl).flatten(0, 1))
+            index.append(where.flatten())
+
+        whole = [i for i, owner in enumerate(owners) if owner >= 0]
+        with self._unsharded():
+            # one forward per length class any rank holds whole, on every rank (an empty one runs a single
+            # ignored token), so every rank makes the same calls: FSDP gathers a block's weights at each call
+            for group in buckets(lengths, whole):
+                mine = [i for i in group if owners[i] == rank]
+                if not mine:
+                    add(input_ids.new_zeros(1, 1), positions.new_full((1, 1), -1))
+                    continue
+                width = max(lengths[i] for i in mine)
+                add(padded_documents(input_ids[0], starts, lengths, mine, width, 0),
+                    padded_documents(positions, starts, lengths, mine, width, -1))
+        for group in buckets(lengths, [i for i, owner in enumerate(owners) if owner < 0]):
             width = -(-max(lengths[i] for i in group) // unit) * unit
-            ids = padded_documents(input_ids[0], starts, lengths, group, width, 0)
-            targets = padded_documents(labels[0], starts, lengths, group, width, IGNORE_INDEX)
-            part = self.loss_sum(shard_sequence(ids, P, shard.sp.rank, layout),
-                                 shard_sequence(targets, P, shard.sp.rank, layout), chunk_tokens=chunk_tokens,
-                                 impl=impl)
-            total = part if total is None else total + part
-        return total
+            add(shard_sequence(padded_documents(input_ids[0], starts, lengths, group, width, 0), P, rank, layout),
+                shard_sequence(padded_documents(positions, starts, lengths, group, width, -1), P, rank, layout))
+        return torch.cat(hidden), torch.cat(index)
+
+    @contextlib.contextmanager
+    def _unsharded(self):
+        """Inside, every layer computes in this process alone (a document one rank holds whole), then the shard
+        contexts sequence parallelism gave the layers are back."""
+        shards = [block.mixer.shard for block in self.blocks]
+        for block in self.blocks:
+            block.mixer.shard = None
+        try:
+            yield
+        finally:
+            for block, shard in zip(self.blocks, shards):
+                block.mixer.shard = shard
 
     def logit_chunks(self, input_ids: torch.Tensor, *, chunk_tokens: int = 0, impl: Optional[str] = None):
         """The logits of input_ids [B, T], ``chunk_tokens`` positions at a time (all at once for 0): yields

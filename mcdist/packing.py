@@ -68,12 +68,43 @@ def cu_seqlens_of_rows(batch: int, seq_len: int, row_cu_seqlens: Optional[List[t
     return torch.cat(parts + [torch.tensor([batch * seq_len])]).to(torch.int64)
 
 
-def buckets(lengths: List[int]) -> List[List[int]]:
-    """Document indices grouped by length class (⌈log2 length⌉), longest class first, each in document order."""
+def length_class(length: int) -> int:
+    """A document's length class, ⌈log2 length⌉: documents of one class are padded to the longest of them."""
+    return (length - 1).bit_length()
+
+
+def buckets(lengths: List[int], indices: Optional[List[int]] = None) -> List[List[int]]:
+    """Document indices (of ``indices``, default all) grouped by length class, longest class first, each in
+    document order."""
     groups: dict = {}
-    for index, length in enumerate(lengths):
-        groups.setdefault((length - 1).bit_length(), []).append(index)
+    for index in (range(len(lengths)) if indices is None else indices):
+        groups.setdefault(length_class(lengths[index]), []).append(index)
     return [groups[key] for key in sorted(groups, reverse=True)]
+
+
+def local_document_limit(total: int, ranks: int, unit: int) -> int:
+    """Under sequence parallelism, the longest document computed whole on one rank of the group (docs/packing.md):
+    the layout's unit (what a sharded document is padded to a multiple of) or half a rank's fair share of the
+    packed sequence, whichever is larger."""
+    return max(unit, total // (2 * ranks))
+
+
+def document_owners(lengths: List[int], ranks: int, limit: int) -> List[int]:
+    """For each document, the rank of the sequence-parallel group that computes it whole (its length is at most
+    ``limit``), or −1 (longer: sharded over the group as any sequence). The whole documents are dealt out longest
+    first, each to the rank with the fewest tokens so far (ties: the lower rank): the same on every rank, and
+    no rank holds more than the mean plus the longest whole document. When every document is short but there are fewer than
+    ``ranks`` of them, all are sharded, so that every rank computes something."""
+    short = sorted((i for i, length in enumerate(lengths) if length <= limit), key=lambda i: (-lengths[i], i))
+    owners = [-1] * len(lengths)
+    if len(short) == len(lengths) and len(short) < ranks:
+        return owners
+    load = [0] * ranks
+    for i in short:
+        rank = min(range(ranks), key=lambda r: (load[r], r))
+        owners[i] = rank
+        load[rank] += lengths[i]
+    return owners
 
 
 def padded_documents(x: torch.Tensor, starts: List[int], lengths: List[int], group: List[int], width: int,
@@ -108,3 +139,10 @@ def run_documents(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, c
         for j, i in enumerate(group):
             pieces[i] = out[j, :lengths[i]]
     return torch.cat(pieces)[None]
+
+
+def labels_at(labels: torch.Tensor, index: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """``labels`` [T] at the packed positions ``index`` [N] (a share's, :meth:`MCLanguageModel.document_share`),
+    ``ignore_index`` where ``index`` is −1 (padding)."""
+    picked = labels[index.clamp(min=0)]
+    return torch.where(index >= 0, picked, picked.new_full((), ignore_index))

@@ -46,6 +46,17 @@ def test_gpu_script_train_section_runs_on_cpu():
     assert all(math.isfinite(result[name]["eval_loss"]) for name in ("triton", "chunked"))
 
 
+@pytest.mark.slow  # about 1.5 minutes: the Triton kernels under the interpreter
+def test_gpu_script_packed_section_runs_on_cpu():
+    """benchmarks/gpu.py's `packed` section at its smoke size: packed documents on the Triton kernels (interpreter)
+    equal each document alone in float32; bf16 runs and is reported; the 1-vs-64-documents timing is written."""
+    result = _load("gpu").packed_check("cpu", smoke=True)
+    fp32 = [row for row in result["checks"] if row["dtype"] == "float32"]
+    assert len(fp32) == 2 and all(row["logits"] < 1e-5 and row["grad_params"] < 1e-4 for row in fp32)
+    assert all(math.isfinite(row["logits"]) and row["logits"] < 0.05 for row in result["checks"])
+    assert [row["documents"] for row in result["timing"]] == [1, 64] and result["timing"][1]["ratio_to_one"] > 0
+
+
 def test_gpu_script_infer_section_runs_on_cpu():
     """benchmarks/gpu.py's `infer` section at its smoke size: decoding matches the full forward."""
     result = _load("gpu").infer_check("cpu", smoke=True)

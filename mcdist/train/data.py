@@ -154,17 +154,17 @@ class RankData:
         ``depth`` (passkey only) places every passkey at that depth in [0, 1]; ``seed`` replaces the evaluation
         seed ``train.seed + EVAL_SEED_OFFSET`` (the generator of the synthetic batches, the window order of a
         training file read without a validation file). ``documents``: yield ``(input_ids, labels, cu_seqlens)``,
-        the cu_seqlens of the rows end to end for packed runs (``train.packed``, one process per sequence), else
-        None."""
+        the cu_seqlens of the rows end to end for packed runs (``train.packed``; under sp every rank of the group
+        then holds the whole rows, as in training), else None."""
         seed = self.seed + EVAL_SEED_OFFSET if seed is None else seed
         rows = slice(self.first_row, self.first_row + self.local_batch)
-        packed = documents and self.packed and self.sp == 1
+        packed = documents and self.packed
         if self.train_file is not None:
             file = self.val_file or self.train_file
             for index in range(num_batches):
                 first = index * self.batch_size + self.first_row
                 samples = range(first, first + self.local_batch)
-                batch = self._token_rows(file, samples, self.val_file is None, seed)
+                batch = self._token_rows(file, samples, self.val_file is None, seed, whole=packed)
                 if documents:
                     cu = self._token_documents(file, samples, self.val_file is None, seed) if packed else None
                     batch = (*batch, cu)

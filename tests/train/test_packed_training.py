@@ -78,25 +78,32 @@ def test_packed_needs_a_token_task():
         RunConfig().with_overrides(["train.packed=true"])
 
 
-@pytest.mark.parametrize("sp,layout", [(2, "zigzag"), (2, "contiguous"), (4, "zigzag")])
-def test_packed_under_sequence_parallelism_equals_one_process(tmp_path, corpus, sp, layout):
-    """Two steps at sp = 2 and 4 (every rank reads whole windows; the model shards batches of documents) against one
-    process: the same losses, to float64 rounding."""
+@pytest.mark.parametrize("sp,layout,fsdp", [(2, "zigzag", False), (2, "contiguous", False), (4, "zigzag", False),
+                                            (2, "zigzag", True)])
+def test_packed_under_sequence_parallelism_equals_one_process(tmp_path, corpus, sp, layout, fsdp):
+    """Two steps at sp = 2 and 4 (every rank reads whole windows; each computes its share of the documents:
+    MCLanguageModel.document_share) against one process: the same losses, to float64 rounding; under FSDP too,
+    whose every block call gathers weights (the ranks' calls must match though their documents differ)."""
     path, start = corpus
     common = TINY + [f"train.data_path={path}", f"train.init_from={start}", "train.packed=true", "train.steps=2",
                      "train.seq_len=32"]
     one = RunConfig().with_overrides(common + [f"train.out_dir={tmp_path / 'one'}"])
     run_training(one)
     many = RunConfig().with_overrides(common + [f"train.out_dir={tmp_path / 'sp'}", f"parallel.sp={sp}",
-                                                f"parallel.layout={layout}"])
+                                                f"parallel.layout={layout}", f"parallel.fsdp={str(fsdp).lower()}"])
     launch_local(many)
 
-    def losses(run):
+    def losses(run, kind="train", key="loss"):
         with open(os.path.join(run.train.out_dir, "metrics.jsonl")) as handle:
-            return [e["loss"] for e in map(json.loads, handle) if e["kind"] == "train"]
+            return [e[key] for e in map(json.loads, handle) if e["kind"] == kind]
 
     assert len(losses(one)) == 2
-    assert_rel_close(torch.tensor(losses(many)), torch.tensor(losses(one)), 1e-9, "losses at sp = 2")
+    assert_rel_close(torch.tensor(losses(many)), torch.tensor(losses(one)), 1e-9, f"losses at sp = {sp}")
+    # the validation of a packed run under sp scores each rank's share of the documents (document_share)
+    assert len(losses(one, "eval", "eval_loss")) == 2
+    assert_rel_close(torch.tensor(losses(many, "eval", "eval_loss")), torch.tensor(losses(one, "eval", "eval_loss")),
+                     1e-9, f"validation losses at sp = {sp}")
+    assert losses(many, "eval", "labelled") == losses(one, "eval", "labelled")
 
 
 def test_validation_of_a_packed_run_scores_each_document_alone(corpus):

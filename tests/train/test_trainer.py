@@ -154,10 +154,12 @@ def test_the_model_runs_under_bfloat16_autocast(tmp_path, aggregation):
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert_rel_close(loss, full, 1e-3, "loss under autocast")
     assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
-    # measured 4.4-4.8 % jointly with the output gate open (its default since the gate has a bias): the error grows
-    # through the backward from 1 % at the head to 4 % at the embedding (the attention mixer: 1.3 %); with the gate
-    # nearly shut (the old init) the MC layer barely counted and it was 0.55 %
-    assert_rel_close(grads, full_grads, 0.07, "gradients under autocast", joint=True)
+    # measured 3.7 % jointly (grm, soup; ssc 4.0 %; the attention mixer here: 5.6 %; the MC layers run in float32
+    # with the rest under autocast: 0.2 %). No one op causes it (docs/results.md, "bf16 autocast gradient error"):
+    # the head RMSNorm's gradient goes as 1 / |y_t|, so the few rows where y_t is near 0 (the first tokens, where
+    # y_0 = (q_0·k_0) v_0 and q_0·k_0 ≈ 0) carry most of it, and bf16's rounding of q, k is large relative to them
+    assert_rel_close(grads, full_grads, 0.06, "gradients under autocast", joint=True)
+
 
 def test_loss_falls_on_mqar(tmp_path):
     config = tiny(tmp_path, "model.d_model=32", "model.n_layers=1", "model.segment_len=16", "model.chunk_len=8",

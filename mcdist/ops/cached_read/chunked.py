@@ -15,6 +15,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from mcdist.ops.cached_read.contract import States, check_read_args, num_states, states_dtype
+from mcdist.ops.dtypes import in_state_precision
 from mcdist.ops.merge import masked_softmax, merge_partials
 
 
@@ -243,6 +244,7 @@ def _deep_cached_read(z, u, states, contexts, selected, segment_len, gate_scale,
     return torch.cat(out_parts, 2).transpose(1, 2), torch.cat(lse_parts, 2).transpose(1, 2)
 
 
+@in_state_precision
 def cached_read_chunked(z, u, states: States, contexts, *, segment_len, gate_scale, query_offset=0,
                         segment_offset=0, selected=None):
     """Softmax-gated read of one block of cached states, as a partial.
@@ -271,6 +273,7 @@ def cached_read_chunked(z, u, states: States, contexts, *, segment_len, gate_sca
     return _deep_cached_read(*args)
 
 
+@in_state_precision
 def residual_read_chunked(z, states: States, *, segment_len, query_offset=0, segment_offset=0):
     """Σ over visible cached states of M_j(z_t), unweighted (the `residual` aggregation). -> [B, T, H, Dout]."""
     dtype = states_dtype(states)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 
 from mcdist.ops.cached_read.contract import states_dtype
+from mcdist.ops.dtypes import in_state_precision
 from mcdist.ops.merge import masked_softmax
 
 
+@in_state_precision
 def cached_read_one_token(z, u, states: torch.Tensor, contexts, *, gate_scale, selected=None):
     """The read of one token per sequence that sees every state (decoding), without gradients: the cached_read
     contract at T = 1 with all n states visible, in the states' own layout (no transposed copy of the cache, no

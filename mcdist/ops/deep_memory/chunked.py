@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mcdist.ops.deep_memory.contract import PASS_DOC, DeepMemoryPass, DeepState, check_deep_memory_args, deep_state_of
-from mcdist.ops.dtypes import state_dtype
+from mcdist.ops.dtypes import in_state_precision, state_dtype
 
 
 def gelu_derivative(x: torch.Tensor) -> torch.Tensor:
@@ -79,6 +79,7 @@ def _gradients_batched(w1, w2, k, v, theta, kind):
     return g1, g2
 
 
+@in_state_precision
 def deep_memory_chunked(k, v, theta, *, kind, segment_len, minibatch_len, state_init, inner_lr, init_weights,
                         momentum=None, decay=None, initial_state=None) -> DeepMemoryPass:
     check_deep_memory_args(k, v, theta, kind, segment_len, minibatch_len, state_init, init_weights, initial_state)

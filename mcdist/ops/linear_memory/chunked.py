@@ -6,10 +6,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mcdist.ops.dtypes import state_dtype
+from mcdist.ops.dtypes import in_state_precision, state_dtype
 from mcdist.ops.linear_memory.contract import LinearMemoryPass, check_linear_memory_args
 
 
+@in_state_precision
 def linear_memory_chunked(q, k, v, log_decay=None, *, segment_len, chunk_len, state_init="checkpoint",
                           initial_state=None) -> LinearMemoryPass:
     """Chunkwise-parallel linear memory.

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mcdist.ops.dtypes import in_state_precision
+
 
 def _token_segments(T: int, query_offset: int, segment_len: int, device) -> torch.Tensor:
     return (torch.arange(T, device=device) + query_offset) // segment_len
@@ -39,6 +41,7 @@ def _select_top_k_rows(u, contexts, segment_len, top_k, gate_scale, query_offset
     return chosen
 
 
+@in_state_precision
 def select_top_k_chunked(u, contexts, *, segment_len, top_k, gate_scale, query_offset=0, token_block=4096):
     """Each token's top-k closed segments by gate score, ``token_block`` tokens at a time (memory
     O(token_block · N)). Contract: :func:`mcdist.ops.select_top_k`."""

@@ -14,7 +14,8 @@ written to DIR/gpu.json after every section; --budget-s stops starting new ones)
 3. `core`: the MC core (memory pass + read) forward+backward for none / grm / ssc (k = 8) beside
    scaled_dot_product_attention (flash backend) at the same B, H, T, d: milliseconds, TFLOP/s and the ratio;
    ssc twice, with the 'blocks' and the 'gather' read (ops.cached_read's ssc_read argument), plus the ssc read alone
-   (forward+backward, both kernels, same selection) and the top-k selection alone;
+   (forward+backward, both kernels, same selection) and the top-k selection alone; `mixers`: the whole attention
+   mixer (mcdist.attention) beside the whole MC layer (none / grm / ssc) at 8K and 32K tokens, fwd+bwd;
 4. `kernels`: the kernels' own benchmarks (linear memory: sequential walk vs scan; cached read: previous vs
    current tile choices), side by side in the same run;
 5. `train`: the trainer itself on the GPU (one process): bf16 + Triton beside the chunked path, a resumed run
@@ -382,6 +383,46 @@ def infer_check(device, smoke) -> dict:
     return result
 
 
+# -- 3b. whole mixers: the MC layer beside the attention mixer ------------------------------------------------------
+
+
+def mixers_bench(device, smoke) -> list:
+    """Forward + backward of one whole mixer layer at equal T (bf16 autocast on CUDA): the attention mixer
+    (mcdist.attention.AttentionLayer: qkv, RoPE, SDPA, out) beside the MC layer (impl='triton') for none / grm /
+    ssc; the CPU's `mcdist bench` attention-layer column, on the GPU. Milliseconds and the ratio to attention."""
+    from mcdist.attention import AttentionLayer
+
+    rows = []
+    d_model, heads = (32, 2) if smoke else (1024, 16)
+    for T in ((64,) if smoke else (8192, 32768)):
+        if time.time() > DEADLINE:
+            print(f"time budget spent: skipping mixers at T = {T}", flush=True)
+            break
+        x = torch.randn(1, T, d_model, device=device)
+        upstream = torch.randn(1, T, d_model, device=device)
+        times = {}
+        for name in ("attention", "none", "grm", "ssc"):
+            torch.manual_seed(0)
+            config = ModelConfig(d_model=d_model, n_heads=heads, memory="gated", aggregation="grm" if name ==
+                                 "attention" else name, segment_len=16 if smoke else 256, chunk_len=16 if smoke
+                                 else 64, top_k=2 if smoke else 8, conv_size=4)
+            layer = (AttentionLayer(config) if name == "attention" else MemoryCachingLayer(config)).to(device)
+            options = {} if name == "attention" else {"impl": "triton"}
+
+            def step():
+                xi = x.detach().requires_grad_()
+                with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                    y = layer(xi, **options)
+                (y.float() * upstream).sum().backward()
+
+            times[name] = timed(step, device)
+        for name, ms in times.items():
+            row = dict(T=T, d_model=d_model, heads=heads, mixer=name, ms=ms, vs_attention=ms / times["attention"])
+            print("mixers", row, flush=True)
+            rows.append(row)
+    return rows
+
+
 # -- 4. MC core vs SDPA ------------------------------------------------------------------------------------------
 
 
@@ -627,7 +668,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script itself")
     parser.add_argument("--skip", default="",
-                        help="comma-separated sections to skip: checks,ssc_gather,layer,packed,train,infer,core,fla,kernels")
+                        help="comma-separated sections to skip: checks,ssc_gather,layer,packed,train,infer,core,mixers,fla,"
+                        "kernels")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="stop starting new benchmark shapes/sections after this many seconds")
     args = parser.parse_args(argv)
@@ -667,6 +709,7 @@ def main(argv=None) -> int:
     section("layer", lambda: layer_check(args.device, args.smoke))
     section("packed", lambda: packed_check(args.device, args.smoke))
     section("core", lambda: core_bench(args.device, args.smoke))
+    section("mixers", lambda: mixers_bench(args.device, args.smoke))
     if not args.smoke:  # the kernels' own benchmarks: both linear-memory walks, previous vs current read tiles
         section("kernels", lambda: {"linear_memory": gpu_linear_memory.bench(args.device),
                                     "cached_read": gpu_cached_read.bench(args.device)})

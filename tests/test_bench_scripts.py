@@ -57,6 +57,14 @@ def test_gpu_script_packed_section_runs_on_cpu():
     assert [row["documents"] for row in result["timing"]] == [1, 64] and result["timing"][1]["ratio_to_one"] > 0
 
 
+@pytest.mark.slow  # the Triton kernels under the interpreter
+def test_gpu_script_mixers_section_runs_on_cpu():
+    """benchmarks/gpu.py's `mixers` section at its smoke size: every mixer timed beside attention."""
+    rows = _load("gpu").mixers_bench("cpu", smoke=True)
+    assert [row["mixer"] for row in rows] == ["attention", "none", "grm", "ssc"]
+    assert rows[0]["vs_attention"] == 1.0 and all(row["ms"] > 0 and math.isfinite(row["ms"]) for row in rows)
+
+
 def test_gpu_script_infer_section_runs_on_cpu():
     """benchmarks/gpu.py's `infer` section at its smoke size: decoding matches the full forward."""
     result = _load("gpu").infer_check("cpu", smoke=True)

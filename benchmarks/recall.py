@@ -2,6 +2,7 @@
 writes JSON and a PNG; not a test).
 
     python benchmarks/recall.py [--config examples/main_job.json] [--set section.key=value ...]
+                                [--set-for model:section.key=value ...]
                                 [--models attention,none,residual,grm,soup,ssc,titans:none,titans:grm]
                                 [--task mqar|passkey] [--seq-lens 128,256] [--pairs 6,16] [--cells 64:8,128:16]
                                 [--seeds 0,1,2] [--lrs 1e-3,3e-3,1e-2] [--sweep each|first]
@@ -22,9 +23,13 @@ further seed, so a study stopped early has every model at every rate on one seed
 trainer's FloatingPointError) is kept as ``diverged`` and ranks last; a seed that diverges at the chosen rate is
 left out of the mean and listed; when every rate of a sweep diverges the study stops with exit status 1. The
 JSON is rewritten after every run, and a rerun with the same arguments skips the runs it already holds
-(resumable); a run under a different config is trained again. The plot has one panel
-per pair count (accuracy against length per model at its rate, the mean over seeds and the lowest and highest
-seed as a band) and, with several pair counts, one per length against the pairs. ``--toy`` is a tiny model and
+(resumable); a run under a different config is trained again. ``--set-for MODEL:section.key=value`` changes one
+model's runs only (e.g. ``titans:grm:model.inner_lr=0.03``; recorded in the JSON as ``set_for``). The plot
+(each model at its rate, the mean over seeds and the lowest and highest seed as a band) has one panel of
+accuracy against length for each pair count held at two or more lengths, and one against the pairs for each
+length held at two or more pair counts: a cross grid such as ``--cells 64:12,128:12,256:12,128:6,128:24`` gives
+panel A (length, at 12 pairs) and panel B (pairs, at length 128), a product grid of ``--seq-lens`` × ``--pairs``
+one of each per value; a grid with neither (cells on a diagonal) is one panel, by cell. ``--toy`` is a tiny model and
 two steps (seconds; for tests). docs/results.md has the study's commands and tables.
 """
 
@@ -102,10 +107,38 @@ def cell_key(model: str, seq_len: int, pairs, seed: int, lr: float) -> str:
     return f"{group_key(model, seq_len, pairs)}/s{seed}/lr{lr:g}"
 
 
-def cell_run(base: RunConfig, model: str, seq_len: int, pairs, seed: int, lr: float, out_dir: str) -> RunConfig:
-    """One run: ``base`` with the model's overrides and the cell's task size, seed and learning rate."""
+# what every run sets itself (the model's name, the cell, the seed and the rate): --set-for may not change them
+RUN_KEYS = ("model.mixer", "model.memory", "model.aggregation", "train.task", "train.seq_len", "train.num_kv_pairs",
+            "train.seed", "train.lr", "parallel.sp", "parallel.dp", "train.out_dir")
+
+
+def parse_set_for(items, models) -> dict:
+    """``--set-for MODEL:section.key=value`` items as {model: [overrides]}, each model one of ``models``; the split
+    is at the last colon before the '=' (``titans:grm:model.inner_lr=0.03``). A key the study sets per run
+    (:data:`RUN_KEYS`) is refused."""
+    overrides_for: dict = {}
+    for item in items:
+        head, equals, value = item.partition("=")
+        name, colon, key = head.rpartition(":")
+        name, key = name.strip(), key.strip()
+        if not colon or not name or not key or not equals:
+            raise ConfigError(f"--set-for {item!r} is invalid; expected MODEL:section.key=value, e.g. "
+                              "titans:grm:model.inner_lr=0.03")
+        if name not in models:
+            raise ConfigError(f"--set-for {item!r} names model {name!r}, which is not in --models {list(models)}")
+        if key in RUN_KEYS:
+            raise ConfigError(f"--set-for {item!r} sets {key}, which every run sets itself (the model, the cell, the "
+                              "seed, the rate of --lrs); expected another key")
+        overrides_for.setdefault(name, []).append(f"{key}={value.strip()}")
+    return overrides_for
+
+
+def cell_run(base: RunConfig, model: str, seq_len: int, pairs, seed: int, lr: float, out_dir: str,
+             extra=()) -> RunConfig:
+    """One run: ``base`` with the model's overrides, then ``extra`` (its --set-for), and the cell's task size,
+    seed and learning rate."""
     task = ["train.task=passkey"] if pairs is None else ["train.task=mqar", f"train.num_kv_pairs={pairs}"]
-    return base.with_overrides(model_overrides(model) + task + [
+    return base.with_overrides(model_overrides(model) + list(extra) + task + [
         f"train.seq_len={seq_len}", f"train.seed={seed}", f"train.lr={lr!r}", "parallel.sp=1", "parallel.dp=1",
         "train.progress=false", "train.checkpoint_every=0", "train.resume=never", f"train.out_dir={out_dir}"])
 
@@ -133,17 +166,26 @@ def best_lr(cells: dict, model: str, seq_len: int, pairs, seed: int, lrs) -> flo
     return best
 
 
-def run_cells(base: RunConfig, models, groups, seeds, lrs, out_path: str, log=print, sweep: str = "each") -> dict:
+def run_cells(base: RunConfig, models, groups, seeds, lrs, out_path: str, log=print, sweep: str = "each",
+              overrides_for=None) -> dict:
     """Train every run not already in ``out_path`` (same fingerprint), rewriting the JSON after each: first each
     model's sweep over ``lrs`` on ``seeds[0]`` in every task cell of ``groups`` ((seq_len, pairs or None); with
     ``sweep = "first"`` in the first cell only, its best rate then holding in every cell), then the other seeds
-    (every seed, in the cells not swept) at each model's rate."""
+    (every seed, in the cells not swept) at each model's rate. ``overrides_for``: {model: [overrides]} of that
+    model's runs (``--set-for``), recorded in the JSON as ``set_for``."""
+    overrides_for = overrides_for or {}
     results = {"cells": {}}
     if os.path.exists(out_path):
         with open(out_path, encoding="utf-8") as handle:
             results = json.load(handle)
     cells = results.setdefault("cells", {})
     chosen = results.setdefault("best_lr", {})
+    recorded = results.setdefault("set_for", {})
+    for model in models:
+        if overrides_for.get(model):
+            recorded[model] = list(overrides_for[model])
+        else:
+            recorded.pop(model, None)
     swept = groups if sweep == "each" else groups[:1]
     total = len(models) * (len(swept) * (len(lrs) - 1) + len(groups) * len(seeds))
     done = [0]
@@ -151,7 +193,8 @@ def run_cells(base: RunConfig, models, groups, seeds, lrs, out_path: str, log=pr
     def train(scratch, model, seq_len, pairs, seed, lr):
         done[0] += 1
         key = cell_key(model, seq_len, pairs, seed, lr)
-        run = cell_run(base, model, seq_len, pairs, seed, lr, os.path.join(scratch, key.replace("/", "-")))
+        run = cell_run(base, model, seq_len, pairs, seed, lr, os.path.join(scratch, key.replace("/", "-")),
+                       overrides_for.get(model, ()))
         stamp = fingerprint(run)
         if cells.get(key, {}).get("fingerprint") == stamp:
             return
@@ -190,58 +233,109 @@ def run_cells(base: RunConfig, models, groups, seeds, lrs, out_path: str, log=pr
     return results
 
 
-def summary(results: dict, models, groups, seeds) -> dict:
-    """{group key: {"lr", "accuracy" (per seed, at the model's rate), "mean", "spread" (max − min), "diverged"
-    (seeds whose loss diverged at that rate: left out of the mean and spread), "num_params"}}."""
+def summary(results: dict, models, groups, seeds, fingerprints=None) -> dict:
+    """{group key: {"lr", "seeds" and "accuracy" (per seed, at the model's rate), "mean", "spread" (max − min),
+    "diverged" (seeds whose loss diverged at that rate: left out of the mean and spread), "missing" (seeds with no
+    run at that rate, or, given ``fingerprints`` {run key: fingerprint}, none under that config), "num_params"}}.
+    Raises KeyError naming a group that has no rate in the JSON."""
     table = {}
     for seq_len, pairs in groups:
         for model in models:
             group = group_key(model, seq_len, pairs)
+            if group not in results.get("best_lr", {}):
+                raise KeyError(f"{group} has no rate in the JSON: its sweep has not run")
             lr = results["best_lr"][group]
-            runs = [results["cells"][cell_key(model, seq_len, pairs, seed, lr)] for seed in seeds]
-            accuracy = [run["eval_accuracy"] for run in runs if not run.get("diverged")]
-            diverged = [seed for seed, run in zip(seeds, runs) if run.get("diverged")]
-            table[group] = {"model": model, "seq_len": seq_len, "num_kv_pairs": pairs, "lr": lr, "accuracy": accuracy,
-                            "mean": sum(accuracy) / len(accuracy) if accuracy else None,
-                            "spread": max(accuracy) - min(accuracy) if accuracy else None, "diverged": diverged,
-                            "num_params": next((run.get("num_params") for run in runs if run.get("num_params")), None)}
+            runs, missing = {}, []
+            for seed in seeds:
+                key = cell_key(model, seq_len, pairs, seed, lr)
+                run = results["cells"].get(key)
+                if run is None or (fingerprints is not None and run.get("fingerprint") != fingerprints[key]):
+                    missing.append(seed)
+                else:
+                    runs[seed] = run
+            done = [seed for seed, run in runs.items() if not run.get("diverged")]
+            accuracy = [runs[seed]["eval_accuracy"] for seed in done]
+            table[group] = {"model": model, "seq_len": seq_len, "num_kv_pairs": pairs, "lr": lr, "seeds": done,
+                            "accuracy": accuracy, "mean": sum(accuracy) / len(accuracy) if accuracy else None,
+                            "spread": max(accuracy) - min(accuracy) if accuracy else None,
+                            "diverged": [seed for seed, run in runs.items() if run.get("diverged")],
+                            "missing": missing,
+                            "num_params": next((run.get("num_params") for run in runs.values()
+                                                if run.get("num_params")), None)}
     return table
 
 
-def plot(table: dict, models, groups, path: str) -> None:
-    """Accuracy against length, one panel per pair count; with several pair counts, also against the pairs, one
-    panel per length. Mean over seeds, min–max band, one line per model."""
+def plot_panels(groups) -> list:
+    """The panels of a grid of (length, pairs) cells: ``("length", n)`` for each pair count n held at two or more
+    lengths (accuracy against length), then ``("pairs", L)`` for each length L held at two or more pair counts
+    (against the pairs). A product grid has both kinds for every value, a cross grid (one fixed pair count, one
+    fixed length) one of each; a grid with neither (one cell, or cells on a diagonal: length and pairs varied
+    together) is one panel, ``("cells", None)``, its cells side by side."""
+    lengths = sorted({seq_len for seq_len, _ in groups})
+    pair_counts = sorted({pairs for _, pairs in groups}, key=lambda n: -1 if n is None else n)
+    panels = [("length", pairs) for pairs in pair_counts if sum(1 for _, n in groups if n == pairs) >= 2]
+    panels += [("pairs", seq_len) for seq_len in lengths
+               if sum(1 for length, n in groups if length == seq_len and n is not None) >= 2]
+    return panels or [("cells", None)]
+
+
+def plot(table: dict, models, groups, path: str) -> dict:
+    """Accuracy per model (the mean over seeds, the lowest and highest seed as a band) in the panels of
+    :func:`plot_panels`: against length at a fixed pair count, against the pairs at a fixed length, or (a grid
+    with neither) by cell. Returns what each panel drew: {title: {model: (xs, means)}} (xs: lengths, pair
+    counts, or "L64/n12" cell names)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pair_counts = sorted({pairs for _, pairs in groups}, key=lambda n: -1 if n is None else n)
-    lengths = sorted({seq_len for seq_len, _ in groups})
-    panels = [("length", pairs) for pairs in pair_counts]
-    if len(pair_counts) > 1:
-        panels += [("pairs", seq_len) for seq_len in lengths]
-    figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
-    for axis, (along, fixed) in zip(axes[0], panels):
-        for model in models:
-            rows = [row for row in table.values() if row["model"] == model and row["accuracy"]
-                    and (row["num_kv_pairs"] if along == "length" else row["seq_len"]) == fixed]
-            rows.sort(key=lambda row: row["seq_len"] if along == "length" else row["num_kv_pairs"])
-            if not rows:
-                continue
-            xs = [row["seq_len"] if along == "length" else row["num_kv_pairs"] for row in rows]
-            line, = axis.plot(xs, [row["mean"] for row in rows], marker="o", label=model)
-            axis.fill_between(xs, [min(row["accuracy"]) for row in rows], [max(row["accuracy"]) for row in rows],
-                              color=line.get_color(), alpha=0.15)
+    panels = plot_panels(groups)
+    cell_names = [f"L{seq_len}/" + ("passkey" if pairs is None else f"n{pairs}") for seq_len, pairs in groups]
+    drawn = {}
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.8), squeeze=False)
+    for index, (axis, (along, fixed)) in enumerate(zip(axes[0], panels)):
         if along == "length":
-            axis.set_xscale("log", base=2)
-            axis.set_xticks(lengths, [str(length) for length in lengths])
-            axis.set_xlabel("sequence length")
-            axis.set_title("passkey retrieval" if fixed is None else f"{fixed} key-value pairs")
+            title = "accuracy vs length, " + ("passkey" if fixed is None else f"{fixed} key-value pairs")
+        elif along == "pairs":
+            title = f"accuracy vs pairs, length {fixed}"
         else:
+            title = "accuracy by cell"
+        if len(panels) > 1:
+            title = f"{chr(ord('A') + index)}: {title}"
+        drawn[title] = {}
+        for model in models:
+            rows = {(row["seq_len"], row["num_kv_pairs"]): row for row in table.values()
+                    if row["model"] == model and row["accuracy"]}
+            if along == "length":
+                points = [(seq_len, rows[seq_len, pairs]) for seq_len, pairs in sorted(rows) if pairs == fixed]
+            elif along == "pairs":
+                points = sorted(((pairs, rows[seq_len, pairs]) for seq_len, pairs in rows
+                                 if seq_len == fixed and pairs is not None), key=lambda point: point[0])
+            else:
+                points = [(position, rows[cell]) for position, cell in enumerate(groups) if cell in rows]
+            if not points:
+                continue
+            xs = [x for x, _ in points]
+            means = [row["mean"] for _, row in points]
+            line, = axis.plot(xs, means, marker="o", label=model)
+            axis.fill_between(xs, [min(row["accuracy"]) for _, row in points],
+                              [max(row["accuracy"]) for _, row in points], color=line.get_color(), alpha=0.15)
+            drawn[title][model] = ([cell_names[x] for x in xs] if along == "cells" else xs, means)
+        if along == "length":
+            ticks = sorted({seq_len for seq_len, pairs in groups if pairs == fixed})
+            axis.set_xscale("log", base=2)
+            axis.set_xticks(ticks, [str(tick) for tick in ticks])
+            axis.minorticks_off()
+            axis.set_xlabel("sequence length")
+        elif along == "pairs":
+            ticks = sorted({pairs for seq_len, pairs in groups if seq_len == fixed and pairs is not None})
+            axis.set_xticks(ticks, [str(tick) for tick in ticks])
             axis.set_xlabel("key-value pairs")
-            axis.set_title(f"length {fixed}")
+        else:
+            axis.set_xticks(range(len(groups)), cell_names)
+            axis.set_xlabel("cell (length / pairs)")
+        axis.set_title(title, fontsize=10)
         axis.set_ylim(0, 1.02)
-        axis.set_ylabel("query accuracy")
+        axis.set_ylabel("query accuracy (mean, min-max band)")
         axis.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7)
     figure.tight_layout()
@@ -258,6 +352,7 @@ def plot(table: dict, models, groups, path: str) -> None:
         plt.close(figure)
         if os.path.exists(temporary):
             os.remove(temporary)
+    return drawn
 
 
 def main(argv=None) -> int:
@@ -265,6 +360,8 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="the RunConfig of every run (default: "
                                                                  "examples/main_job.json)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--set-for", dest="set_for", action="append", default=[], metavar="MODEL:SECTION.KEY=VALUE",
+                        help="an override for one model's runs only, e.g. titans:grm:model.inner_lr=0.03")
     parser.add_argument("--models", default="attention,none,residual,grm,soup,ssc")
     parser.add_argument("--task", default="mqar", help=f"one of {list(TASKS)}")
     parser.add_argument("--seq-lens", default="128,256")
@@ -276,9 +373,13 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="benchmarks/results/recall.json")
     parser.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
     parser.add_argument("--toy", action="store_true", help="a tiny model, two steps (seconds)")
+    parser.add_argument("--report", action="store_true",
+                        help="train nothing: the table, JSON summary and plot of the runs --out holds under this "
+                             "config (each model at its rate there; seeds without such a run are listed as missing)")
     args = parser.parse_args(argv)
     try:
         models = parse_model_names(args.models)
+        overrides_for = parse_set_for(args.set_for, models)
         if args.task not in TASKS:
             raise ConfigError(f"--task = {args.task!r} is invalid; expected one of {list(TASKS)}")
         seeds = _int_list(args.seeds, "--seeds", minimum=0)
@@ -297,26 +398,55 @@ def main(argv=None) -> int:
             groups = [(seq_len, pairs) for pairs in pairs_list for seq_len in seq_lens]
         for seq_len, pairs in groups:  # every run must be able to start before the first one trains
             for model in models:
-                check_run(cell_run(base, model, seq_len, pairs, seeds[0], lrs[0], "unused"))
+                check_run(cell_run(base, model, seq_len, pairs, seeds[0], lrs[0], "unused",
+                                   overrides_for.get(model, ())))
     except (ConfigError, FileNotFoundError, ValueError) as error:
         print(f"recall: error: {error}", file=sys.stderr)
         return 2
-    torch.set_num_threads(1)
+    fingerprints = None
+    if args.report:  # what --out holds: only the runs made under this config count
+        try:
+            with open(args.out, encoding="utf-8") as handle:
+                results = json.load(handle)
+        except (OSError, ValueError) as error:
+            print(f"recall: error: --report reads --out = {args.out!r}: {error}", file=sys.stderr)
+            return 2
+        fingerprints = {}
+        for seq_len, pairs in groups:
+            for model in models:
+                lr = results.get("best_lr", {}).get(group_key(model, seq_len, pairs))
+                for seed in seeds:
+                    if lr is not None:
+                        fingerprints[cell_key(model, seq_len, pairs, seed, lr)] = fingerprint(cell_run(
+                            base, model, seq_len, pairs, seed, lr, "unused", overrides_for.get(model, ())))
+    else:
+        torch.set_num_threads(1)
+        try:
+            results = run_cells(base, models, groups, seeds, lrs, args.out, sweep=args.sweep,
+                                overrides_for=overrides_for)
+        except RuntimeError as error:  # every rate of a sweep diverged: the runs so far are in args.out
+            print(f"recall: error: {error}", file=sys.stderr)
+            return 1
     try:
-        results = run_cells(base, models, groups, seeds, lrs, args.out, sweep=args.sweep)
-    except RuntimeError as error:  # every rate of a sweep diverged: the runs so far are in args.out
-        print(f"recall: error: {error}", file=sys.stderr)
-        return 1
-    table = summary(results, models, groups, seeds)
+        table = summary(results, models, groups, seeds, fingerprints)
+    except KeyError as error:
+        print(f"recall: error: {error.args[0]}; expected a run without --report first", file=sys.stderr)
+        return 2
     results["summary"] = table
     write_text_atomic(args.out, json.dumps(results, indent=1, sort_keys=True) + "\n")
     plot(table, models, groups, args.plot or os.path.splitext(args.out)[0] + ".png")
-    print(f"mean accuracy over seeds {seeds} ± half the spread (max − min), each model at its rate from {lrs}")
+    rates = "its rate in the JSON" if args.report else f"its rate from {lrs}"
+    print(f"mean accuracy over seeds {seeds} ± half the spread (max − min), each model at {rates}")
     for row in table.values():
         cell = "passkey" if row["num_kv_pairs"] is None else f"{row['num_kv_pairs']} pairs"
-        score = "diverged" if row["mean"] is None else f"{row['mean']:.3f} ± {row['spread'] / 2:.3f}"
+        if row["mean"] is None:
+            score = "diverged" if row["diverged"] else "no run"
+        else:
+            score = f"{row['mean']:.3f} ± {row['spread'] / 2:.3f}"
         extra = f", seeds {row['diverged']} diverged" if row["diverged"] else ""
-        print(f"  L {row['seq_len']:<5} {cell:<9} {row['model']:<12} {score}  (lr {row['lr']:g}{extra})")
+        extra += f", seeds {row['missing']} missing" if row["missing"] else ""
+        print(f"  L {row['seq_len']:<5} {cell:<9} {row['model']:<12} {score}  (lr {row['lr']:g}, seeds "
+              f"{row['seeds']}{extra})")
     return 0
 
 

@@ -1,7 +1,8 @@
 """benchmarks/recall.py at its toy size: the learning-rate sweep picks each model's rate from its first seed and
 trains the other seeds at it, every run lands in valid JSON with a finite accuracy, the plot is a real PNG, a
 rerun resumes (trains nothing it already has) while a changed config reruns, `memory:aggregation` names set the
-memory, and passkey cells run by length."""
+memory, passkey cells run by length, a cross grid plots accuracy against length at its fixed pair count and
+against the pairs at its fixed length, and --set-for changes one model's runs only."""
 
 import importlib.util
 import json
@@ -129,8 +130,80 @@ def test_recall_benchmark_bad_lists_exit_2(tmp_path, capsys):
                         (["--cells", "64:x"], "--cells = '64:x' is invalid"),
                         (["--task", "copy"], "--task = 'copy' is invalid"),
                         (["--sweep", "all"], "--sweep = 'all' is invalid"),
-                        (["--cells", "8:3"], "too short for train.num_kv_pairs = 3")):
+                        (["--cells", "8:3"], "too short for train.num_kv_pairs = 3"),
+                        (["--set-for", "grm"], "--set-for 'grm' is invalid"),
+                        (["--models", "grm", "--set-for", "none:model.top_k=2"], "names model 'none', which is not"),
+                        (["--models", "grm", "--set-for", "grm:train.lr=1e-3"], "sets train.lr, which every run sets"),
+                        (["--models", "grm", "--set-for", "grm:model.top_k=0"], "top_k")):
         assert recall.main(["--toy", "--out", out] + argv) == 2, argv
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err, (argv, err)
     assert not (tmp_path / "r.json").exists()
+
+
+def test_plot_panels_of_cross_product_and_diagonal_grids():
+    recall = _load_recall()
+    cross = [(64, 12), (128, 12), (256, 12), (128, 6), (128, 24)]
+    assert recall.plot_panels(cross) == [("length", 12), ("pairs", 128)]
+    product = [(length, n) for n in (6, 16) for length in (128, 256)]
+    assert recall.plot_panels(product) == [("length", 6), ("length", 16), ("pairs", 128), ("pairs", 256)]
+    assert recall.plot_panels([(64, 12), (128, 24)]) == [("cells", None)]  # length and pairs varied together
+    assert recall.plot_panels([(128, None), (256, None)]) == [("length", None)]  # passkey
+    assert recall.plot_panels([(128, None)]) == [("cells", None)]
+
+
+def test_recall_cross_grid_plots_both_axes_and_set_for_changes_one_model(tmp_path, one_thread):
+    recall = _load_recall()
+    out, png = tmp_path / "cross.json", tmp_path / "cross.png"
+    cross = ((24, 3), (40, 3), (56, 3), (40, 2), (40, 4))
+    argv = ["--toy", "--models", "attention,linear:grm", "--cells", ",".join(f"{L}:{n}" for L, n in cross),
+            "--seeds", "0,1", "--lrs", "1e-3", "--sweep", "first", "--set-for", "linear:grm:model.conv_size=0",
+            "--out", str(out), "--plot", str(png), "--set", "train.device=cpu"]
+    assert recall.main(argv) == 0
+    results = json.loads(out.read_text())
+    cells = results["cells"]
+    assert set(cells) == {f"{m}/L{L}/n{n}/s{seed}/lr0.001" for m in ("attention", "linear:grm") for L, n in cross
+                          for seed in (0, 1)}
+    assert results["set_for"] == {"linear:grm": ["model.conv_size=0"]}
+    # --set-for reached linear:grm's runs (no convolution: its parameter count) and not attention's
+    config = RunConfig.load(ROOT / "examples" / "main_job.json")
+    assert config.model.conv_size == 4
+    def params(extra):
+        return sum(p.numel() for p in MCLanguageModel(config.with_overrides(recall.TOY + extra).model).parameters())
+    no_conv = params(["model.memory=linear", "model.aggregation=grm", "model.conv_size=0"])
+    assert no_conv != params(["model.memory=linear", "model.aggregation=grm"])
+    assert all(cells[f"linear:grm/L{L}/n{n}/s0/lr0.001"]["num_params"] == no_conv for L, n in cross)
+    assert cells["attention/L24/n3/s0/lr0.001"]["num_params"] == params(["model.mixer=attention"])
+
+    drawn = recall.plot(results["summary"], ["attention", "linear:grm"], list(cross), str(png))
+    _assert_png(png)
+    by_hand = {(m, L, n): sum(cells[f"{m}/L{L}/n{n}/s{seed}/lr0.001"]["eval_accuracy"] for seed in (0, 1)) / 2
+               for m in ("attention", "linear:grm") for L, n in cross}
+    assert list(drawn) == ["A: accuracy vs length, 3 key-value pairs", "B: accuracy vs pairs, length 40"]
+    for model in ("attention", "linear:grm"):
+        xs, means = drawn["A: accuracy vs length, 3 key-value pairs"][model]
+        assert xs == [24, 40, 56]
+        assert all(math.isclose(mean, by_hand[model, L, 3]) for mean, L in zip(means, xs)), (model, means)
+        xs, means = drawn["B: accuracy vs pairs, length 40"][model]
+        assert xs == [2, 3, 4]
+        assert all(math.isclose(mean, by_hand[model, 40, n]) for mean, n in zip(means, xs)), (model, means)
+    # --report trains nothing and counts only the runs made under this config: seed 2 was never trained, and
+    # under another config (attention's --set-for) every attention run is stale
+    summary = results["summary"]
+    assert recall.main(argv + ["--report", "--seeds", "0,1,2"]) == 0
+    reported = json.loads(out.read_text())
+    assert reported["cells"] == cells
+    for group, row in reported["summary"].items():
+        assert row["seeds"] == [0, 1] and row["missing"] == [2] and math.isclose(row["mean"], summary[group]["mean"])
+    assert recall.main(argv + ["--report", "--set-for", "attention:model.conv_size=0"]) == 0
+    reported = json.loads(out.read_text())["summary"]
+    assert reported["attention/L24/n3"]["missing"] == [0, 1] and reported["attention/L24/n3"]["mean"] is None
+    assert reported["linear:grm/L24/n3"]["missing"] == [] and reported["linear:grm/L24/n3"]["seeds"] == [0, 1]
+    assert recall.main(argv + ["--report", "--cells", "24:3,72:3"]) == 2  # no rate chosen at 72: never trained
+    # the old diagonal grid still plots: one panel, its cells side by side
+    diagonal = [(24, 3), (40, 4)]
+    rows = {key: row for key, row in results["summary"].items() if (row["seq_len"], row["num_kv_pairs"]) in diagonal}
+    drawn = recall.plot(rows, ["attention"], diagonal, str(tmp_path / "diagonal.png"))
+    _assert_png(tmp_path / "diagonal.png")
+    xs, means = drawn["accuracy by cell"]["attention"]
+    assert xs == ["L24/n3", "L40/n4"] and math.isclose(means[1], by_hand["attention", 40, 4])

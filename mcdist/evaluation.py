@@ -194,13 +194,19 @@ def _score_batch(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.
     chunks = model.logit_chunks(input_ids, chunk_tokens=positions, impl=impl)  # made lazily, under the autocast
     with autocast():
         for first, logits in chunks:  # [b, n, V]
-            part = labels[:, first:first + logits.shape[1]]
-            losses = F.cross_entropy(at_least_float32(logits).transpose(1, 2), part,
-                                     ignore_index=IGNORE_INDEX, reduction="none")  # [b, n], 0 unlabelled
-            mask = part != IGNORE_INDEX  # [b, n]
-            correct = (logits.argmax(dim=-1) == part) & mask
-            for column, values in enumerate((losses, correct, mask)):
-                sums[:, column].index_add_(0, bucket[first:first + logits.shape[1]], values.double().sum(dim=0))
+            part = labels[:, first:first + logits.shape[1]]  # [b, n]
+            _add_scores(sums, logits, part, bucket[first:first + logits.shape[1]].expand_as(part))
+
+
+def _add_scores(sums: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, where: torch.Tensor) -> None:
+    """Add the loss, correct arg-max and labelled count of the positions of ``logits`` [..., V] (labels and
+    their buckets ``where``: [...]) to ``sums`` [K, 3]; unlabelled positions (−100) add nothing."""
+    logits, labels, where = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), where.reshape(-1)
+    losses = F.cross_entropy(at_least_float32(logits), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    mask = labels != IGNORE_INDEX
+    correct = (logits.argmax(dim=-1) == labels) & mask
+    for column, values in enumerate((losses, correct, mask)):
+        sums[:, column].index_add_(0, where, values.double())
 
 
 def _score_documents(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, bucket: torch.Tensor,
@@ -214,13 +220,8 @@ def _score_documents(model: torch.nn.Module, input_ids: torch.Tensor, labels: to
     step = chunk_tokens if chunk_tokens > 0 else max(1, hidden.shape[0])
     with autocast():
         for first in range(0, hidden.shape[0], step):
-            logits = model.lm_head(hidden[first:first + step])  # [n, V]
-            part = targets[first:first + step]
-            losses = F.cross_entropy(at_least_float32(logits), part, ignore_index=IGNORE_INDEX, reduction="none")
-            mask = part != IGNORE_INDEX
-            correct = (logits.argmax(dim=-1) == part) & mask
-            for column, values in enumerate((losses, correct, mask)):
-                sums[:, column].index_add_(0, where[first:first + step], values.double())
+            _add_scores(sums, model.lm_head(hidden[first:first + step]), targets[first:first + step],
+                        where[first:first + step])
 
 
 def _scores(row: torch.Tensor) -> dict:

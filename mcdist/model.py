@@ -181,10 +181,10 @@ class MCLanguageModel(nn.Module):
         this rank's part of the sum is returned (the ranks' parts add up to the whole; ``local_max`` as for
         :meth:`document_share`: docs/packing.md)."""
         if cu_seqlens is not None and self.sequence_shard() is not None:
-            hidden, index = self.document_share(input_ids, cu_seqlens, impl=impl, local_max=local_max)
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}; got "
                                  f"{tuple(labels.shape)}")
+            hidden, index = self.document_share(input_ids, cu_seqlens, impl=impl, local_max=local_max)
             return self._loss_of_hidden(hidden, labels_at(labels.reshape(-1), index), chunk_tokens)
         hidden = self.hidden_states(input_ids, impl=impl, cu_seqlens=cu_seqlens).flatten(0, 1)  # [B·T, d_model]
         return self._loss_of_hidden(hidden, labels.reshape(-1), chunk_tokens)

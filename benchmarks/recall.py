@@ -5,7 +5,8 @@ writes JSON and a PNG; not a test).
                                 [--set-for model:section.key=value ...]
                                 [--models attention,none,residual,grm,soup,ssc,titans:none,titans:grm]
                                 [--task mqar|passkey] [--seq-lens 128,256] [--pairs 6,16] [--cells 64:8,128:16]
-                                [--seeds 0,1,2] [--lrs 1e-3,3e-3,1e-2] [--sweep each|first]
+                                [--seeds 0,1,2] [--lrs 1e-3,3e-3,1e-2] [--sweep each|first] [--tie 0.01]
+                                [--keep-stale] [--report]
                                 [--out benchmarks/results/recall.json]
                                 [--plot benchmarks/results/recall.png] [--toy]
 
@@ -17,13 +18,15 @@ the trainer's last evaluation (query accuracy on held-out batches). A task cell 
 product of ``--seq-lens`` and ``--pairs``, or the ``--cells`` listed (``L:n``; passkey: ``--seq-lens`` only).
 
 The learning-rate sweep: in each cell (``--sweep first``: in the first cell only) each model first trains on the
-first seed at every rate of ``--lrs``; the best (highest accuracy, then lowest evaluation loss, then the lower
-rate) is its rate there (``first``: in every cell), and the other seeds train at it. Every sweep runs before any
+first seed at every rate of ``--lrs``; the lowest rate whose accuracy is within ``--tie`` (0.01) of the sweep's
+best is its rate there (``first``: in every cell), and the other seeds train at it. Every sweep runs before any
 further seed, so a study stopped early has every model at every rate on one seed. A run whose loss diverges (the
 trainer's FloatingPointError) is kept as ``diverged`` and ranks last; a seed that diverges at the chosen rate is
 left out of the mean and listed; when every rate of a sweep diverges the study stops with exit status 1. The
 JSON is rewritten after every run, and a rerun with the same arguments skips the runs it already holds
-(resumable); a run under a different config is trained again. ``--set-for MODEL:section.key=value`` changes one
+(resumable); a run under a different config is trained again, and so is one made by other code (each run records
+``code``, a hash of the ``mcdist`` package's sources; the old run is kept in the JSON's ``stale`` list;
+``--keep-stale`` reuses it instead). ``--set-for MODEL:section.key=value`` changes one
 model's runs only (e.g. ``titans:grm:model.inner_lr=0.03``; recorded in the JSON as ``set_for``). The plot
 (each model at its rate, the mean over seeds and the lowest and highest seed as a band) has one panel of
 accuracy against length for each pair count held at two or more lengths, and one against the pairs for each
@@ -151,29 +154,52 @@ def fingerprint(run: RunConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def best_lr(cells: dict, model: str, seq_len: int, pairs, seed: int, lrs) -> float:
-    """The rate of the sweep's best run (highest accuracy, then lowest evaluation loss, then the lower rate); a run
-    whose loss diverged ranks last. Raises RuntimeError when every rate diverged."""
-    def rank(lr):
-        cell = cells[cell_key(model, seq_len, pairs, seed, lr)]
-        if cell.get("diverged"):
-            return (1, 0.0, 0.0, lr)
-        return (0, -cell["eval_accuracy"], cell["eval_loss"], lr)
-    best = min(lrs, key=rank)
-    if cells[cell_key(model, seq_len, pairs, seed, best)].get("diverged"):
+def code_version(root=None) -> str:
+    """A hash of the code a run's result depends on: every ``.py`` file (path and bytes) under ``root``, by default
+    the imported ``mcdist`` package. A stored run made by other code is not reused (:func:`run_cells`)."""
+    if root is None:
+        import mcdist
+        root = os.path.dirname(os.path.abspath(mcdist.__file__))
+    digest = hashlib.sha256()
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = sorted(name for name in subfolders if name != "__pycache__")
+        for name in sorted(files):
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                digest.update(os.path.relpath(path, root).replace(os.sep, "/").encode() + b"\0")
+                with open(path, "rb") as handle:
+                    digest.update(handle.read() + b"\0")
+    return digest.hexdigest()[:12]
+
+
+TIE = 0.01  # sweep accuracies within this of the best tie; the lowest tied rate wins
+
+
+def best_lr(cells: dict, model: str, seq_len: int, pairs, seed: int, lrs, tie: float = TIE) -> float:
+    """The sweep's rate: the lowest rate whose accuracy is within ``tie`` of the sweep's highest (a higher rate
+    that wins by less is not worth its risk: recurrent models fail on other seeds near their highest stable rate);
+    a run whose loss diverged never wins. Raises RuntimeError when every rate diverged."""
+    scores = {lr: cells[cell_key(model, seq_len, pairs, seed, lr)] for lr in lrs}
+    finished = {lr: cell["eval_accuracy"] for lr, cell in scores.items() if not cell.get("diverged")}
+    if not finished:
         raise RuntimeError(f"{group_key(model, seq_len, pairs)}: the loss diverged at every rate of {list(lrs)}; "
                            "expected lower rates in --lrs")
-    return best
+    top = max(finished.values())
+    return min(lr for lr, accuracy in finished.items() if accuracy >= top - tie)
 
 
 def run_cells(base: RunConfig, models, groups, seeds, lrs, out_path: str, log=print, sweep: str = "each",
-              overrides_for=None) -> dict:
-    """Train every run not already in ``out_path`` (same fingerprint), rewriting the JSON after each: first each
+              overrides_for=None, tie: float = TIE, keep_stale: bool = False) -> dict:
+    """Train every run not already in ``out_path`` (same fingerprint, made by this code: :func:`code_version`),
+    rewriting the JSON after each: first each
     model's sweep over ``lrs`` on ``seeds[0]`` in every task cell of ``groups`` ((seq_len, pairs or None); with
     ``sweep = "first"`` in the first cell only, its best rate then holding in every cell), then the other seeds
     (every seed, in the cells not swept) at each model's rate. ``overrides_for``: {model: [overrides]} of that
-    model's runs (``--set-for``), recorded in the JSON as ``set_for``."""
+    model's runs (``--set-for``), recorded in the JSON as ``set_for``. A stored run under the same config but made
+    by other code (or with no code version: before it was recorded) is trained again, the old one moved to the
+    JSON's ``stale`` list, unless ``keep_stale`` (then it counts as it is)."""
     overrides_for = overrides_for or {}
+    code = code_version()
     results = {"cells": {}}
     if os.path.exists(out_path):
         with open(out_path, encoding="utf-8") as handle:
@@ -196,8 +222,15 @@ def run_cells(base: RunConfig, models, groups, seeds, lrs, out_path: str, log=pr
         run = cell_run(base, model, seq_len, pairs, seed, lr, os.path.join(scratch, key.replace("/", "-")),
                        overrides_for.get(model, ()))
         stamp = fingerprint(run)
-        if cells.get(key, {}).get("fingerprint") == stamp:
-            return
+        stored = cells.get(key, {})
+        if stored.get("fingerprint") == stamp:
+            if keep_stale or stored.get("code") == code:
+                return
+            results.setdefault("stale", []).append(dict(stored, key=key))
+            if log:
+                made = stored.get("code", "not recorded")
+                log(f"[{done[0]}/{total}] {key}: the stored run was made by other code ({made}, now {code}): "
+                    "training it again (--keep-stale keeps it)")
         started = time.perf_counter()
         try:
             trained = run_training(run)
@@ -207,7 +240,7 @@ def run_cells(base: RunConfig, models, groups, seeds, lrs, out_path: str, log=pr
                       "task": run.train.task, "eval_accuracy": trained["eval_accuracy"],
                       "eval_loss": trained["eval_loss"], "train_loss": trained["loss"],
                       "seconds": time.perf_counter() - started, "num_params": trained.get("num_params"),
-                      "fingerprint": stamp}
+                      "fingerprint": stamp, "code": code}
         if "diverged" in trained:
             cells[key]["diverged"] = trained["diverged"]
         write_text_atomic(out_path, json.dumps(results, indent=1, sort_keys=True) + "\n")
@@ -220,7 +253,7 @@ def run_cells(base: RunConfig, models, groups, seeds, lrs, out_path: str, log=pr
             for model in models:
                 for lr in lrs:
                     train(scratch, model, seq_len, pairs, seeds[0], lr)
-                chosen[group_key(model, seq_len, pairs)] = best_lr(cells, model, seq_len, pairs, seeds[0], lrs)
+                chosen[group_key(model, seq_len, pairs)] = best_lr(cells, model, seq_len, pairs, seeds[0], lrs, tie)
         for seq_len, pairs in groups[len(swept):]:
             for model in models:
                 chosen[group_key(model, seq_len, pairs)] = chosen[group_key(model, *groups[0])]
@@ -233,25 +266,30 @@ def run_cells(base: RunConfig, models, groups, seeds, lrs, out_path: str, log=pr
     return results
 
 
-def summary(results: dict, models, groups, seeds, fingerprints=None) -> dict:
+def summary(results: dict, models, groups, seeds, fingerprints=None, code=None, keep_stale=False) -> dict:
     """{group key: {"lr", "seeds" and "accuracy" (per seed, at the model's rate), "mean", "spread" (max − min),
     "diverged" (seeds whose loss diverged at that rate: left out of the mean and spread), "missing" (seeds with no
-    run at that rate, or, given ``fingerprints`` {run key: fingerprint}, none under that config), "num_params"}}.
-    Raises KeyError naming a group that has no rate in the JSON."""
+    run at that rate, or, given ``fingerprints`` {run key: fingerprint}, none under that config), "stale" (given
+    ``code``: seeds whose run there was made by other code: also "missing", or counted with ``keep_stale``),
+    "num_params"}}. A group whose
+    sweep has not run has ``lr`` None and every seed missing."""
     table = {}
     for seq_len, pairs in groups:
         for model in models:
             group = group_key(model, seq_len, pairs)
-            if group not in results.get("best_lr", {}):
-                raise KeyError(f"{group} has no rate in the JSON: its sweep has not run")
-            lr = results["best_lr"][group]
-            runs, missing = {}, []
+            lr = results.get("best_lr", {}).get(group)
+            runs, missing, stale = {}, [], []
             for seed in seeds:
-                key = cell_key(model, seq_len, pairs, seed, lr)
-                run = results["cells"].get(key)
-                if run is None or (fingerprints is not None and run.get("fingerprint") != fingerprints[key]):
+                key = None if lr is None else cell_key(model, seq_len, pairs, seed, lr)
+                run = results["cells"].get(key) if key else None
+                if run is None or (fingerprints is not None and run.get("fingerprint") != fingerprints.get(key)):
                     missing.append(seed)
                 else:
+                    if code is not None and run.get("code") != code:
+                        stale.append(seed)
+                        if not keep_stale:
+                            missing.append(seed)
+                            continue
                     runs[seed] = run
             done = [seed for seed, run in runs.items() if not run.get("diverged")]
             accuracy = [runs[seed]["eval_accuracy"] for seed in done]
@@ -259,7 +297,7 @@ def summary(results: dict, models, groups, seeds, fingerprints=None) -> dict:
                             "accuracy": accuracy, "mean": sum(accuracy) / len(accuracy) if accuracy else None,
                             "spread": max(accuracy) - min(accuracy) if accuracy else None,
                             "diverged": [seed for seed, run in runs.items() if run.get("diverged")],
-                            "missing": missing,
+                            "missing": missing, "stale": stale,
                             "num_params": next((run.get("num_params") for run in runs.values()
                                                 if run.get("num_params")), None)}
     return table
@@ -337,7 +375,8 @@ def plot(table: dict, models, groups, path: str) -> dict:
         axis.set_ylim(0, 1.02)
         axis.set_ylabel("query accuracy (mean, min-max band)")
         axis.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7)
+    if axes[0][-1].get_legend_handles_labels()[0]:  # nothing to name when no model has a run yet
+        axes[0][-1].legend(fontsize=7)
     figure.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=".recall-", suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
@@ -370,6 +409,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--lrs", default=None, help="learning rates of the sweep (default: the config's train.lr)")
     parser.add_argument("--sweep", default="each", help="sweep the rates in each cell, or in the first only")
+    parser.add_argument("--tie", type=float, default=TIE,
+                        help=f"sweep accuracies within this of the best tie; the lowest tied rate wins (default {TIE})")
+    parser.add_argument("--keep-stale", action="store_true",
+                        help="reuse (and report) stored runs made by other code instead of training them again")
     parser.add_argument("--out", default="benchmarks/results/recall.json")
     parser.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
     parser.add_argument("--toy", action="store_true", help="a tiny model, two steps (seconds)")
@@ -385,6 +428,8 @@ def main(argv=None) -> int:
         seeds = _int_list(args.seeds, "--seeds", minimum=0)
         base = RunConfig.load(args.config).with_overrides((TOY if args.toy else []) + args.overrides)
         lrs = _lr_list(args.lrs) if args.lrs is not None else [base.train.lr]
+        if not (math.isfinite(args.tie) and 0.0 <= args.tie < 1.0):
+            raise ConfigError(f"--tie = {args.tie!r} is invalid; expected an accuracy difference in [0, 1)")
         if args.sweep not in ("each", "first"):
             raise ConfigError(f"--sweep = {args.sweep!r} is invalid; expected 'each' or 'first'")
         if args.task == "passkey":
@@ -423,15 +468,11 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)
         try:
             results = run_cells(base, models, groups, seeds, lrs, args.out, sweep=args.sweep,
-                                overrides_for=overrides_for)
+                                overrides_for=overrides_for, tie=args.tie, keep_stale=args.keep_stale)
         except RuntimeError as error:  # every rate of a sweep diverged: the runs so far are in args.out
             print(f"recall: error: {error}", file=sys.stderr)
             return 1
-    try:
-        table = summary(results, models, groups, seeds, fingerprints)
-    except KeyError as error:
-        print(f"recall: error: {error.args[0]}; expected a run without --report first", file=sys.stderr)
-        return 2
+    table = summary(results, models, groups, seeds, fingerprints, code_version(), args.keep_stale)
     results["summary"] = table
     write_text_atomic(args.out, json.dumps(results, indent=1, sort_keys=True) + "\n")
     plot(table, models, groups, args.plot or os.path.splitext(args.out)[0] + ".png")
@@ -439,14 +480,18 @@ def main(argv=None) -> int:
     print(f"mean accuracy over seeds {seeds} ± half the spread (max − min), each model at {rates}")
     for row in table.values():
         cell = "passkey" if row["num_kv_pairs"] is None else f"{row['num_kv_pairs']} pairs"
-        if row["mean"] is None:
+        if row["lr"] is None:
+            score = "not swept (no rate in the JSON)"
+        elif row["mean"] is None:
             score = "diverged" if row["diverged"] else "no run"
         else:
             score = f"{row['mean']:.3f} ± {row['spread'] / 2:.3f}"
         extra = f", seeds {row['diverged']} diverged" if row["diverged"] else ""
         extra += f", seeds {row['missing']} missing" if row["missing"] else ""
-        print(f"  L {row['seq_len']:<5} {cell:<9} {row['model']:<12} {score}  (lr {row['lr']:g}, seeds "
-              f"{row['seeds']}{extra})")
+        if row["stale"]:
+            extra += f", seeds {row['stale']} made by other code" + (" (kept)" if args.keep_stale else "")
+        rate = "no rate" if row["lr"] is None else f"lr {row['lr']:g}"
+        print(f"  L {row['seq_len']:<5} {cell:<9} {row['model']:<12} {score}  ({rate}, seeds {row['seeds']}{extra})")
     return 0
 
 

@@ -44,10 +44,10 @@ def test_recall_sweep_writes_json_and_png_and_resumes(tmp_path, capsys, one_thre
     for group in groups:  # the sweep on seed 0, then seed 1 at the best rate only
         expected |= {f"{group}/s0/lr0.001", f"{group}/s0/lr0.03", f"{group}/s1/lr{results['best_lr'][group]:g}"}
     assert set(cells) == expected
-    for group in groups:  # the rate chosen is the sweep's best by accuracy, then loss (checked by hand here)
-        sweep = [(cells[f"{group}/s0/lr{lr}"]["eval_accuracy"], -cells[f"{group}/s0/lr{lr}"]["eval_loss"], -lr, lr)
-                 for lr in (0.001, 0.03)]
-        assert results["best_lr"][group] == max(sweep)[3], group
+    for group in groups:  # the rate chosen: the lower one unless the higher wins by more than 0.01 (by hand)
+        low, high = (cells[f"{group}/s0/lr{lr}"]["eval_accuracy"] for lr in ("0.001", "0.03"))
+        assert results["best_lr"][group] == (0.03 if high > low + 0.01 else 0.001), group
+    assert all(cell["code"] == recall.code_version() for cell in cells.values())
     for key, cell in cells.items():
         assert math.isfinite(cell["eval_accuracy"]) and 0.0 <= cell["eval_accuracy"] <= 1.0, key
         assert math.isfinite(cell["eval_loss"]) and cell["eval_loss"] > 0, key
@@ -130,6 +130,7 @@ def test_recall_benchmark_bad_lists_exit_2(tmp_path, capsys):
                         (["--cells", "64:x"], "--cells = '64:x' is invalid"),
                         (["--task", "copy"], "--task = 'copy' is invalid"),
                         (["--sweep", "all"], "--sweep = 'all' is invalid"),
+                        (["--tie", "1.5"], "--tie = 1.5 is invalid"),
                         (["--cells", "8:3"], "too short for train.num_kv_pairs = 3"),
                         (["--set-for", "grm"], "--set-for 'grm' is invalid"),
                         (["--models", "grm", "--set-for", "none:model.top_k=2"], "names model 'none', which is not"),
@@ -199,7 +200,10 @@ def test_recall_cross_grid_plots_both_axes_and_set_for_changes_one_model(tmp_pat
     reported = json.loads(out.read_text())["summary"]
     assert reported["attention/L24/n3"]["missing"] == [0, 1] and reported["attention/L24/n3"]["mean"] is None
     assert reported["linear:grm/L24/n3"]["missing"] == [] and reported["linear:grm/L24/n3"]["seeds"] == [0, 1]
-    assert recall.main(argv + ["--report", "--cells", "24:3,72:3"]) == 2  # no rate chosen at 72: never trained
+    assert recall.main(argv + ["--report", "--cells", "24:3,72:3"]) == 0  # no rate chosen at 72: never trained
+    reported = json.loads(out.read_text())["summary"]
+    assert reported["attention/L72/n3"]["lr"] is None and reported["attention/L72/n3"]["missing"] == [0, 1]
+    assert reported["attention/L24/n3"]["seeds"] == [0, 1]
     # the old diagonal grid still plots: one panel, its cells side by side
     diagonal = [(24, 3), (40, 4)]
     rows = {key: row for key, row in results["summary"].items() if (row["seq_len"], row["num_kv_pairs"]) in diagonal}
@@ -207,3 +211,73 @@ def test_recall_cross_grid_plots_both_axes_and_set_for_changes_one_model(tmp_pat
     _assert_png(tmp_path / "diagonal.png")
     xs, means = drawn["accuracy by cell"]["attention"]
     assert xs == ["L24/n3", "L40/n4"] and math.isclose(means[1], by_hand["attention", 40, 4])
+
+
+def test_best_rate_is_the_lowest_within_the_tie_and_never_a_diverged_one():
+    recall = _load_recall()
+    def cells(scores):
+        return {f"m/L64/n4/s0/lr{lr:g}": ({"diverged": "nan"} if score is None else
+                                          {"eval_accuracy": score, "eval_loss": 1.0 - score}) for lr, score in scores}
+    lrs = (1e-3, 3e-3, 1e-2)
+    for scores, best in ((dict(zip(lrs, (0.5, 0.995, 1.0))), 3e-3),  # 1e-2 wins by 0.005 < 0.01: a tie
+                         (dict(zip(lrs, (0.5, 0.98, 1.0))), 1e-2),   # 1e-2 wins by 0.02
+                         (dict(zip(lrs, (0.996, 0.999, None))), 1e-3),
+                         (dict(zip(lrs, (0.2, 0.1, 0.0))), 1e-3)):
+        assert recall.best_lr(cells(scores.items()), "m", 64, 4, 0, lrs) == best, scores
+    assert recall.best_lr(cells(zip(lrs, (0.5, 0.98, 1.0))), "m", 64, 4, 0, lrs, tie=0.05) == 3e-3
+    try:
+        recall.best_lr(cells(zip(lrs, (None, None, None))), "m", 64, 4, 0, lrs)
+    except RuntimeError as error:
+        assert "diverged at every rate" in str(error)
+    else:
+        raise AssertionError("every rate diverged, and a rate was chosen")
+
+
+def test_code_version_is_of_the_python_sources_only(tmp_path):
+    recall = _load_recall()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "sub" / "b.py").write_text("y = 2\n")
+    first = recall.code_version(tmp_path)
+    (tmp_path / "notes.md").write_text("not code")
+    (tmp_path / "__pycache__").mkdir()
+    (tmp_path / "__pycache__" / "a.py").write_text("compiled")
+    assert recall.code_version(tmp_path) == first
+    (tmp_path / "sub" / "b.py").write_text("y = 3\n")
+    assert recall.code_version(tmp_path) != first
+    (tmp_path / "sub" / "b.py").write_text("y = 2\n")
+    (tmp_path / "sub" / "b.py").rename(tmp_path / "b.py")  # same bytes, another path: other code
+    assert recall.code_version(tmp_path) != first
+    assert len(recall.code_version()) == 12
+
+
+def test_a_run_made_by_other_code_is_trained_again_unless_kept(tmp_path, capsys, one_thread):
+    recall = _load_recall()
+    out = tmp_path / "s.json"
+    argv = ["--toy", "--models", "grm", "--cells", "24:3", "--seeds", "0,1", "--lrs", "1e-3", "--out", str(out),
+            "--set", "train.device=cpu"]
+    assert recall.main(argv) == 0
+    first = json.loads(out.read_text())
+    old = dict(first["cells"]["grm/L24/n3/s1/lr0.001"], code="0123456789ab", eval_accuracy=0.5)
+    first["cells"]["grm/L24/n3/s1/lr0.001"] = old
+    del first["cells"]["grm/L24/n3/s0/lr0.001"]["code"]  # a run from before the version was recorded
+    out.write_text(json.dumps(first))
+    capsys.readouterr()
+    assert recall.main(argv + ["--report"]) == 0  # reported as missing, made by other code
+    row = json.loads(out.read_text())["summary"]["grm/L24/n3"]
+    assert row["missing"] == [0, 1] and row["stale"] == [0, 1] and row["mean"] is None
+    assert "made by other code" in capsys.readouterr().out
+    assert recall.main(argv + ["--keep-stale"]) == 0  # kept: nothing trains, seed 1 counts with its 0.5
+    kept = json.loads(out.read_text())
+    assert kept["cells"]["grm/L24/n3/s1/lr0.001"] == old and "stale" not in kept
+    assert 0.5 in kept["summary"]["grm/L24/n3"]["accuracy"] and kept["summary"]["grm/L24/n3"]["stale"] == [0, 1]
+    assert "seeds [0, 1] made by other code (kept)" in capsys.readouterr().out
+    capsys.readouterr()
+    assert recall.main(argv) == 0  # trained again: the old runs move to "stale"
+    assert capsys.readouterr().out.count("training it again") == 2
+    again = json.loads(out.read_text())
+    assert [run["key"] for run in again["stale"]] == ["grm/L24/n3/s0/lr0.001", "grm/L24/n3/s1/lr0.001"]
+    assert again["stale"][1]["eval_accuracy"] == 0.5
+    assert all(run["code"] == recall.code_version() for run in again["cells"].values())
+    assert again["cells"]["grm/L24/n3/s1/lr0.001"]["eval_accuracy"] == first["summary"]["grm/L24/n3"]["accuracy"][1]
+    assert again["summary"]["grm/L24/n3"]["stale"] == []

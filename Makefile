@@ -36,7 +36,7 @@ run: setup
 		--models $(RUN_MODELS)
 
 test: setup
-	TRITON_INTERPRET=1 $(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
+	TRITON_INTERPRET=1 $(PYTHON) -m pytest -m "not slow" --durations=15 $(PYTEST_ARGS)
 
 test-slow: setup
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -m slow $(PYTEST_ARGS)

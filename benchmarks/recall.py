@@ -189,7 +189,7 @@ def best_lr(cells: dict, model: str, seq_len: int, pairs, seed: int, lrs, tie: f
 
 
 def run_cells(base: RunConfig, models, groups, seeds, lrs, out_path: str, log=print, sweep: str = "each",
-              overrides_for=None, tie: float = TIE, keep_stale: bool = False) -> dict:
+              overrides_for=None, tie: float = TIE, keep_stale: bool = False, code=None) -> dict:
     """Train every run not already in ``out_path`` (same fingerprint, made by this code: :func:`code_version`),
     rewriting the JSON after each: first each
     model's sweep over ``lrs`` on ``seeds[0]`` in every task cell of ``groups`` ((seq_len, pairs or None); with
@@ -197,9 +197,10 @@ def run_cells(base: RunConfig, models, groups, seeds, lrs, out_path: str, log=pr
     (every seed, in the cells not swept) at each model's rate. ``overrides_for``: {model: [overrides]} of that
     model's runs (``--set-for``), recorded in the JSON as ``set_for``. A stored run under the same config but made
     by other code (or with no code version: before it was recorded) is trained again, the old one moved to the
-    JSON's ``stale`` list, unless ``keep_stale`` (then it counts as it is)."""
+    JSON's ``stale`` list, unless ``keep_stale`` (then it counts as it is). ``code``: this code's version
+    (default :func:`code_version`)."""
     overrides_for = overrides_for or {}
-    code = code_version()
+    code = code or code_version()
     results = {"cells": {}}
     if os.path.exists(out_path):
         with open(out_path, encoding="utf-8") as handle:
@@ -271,8 +272,7 @@ def summary(results: dict, models, groups, seeds, fingerprints=None, code=None, 
     "diverged" (seeds whose loss diverged at that rate: left out of the mean and spread), "missing" (seeds with no
     run at that rate, or, given ``fingerprints`` {run key: fingerprint}, none under that config), "stale" (given
     ``code``: seeds whose run there was made by other code: also "missing", or counted with ``keep_stale``),
-    "num_params"}}. A group whose
-    sweep has not run has ``lr`` None and every seed missing."""
+    "num_params"}}. A group whose sweep has not run has ``lr`` None and every seed missing."""
     table = {}
     for seq_len, pairs in groups:
         for model in models:
@@ -281,7 +281,7 @@ def summary(results: dict, models, groups, seeds, fingerprints=None, code=None, 
             runs, missing, stale = {}, [], []
             for seed in seeds:
                 key = None if lr is None else cell_key(model, seq_len, pairs, seed, lr)
-                run = results["cells"].get(key) if key else None
+                run = results["cells"].get(key)
                 if run is None or (fingerprints is not None and run.get("fingerprint") != fingerprints.get(key)):
                     missing.append(seed)
                 else:
@@ -449,6 +449,7 @@ def main(argv=None) -> int:
         print(f"recall: error: {error}", file=sys.stderr)
         return 2
     fingerprints = None
+    code = code_version()  # once: the runs trained here and the table below are judged by the same version
     if args.report:  # what --out holds: only the runs made under this config count
         try:
             with open(args.out, encoding="utf-8") as handle:
@@ -468,11 +469,12 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)
         try:
             results = run_cells(base, models, groups, seeds, lrs, args.out, sweep=args.sweep,
-                                overrides_for=overrides_for, tie=args.tie, keep_stale=args.keep_stale)
+                                overrides_for=overrides_for, tie=args.tie, keep_stale=args.keep_stale,
+                                code=code)
         except RuntimeError as error:  # every rate of a sweep diverged: the runs so far are in args.out
             print(f"recall: error: {error}", file=sys.stderr)
             return 1
-    table = summary(results, models, groups, seeds, fingerprints, code_version(), args.keep_stale)
+    table = summary(results, models, groups, seeds, fingerprints, code, args.keep_stale)
     results["summary"] = table
     write_text_atomic(args.out, json.dumps(results, indent=1, sort_keys=True) + "\n")
     plot(table, models, groups, args.plot or os.path.splitext(args.out)[0] + ".png")

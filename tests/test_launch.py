@@ -34,12 +34,27 @@ ROOT = Path(__file__).resolve().parent.parent
 RAY = Path(sys.executable).parent / "ray"
 HEAD_START_S = 120
 JOB_S = 300
+PORT_ATTEMPTS = 3
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: every probe socket is held open until all are bound, so the kernel cannot
+    hand the same port out twice (probing one at a time and closing each did: CI's head got gcs_server and
+    dashboard both on 53443 and `ray start` refused)."""
+    probes = [socket.socket() for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
+
+
+def test_free_ports_are_distinct():
+    for _ in range(50):
+        ports = _free_ports(4)
+        assert len(set(ports)) == 4, ports
 
 
 def _new_user_env(home: Path) -> dict:
@@ -88,6 +103,28 @@ def _stop(head: subprocess.Popen, temp_dir: str) -> None:
     raise AssertionError(f"Ray processes of {temp_dir} still run after SIGKILL: {_processes_of(temp_dir)}")
 
 
+def _wait_for_job_server(head: subprocess.Popen, address: str, log: Path) -> bool:
+    """True once the head's job server answers; False when `ray start` exited over a port in use (to be tried
+    again on other ports); any other exit, or no answer in HEAD_START_S, fails the test."""
+    deadline = time.monotonic() + HEAD_START_S
+    while True:
+        if head.poll() is not None:
+            text = log.read_text()
+            assert "port" in text.lower() and ("in use" in text or "used by" in text), \
+                f"ray start --head exited ({head.returncode}):\n" + text[-3000:]
+            return False
+        try:  # the job server answers (401 without the token: it is up and wants one)
+            urllib.request.urlopen(f"{address}/api/version", timeout=5)
+            return True
+        except urllib.error.HTTPError as error:
+            assert error.code == 401, f"{address}/api/version answered {error.code}"
+            return True
+        except (urllib.error.URLError, OSError):
+            assert time.monotonic() < deadline, f"the Ray head's job server at {address} did not answer in " \
+                                                 f"{HEAD_START_S} s:\n" + log.read_text()[-3000:]
+            time.sleep(1)
+
+
 @pytest.fixture
 def local_head():
     """(job server address, environment of a new user) of a one-node Ray head with token authentication."""
@@ -99,35 +136,32 @@ def local_head():
     subprocess.run([str(RAY), "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60)
     # every port Ray would otherwise fix (the job agent's 52365, Ray Client's 10001) is a free one: a second Ray
     # on the machine holding 52365 leaves the job server without an agent ("No available agent to submit job")
-    ports = [str(_free_port()) for _ in range(4)]
     log = open(work / "head.log", "w")
-    head = subprocess.Popen(
-        [str(RAY), "start", "--head", "--block", "--port", ports[0], "--dashboard-port", ports[1],
-         "--dashboard-agent-listen-port", ports[2], "--ray-client-server-port", ports[3],
-         "--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--temp-dir", temp_dir, "--disable-usage-stats",
-         "--object-store-memory", "200000000"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=work)
-    address = f"http://127.0.0.1:{ports[1]}"
+    head = None
     try:
-        deadline = time.monotonic() + HEAD_START_S
-        while True:
-            assert head.poll() is None, f"ray start --head exited ({head.returncode}):\n" + \
+        for attempt in range(PORT_ATTEMPTS):
+            ports = [str(port) for port in _free_ports(4)]
+            log.seek(0)
+            log.truncate()
+            head = subprocess.Popen(
+                [str(RAY), "start", "--head", "--block", "--port", ports[0], "--dashboard-port", ports[1],
+                 "--dashboard-agent-listen-port", ports[2], "--ray-client-server-port", ports[3],
+                 "--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--temp-dir", temp_dir,
+                 "--disable-usage-stats", "--object-store-memory", "200000000"],
+                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=work)
+            address = f"http://127.0.0.1:{ports[1]}"
+            if _wait_for_job_server(head, address, work / "head.log"):
+                break
+            # a port probed free was taken before Ray bound it (another process on the machine): new ports
+            _stop(head, temp_dir)
+            assert attempt + 1 < PORT_ATTEMPTS, f"ray start --head found a port taken {PORT_ATTEMPTS} times:\n" + \
                 (work / "head.log").read_text()[-3000:]
-            try:  # the job server answers (401 without the token: it is up and wants one)
-                urllib.request.urlopen(f"{address}/api/version", timeout=5)
-                break
-            except urllib.error.HTTPError as error:
-                assert error.code == 401, f"{address}/api/version answered {error.code}"
-                break
-            except (urllib.error.URLError, OSError):
-                assert time.monotonic() < deadline, f"the Ray head's job server at {address} did not answer in " \
-                                                     f"{HEAD_START_S} s:\n" + (work / "head.log").read_text()[-3000:]
-                time.sleep(1)
         assert "Token authentication is enabled" in (work / "head.log").read_text(), \
             "the head started without token authentication; expected it on (a token in its home)"
         yield address, env
     finally:
-        _stop(head, temp_dir)
+        if head is not None:
+            _stop(head, temp_dir)
         log.close()
         shutil.rmtree(work, ignore_errors=True)
 

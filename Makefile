@@ -7,6 +7,8 @@ STAMP := $(VENV)/.mcdist-setup-stamp
 RUN_CONFIG ?= examples/main_job.json
 RUN_OUT ?= runs/main_job
 PYTEST_ARGS ?=
+# `make test` runs on TEST_WORKERS pytest-xdist workers (every Ray test on one of them, in turn); 0: one process
+TEST_WORKERS ?= 2
 
 .PHONY: setup run test test-slow test-faults bench clean-runs
 
@@ -36,7 +38,8 @@ run: setup
 		--models $(RUN_MODELS)
 
 test: setup
-	TRITON_INTERPRET=1 $(PYTHON) -m pytest -m "not slow" --durations=15 $(PYTEST_ARGS)
+	TRITON_INTERPRET=1 $(PYTHON) -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadgroup --durations=15 \
+		$(PYTEST_ARGS)
 
 test-slow: setup
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -m slow $(PYTEST_ARGS)

@@ -246,6 +246,7 @@ def local_ray():
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+@pytest.mark.xdist_group("ray")
 def test_ray_workers_equal_one_process(local_ray, saved, prompts, one_process):
     from mcdist.infer_job import generate_with_ray
 

@@ -284,6 +284,7 @@ def local_ray():
         ray.shutdown()
 
 
+@pytest.mark.xdist_group("ray")
 def test_ray_two_replicas_of_sp2_equal_one_process(local_ray, saved, job, tmp_path):
     """Long prompts (>= 16 tokens) decode over each replica's sp group, short ones on its ranks alone."""
     prompts, lines, expected, _, _ = job
@@ -298,6 +299,7 @@ def test_ray_two_replicas_of_sp2_equal_one_process(local_ray, saved, job, tmp_pa
     assert sorted(len(event[2]) for event in events if event[0] == "started") == [2, 2]  # two ranks each
 
 
+@pytest.mark.xdist_group("ray")
 def test_ray_a_lost_replica_s_batch_is_retried_on_another(local_ray, saved, job, tmp_path):
     """Replica 1's actor is killed (SIGKILL) as soon as it takes its first batch: the batch is done by replica
     0, the results equal one process's, every id once."""

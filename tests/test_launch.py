@@ -27,6 +27,7 @@ import pytest
 from checks import import_optional
 
 import_optional("ray", "ray")
+pytestmark = pytest.mark.xdist_group("ray")  # one xdist worker runs every Ray test, one at a time
 import yaml  # noqa: E402  (Ray's own dependencies, there wherever Ray is)
 import jsonschema  # noqa: E402
 

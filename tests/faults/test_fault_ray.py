@@ -10,6 +10,7 @@ from checks import import_optional
 
 ray = import_optional("ray", "ray")  # skipped only when ray is not installed; a broken install fails
 import_optional("ray.train", "ray")
+pytestmark = pytest.mark.xdist_group("ray")  # one xdist worker runs every Ray test, one at a time
 
 import fault_injection as fi  # noqa: E402
 from mcdist.train.ray_job import train_with_ray  # noqa: E402

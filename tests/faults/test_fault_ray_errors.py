@@ -12,6 +12,7 @@ from checks import import_optional
 
 ray = import_optional("ray", "ray")  # skipped only when ray is not installed; a broken install fails
 import_optional("ray.train", "ray")
+pytestmark = pytest.mark.xdist_group("ray")  # one xdist worker runs every Ray test, one at a time
 
 import fault_injection as fi  # noqa: E402
 import test_errors  # noqa: E402  (tests/ is on sys.path, as for checks)

@@ -17,6 +17,7 @@ from checks import assert_rel_close, import_optional
 
 ray = import_optional("ray", "ray")
 import_optional("ray.train", "ray")
+pytestmark = pytest.mark.xdist_group("ray")  # one xdist worker runs every Ray test, one at a time
 
 from mcdist import cli  # noqa: E402
 from mcdist.checkpoint import load_model  # noqa: E402

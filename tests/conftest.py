@@ -14,6 +14,19 @@ import torch  # noqa: E402
 # `make test` runs two xdist workers on the two cores: a thread each, not two contended ones
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
+# Modules whose module-scoped fixtures spawn process groups for tens of seconds: under xdist each runs whole on one
+# worker, so the fixture is computed once rather than once per worker. (A test's own xdist_group, "ray", wins.)
+ONE_WORKER_MODULES = {"test_sequence_parallel.py", "test_data_parallel.py", "test_inference_sp.py",
+                      "test_packing_sp.py", "test_attention_sp.py"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in ONE_WORKER_MODULES and item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+
+
 _WORKER_FAULT_ROWS: list[dict] = []  # the fault tables xdist's workers handed back (controller only)
 
 

@@ -516,13 +516,14 @@ class _LocalProcesses:
     def __init__(self, model_dir: str, replicas: int, sp: int, options: InferOptions, *, threads: int = 1,
                  timeout_s: float = 600.0):
         import torch.multiprocessing as mp
-        from mcdist.parallel.spawn import free_port
+        from mcdist.parallel.spawn import free_ports
 
         context = mp.get_context("spawn")
         self.task_queue, self.result_queue = context.Queue(), context.Queue()
         self.processes: Dict[int, list] = {}
-        for replica in range(replicas):
-            init_method = f"tcp://127.0.0.1:{free_port()}" if sp > 1 else None
+        ports = free_ports(replicas) if sp > 1 else [None] * replicas  # one rendezvous per replica, all distinct
+        for replica, port in enumerate(ports):
+            init_method = f"tcp://127.0.0.1:{port}" if port else None
             self.processes[replica] = [
                 context.Process(target=_local_rank_main, daemon=True, name=f"mcdist-infer-{replica}-{rank}",
                                 args=(replica, rank, sp, init_method, model_dir, options, self.task_queue,

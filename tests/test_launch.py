@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from checks import import_optional
+from mcdist.parallel.spawn import free_ports
 
 import_optional("ray", "ray")
 pytestmark = pytest.mark.xdist_group("ray")  # one xdist worker runs every Ray test, one at a time
@@ -36,26 +36,6 @@ RAY = Path(sys.executable).parent / "ray"
 HEAD_START_S = 120
 JOB_S = 300
 PORT_ATTEMPTS = 3
-
-
-def _free_ports(count: int) -> list[int]:
-    """``count`` distinct free ports: every probe socket is held open until all are bound, so the kernel cannot
-    hand the same port out twice (probing one at a time and closing each did: CI's head got gcs_server and
-    dashboard both on 53443 and `ray start` refused)."""
-    probes = [socket.socket() for _ in range(count)]
-    try:
-        for probe in probes:
-            probe.bind(("127.0.0.1", 0))
-        return [probe.getsockname()[1] for probe in probes]
-    finally:
-        for probe in probes:
-            probe.close()
-
-
-def test_free_ports_are_distinct():
-    for _ in range(50):
-        ports = _free_ports(4)
-        assert len(set(ports)) == 4, ports
 
 
 def _new_user_env(home: Path) -> dict:
@@ -141,7 +121,7 @@ def local_head():
     head = None
     try:
         for attempt in range(PORT_ATTEMPTS):
-            ports = [str(port) for port in _free_ports(4)]
+            ports = [str(port) for port in free_ports(4)]
             log.seek(0)
             log.truncate()
             head = subprocess.Popen(

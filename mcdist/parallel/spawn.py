@@ -23,11 +23,23 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 ORPHAN_EXIT_CODE = 70  # how a rank whose driver died ends (the watchdog's exit)
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports of 127.0.0.1 that nothing listens on (rendezvous of spawned processes, a Ray
+    head's ports). Every probe socket stays bound until all are: probing one at a time and closing each lets the
+    kernel hand the same port out twice (a CI run got one port for two of a Ray head's components)."""
+    probes = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
+
+
 def free_port() -> int:
-    """A TCP port of 127.0.0.1 that nothing listens on (for the rendezvous of spawned processes)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """One port of :func:`free_ports`."""
+    return free_ports(1)[0]
 
 
 def die_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:

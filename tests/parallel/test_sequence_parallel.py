@@ -10,7 +10,7 @@ import sp_workers
 from checks import assert_within
 from mcdist.config import AGGREGATIONS, MEMORY_KINDS, STATE_INITS
 from mcdist.parallel.layout import check_sequence_length, rank_pieces, shard_sequence, unshard_sequence
-from mcdist.parallel.spawn import spawn
+from mcdist.parallel.spawn import free_ports, spawn
 
 VARIANTS = [f"{layout}-{m}-{a}-{s}" for layout in ("contiguous", "zigzag") for m in MEMORY_KINDS
             for a in AGGREGATIONS for s in STATE_INITS]
@@ -127,3 +127,15 @@ def test_bad_lengths_are_refused_with_the_numbers():
         check_sequence_length(100, 4, 8, "zigzag")
     with pytest.raises(ValueError, match=r"L = 30 .* P·C = 16"):
         check_sequence_length(30, 2, 8, "contiguous")
+
+
+def test_free_ports_are_distinct_and_unbound():
+    """Every rendezvous of a job and a Ray head's four ports come from one call: no port twice, all bindable."""
+    import socket
+
+    for _ in range(50):
+        ports = free_ports(4)
+        assert len(set(ports)) == 4, ports
+    for port in ports:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))

@@ -6,7 +6,7 @@ writes JSON and a PNG; not a test).
                                 [--models attention,none,residual,grm,soup,ssc,titans:none,titans:grm]
                                 [--task mqar|passkey] [--seq-lens 128,256] [--pairs 6,16] [--cells 64:8,128:16]
                                 [--seeds 0,1,2] [--lrs 1e-3,3e-3,1e-2] [--sweep each|first] [--tie 0.01]
-                                [--keep-stale] [--report]
+                                [--sweep-seeds 1] [--params COUNT|MODEL] [--keep-stale] [--report]
                                 [--out benchmarks/results/recall.json]
                                 [--plot benchmarks/results/recall.png] [--toy]
 
@@ -18,16 +18,21 @@ the trainer's last evaluation (query accuracy on held-out batches). A task cell 
 product of ``--seq-lens`` and ``--pairs``, or the ``--cells`` listed (``L:n``; passkey: ``--seq-lens`` only).
 
 The learning-rate sweep: in each cell (``--sweep first``: in the first cell only) each model first trains on the
-first seed at every rate of ``--lrs``; the lowest rate whose accuracy is within ``--tie`` (0.01) of the sweep's
-best is its rate there (``first``: in every cell), and the other seeds train at it. Every sweep runs before any
-further seed, so a study stopped early has every model at every rate on one seed. A run whose loss diverges (the
+first seed (``--sweep-seeds N``: on each of the first N) at every rate of ``--lrs``; the lowest rate whose accuracy
+(the mean over those seeds) is within ``--tie`` (0.01) of the sweep's best is its rate there (``first``: in every
+cell), and the other seeds train at it. Every sweep runs before any
+further seed, so a study stopped early has every model at every rate on the sweep's seeds. A run whose loss
+diverges (the
 trainer's FloatingPointError) is kept as ``diverged`` and ranks last; a seed that diverges at the chosen rate is
 left out of the mean and listed; when every rate of a sweep diverges the study stops with exit status 1. The
 JSON is rewritten after every run, and a rerun with the same arguments skips the runs it already holds
 (resumable); a run under a different config is trained again, and so is one made by other code (each run records
 ``code``, a hash of the ``mcdist`` package's sources; the old run is kept in the JSON's ``stale`` list;
 ``--keep-stale`` reuses it instead). ``--set-for MODEL:section.key=value`` changes one
-model's runs only (e.g. ``titans:grm:model.inner_lr=0.03``; recorded in the JSON as ``set_for``). The plot
+model's runs only (e.g. ``titans:grm:model.inner_lr=0.03``; recorded in the JSON as ``set_for``). ``--params grm``
+(or a count) gives every model the MLP width (``model.mlp_ratio``) whose parameter count is nearest grm's (the
+models compared at the same size; recorded in the JSON as ``params`` and in ``set_for``). A stored run replaced
+because its config changed is kept in ``stale`` too. The plot
 (each model at its rate, the mean over seeds and the lowest and highest seed as a band) has one panel of
 accuracy against length for each pair count held at two or more lengths, and one against the pairs for each
 length held at two or more pair counts: a cross grid such as ``--cells 64:12,128:12,256:12,128:6,128:24`` gives
@@ -50,6 +55,7 @@ import time
 import torch
 
 from mcdist.config import ConfigError, RunConfig, write_text_atomic
+from mcdist.model import MCLanguageModel
 from mcdist.train.checks import check_run
 from mcdist.train.compare import model_overrides, parse_model_names
 from mcdist.train.trainer import run_training
@@ -146,6 +152,67 @@ def cell_run(base: RunConfig, model: str, seq_len: int, pairs, seed: int, lr: fl
         "train.progress=false", "train.checkpoint_every=0", "train.resume=never", f"train.out_dir={out_dir}"])
 
 
+def count_params(run: RunConfig) -> int:
+    """The number of parameters of ``run``'s model (built on the meta device: no memory, no initialisation)."""
+    with torch.device("meta"):
+        model = MCLanguageModel(run.model)
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def _ratio_for(hidden: int, width: int) -> float:
+    """An ``mlp_ratio`` whose MLP width ``int(ratio * width)`` (:class:`mcdist.model.Block`) is exactly ``hidden``."""
+    ratio = hidden / width
+    return ratio if int(ratio * width) == hidden else (hidden + 0.5) / width
+
+
+def match_params(base: RunConfig, models, target: str, cell, overrides_for) -> tuple[dict, dict]:
+    """``--params``: the MLP width (``model.mlp_ratio``) of each model that brings its parameter count nearest
+    ``target``, a count (``"100000"``) or one of ``models`` (its count under the config and its --set-for: that
+    model keeps its width). ``cell``: (seq_len, pairs) of a run to count (the counts do not depend on it). The
+    count is linear in the width (3 · d_model weights a unit per layer, SwiGLU), so the width is solved from two
+    counts and checked by a third. Returns ({model: ["model.mlp_ratio=…"]} for the models it resizes, and the
+    record {"target", "reference", "counts" {model: its count}, "mlp_hidden" {model: its width}}). A model whose
+    --set-for sets ``model.mlp_ratio`` itself, or a target no width ≥ 1 reaches, is a ConfigError."""
+    def counted(model, extra=()):
+        run = cell_run(base, model, cell[0], cell[1], 0, base.train.lr, "unused",
+                       list(overrides_for.get(model, ())) + list(extra))
+        return run, count_params(run)
+
+    for model in models:
+        if any(item.split("=", 1)[0].strip() == "model.mlp_ratio" for item in overrides_for.get(model, ())):
+            raise ConfigError(f"--params {target} sets every model's model.mlp_ratio, and --set-for sets {model}'s "
+                              "too; expected one of them")
+    if target.strip().isdigit():
+        reference, goal = None, int(target)
+        if goal < 1:
+            raise ConfigError(f"--params = {target!r} is invalid; expected a positive parameter count or a model of "
+                              f"--models {list(models)}")
+    elif target.strip() in models:
+        reference = target.strip()
+        goal = counted(reference)[1]
+    else:
+        raise ConfigError(f"--params = {target!r} is invalid; expected a parameter count (e.g. 100000) or a model of "
+                          f"--models {list(models)}")
+    widths, record = {}, {"target": goal, "reference": reference, "counts": {}, "mlp_hidden": {}}
+    for model in models:
+        run, count = counted(model)
+        hidden = int(run.model.mlp_ratio * run.model.d_model)
+        if model != reference:
+            width = run.model.d_model
+            step = counted(model, [f"model.mlp_ratio={_ratio_for(hidden + 1, width)!r}"])[1] - count
+            best = hidden + round((goal - count) / step)
+            if best < 1:
+                raise ConfigError(f"--params {target}: {model} has {count - (hidden - 1) * step:,} parameters at an "
+                                  f"MLP width of 1, over the target {goal:,}; expected a larger target")
+            override = f"model.mlp_ratio={_ratio_for(best, width)!r}"
+            run, count = counted(model, [override])
+            hidden = int(run.model.mlp_ratio * width)
+            assert hidden == best and abs(count - goal) <= step, (model, hidden, best, count, goal)
+            widths[model] = [override]
+        record["counts"][model], record["mlp_hidden"][model] = count, hidden
+    return widths, record
+
+
 def fingerprint(run: RunConfig) -> str:
     """A hash of what a run's result depends on (the model and training sections, out_dir left out)."""
     data = run.to_dict()
@@ -175,12 +242,17 @@ def code_version(root=None) -> str:
 TIE = 0.01  # sweep accuracies within this of the best tie; the lowest tied rate wins
 
 
-def best_lr(cells: dict, model: str, seq_len: int, pairs, seed: int, lrs, tie: float = TIE) -> float:
-    """The sweep's rate: the lowest rate whose accuracy is within ``tie`` of the sweep's highest (a higher rate
-    that wins by less is not worth its risk: recurrent models fail on other seeds near their highest stable rate);
-    a run whose loss diverged never wins. Raises RuntimeError when every rate diverged."""
-    scores = {lr: cells[cell_key(model, seq_len, pairs, seed, lr)] for lr in lrs}
-    finished = {lr: cell["eval_accuracy"] for lr, cell in scores.items() if not cell.get("diverged")}
+def best_lr(cells: dict, model: str, seq_len: int, pairs, seeds, lrs, tie: float = TIE) -> float:
+    """The sweep's rate: the lowest rate whose accuracy (the mean over ``seeds``, a seed or a list: the sweep's
+    seeds) is within ``tie`` of the sweep's highest (a higher rate that wins by less is not worth its risk:
+    recurrent models fail on other seeds near their highest stable rate); a rate whose loss diverged on any of
+    the seeds never wins. Raises RuntimeError when every rate diverged."""
+    seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+    finished = {}
+    for lr in lrs:
+        runs = [cells[cell_key(model, seq_len, pairs, seed, lr)] for seed in seeds]
+        if not any(run.get("diverged") for run in runs):
+            finished[lr] = sum(run["eval_accuracy"] for run in runs) / len(runs)
     if not finished:
         raise RuntimeError(f"{group_key(model, seq_len, pairs)}: the loss diverged at every rate of {list(lrs)}; "
                            "expected lower rates in --lrs")
@@ -189,16 +261,19 @@ def best_lr(cells: dict, model: str, seq_len: int, pairs, seed: int, lrs, tie: f
 
 
 def run_cells(base: RunConfig, models, groups, seeds, lrs, out_path: str, log=print, sweep: str = "each",
-              overrides_for=None, tie: float = TIE, keep_stale: bool = False, code=None) -> dict:
+              overrides_for=None, tie: float = TIE, keep_stale: bool = False, code=None, sweep_seeds: int = 1,
+              params=None) -> dict:
     """Train every run not already in ``out_path`` (same fingerprint, made by this code: :func:`code_version`),
     rewriting the JSON after each: first each
-    model's sweep over ``lrs`` on ``seeds[0]`` in every task cell of ``groups`` ((seq_len, pairs or None); with
-    ``sweep = "first"`` in the first cell only, its best rate then holding in every cell), then the other seeds
-    (every seed, in the cells not swept) at each model's rate. ``overrides_for``: {model: [overrides]} of that
-    model's runs (``--set-for``), recorded in the JSON as ``set_for``. A stored run under the same config but made
-    by other code (or with no code version: before it was recorded) is trained again, the old one moved to the
-    JSON's ``stale`` list, unless ``keep_stale`` (then it counts as it is). ``code``: this code's version
-    (default :func:`code_version`)."""
+    model's sweep over ``lrs`` on the first ``sweep_seeds`` seeds in every task cell of ``groups`` ((seq_len, pairs
+    or None); with ``sweep = "first"`` in the first cell only, its best rate (on the mean of those seeds) then
+    holding in every cell), then the other seeds (every seed, in the cells not swept) at each model's rate.
+    ``overrides_for``: {model: [overrides]} of that model's runs (``--set-for``, and ``--params``' widths),
+    recorded in the JSON as ``set_for``; ``params``: what ``--params`` matched (recorded as ``params``). A stored
+    run under the same config but made by other code (or with no code version: before it was recorded) is
+    trained again, the old one moved to the JSON's ``stale`` list, unless ``keep_stale`` (then it counts as it
+    is); a stored run under another config is trained again and moved to ``stale`` too (nothing is dropped).
+    ``code``: this code's version (default :func:`code_version`)."""
     overrides_for = overrides_for or {}
     code = code or code_version()
     results = {"cells": {}}
@@ -208,13 +283,16 @@ def run_cells(base: RunConfig, models, groups, seeds, lrs, out_path: str, log=pr
     cells = results.setdefault("cells", {})
     chosen = results.setdefault("best_lr", {})
     recorded = results.setdefault("set_for", {})
+    if params is not None:
+        results["params"] = params
     for model in models:
         if overrides_for.get(model):
             recorded[model] = list(overrides_for[model])
         else:
             recorded.pop(model, None)
     swept = groups if sweep == "each" else groups[:1]
-    total = len(models) * (len(swept) * (len(lrs) - 1) + len(groups) * len(seeds))
+    probe = seeds[:sweep_seeds]
+    total = len(models) * (len(swept) * (len(lrs) - 1) * len(probe) + len(groups) * len(seeds))
     done = [0]
 
     def train(scratch, model, seq_len, pairs, seed, lr):
@@ -223,8 +301,8 @@ def run_cells(base: RunConfig, models, groups, seeds, lrs, out_path: str, log=pr
         run = cell_run(base, model, seq_len, pairs, seed, lr, os.path.join(scratch, key.replace("/", "-")),
                        overrides_for.get(model, ()))
         stamp = fingerprint(run)
-        stored = cells.get(key, {})
-        if stored.get("fingerprint") == stamp:
+        stored = cells.get(key)
+        if stored is not None and stored.get("fingerprint") == stamp:
             if keep_stale or stored.get("code") == code:
                 return
             results.setdefault("stale", []).append(dict(stored, key=key))
@@ -232,6 +310,11 @@ def run_cells(base: RunConfig, models, groups, seeds, lrs, out_path: str, log=pr
                 made = stored.get("code", "not recorded")
                 log(f"[{done[0]}/{total}] {key}: the stored run was made by other code ({made}, now {code}): "
                     "training it again (--keep-stale keeps it)")
+        elif stored is not None:
+            results.setdefault("stale", []).append(dict(stored, key=key, replaced="config"))
+            if log:
+                log(f"[{done[0]}/{total}] {key}: the stored run was made under another config: training it again "
+                    "(the old one is kept in the JSON's stale list)")
         started = time.perf_counter()
         try:
             trained = run_training(run)
@@ -252,16 +335,17 @@ def run_cells(base: RunConfig, models, groups, seeds, lrs, out_path: str, log=pr
     with tempfile.TemporaryDirectory(prefix="mcdist-recall-") as scratch:
         for seq_len, pairs in swept:
             for model in models:
-                for lr in lrs:
-                    train(scratch, model, seq_len, pairs, seeds[0], lr)
-                chosen[group_key(model, seq_len, pairs)] = best_lr(cells, model, seq_len, pairs, seeds[0], lrs, tie)
+                for seed in probe:
+                    for lr in lrs:
+                        train(scratch, model, seq_len, pairs, seed, lr)
+                chosen[group_key(model, seq_len, pairs)] = best_lr(cells, model, seq_len, pairs, probe, lrs, tie)
         for seq_len, pairs in groups[len(swept):]:
             for model in models:
                 chosen[group_key(model, seq_len, pairs)] = chosen[group_key(model, *groups[0])]
         write_text_atomic(out_path, json.dumps(results, indent=1, sort_keys=True) + "\n")
         for index, (seq_len, pairs) in enumerate(groups):
             for model in models:
-                for seed in seeds[1:] if index < len(swept) else seeds:
+                for seed in seeds[len(probe):] if index < len(swept) else seeds:
                     train(scratch, model, seq_len, pairs, seed, chosen[group_key(model, seq_len, pairs)])
     write_text_atomic(out_path, json.dumps(results, indent=1, sort_keys=True) + "\n")
     return results
@@ -409,6 +493,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--lrs", default=None, help="learning rates of the sweep (default: the config's train.lr)")
     parser.add_argument("--sweep", default="each", help="sweep the rates in each cell, or in the first only")
+    parser.add_argument("--sweep-seeds", type=int, default=1,
+                        help="score the sweep on the mean of this many of the first seeds (default 1)")
+    parser.add_argument("--params", default=None, metavar="COUNT|MODEL",
+                        help="give every model the MLP width (model.mlp_ratio) whose parameter count is nearest "
+                             "COUNT, or that of MODEL (one of --models, which keeps its width)")
     parser.add_argument("--tie", type=float, default=TIE,
                         help=f"sweep accuracies within this of the best tie; the lowest tied rate wins (default {TIE})")
     parser.add_argument("--keep-stale", action="store_true",
@@ -432,6 +521,9 @@ def main(argv=None) -> int:
             raise ConfigError(f"--tie = {args.tie!r} is invalid; expected an accuracy difference in [0, 1)")
         if args.sweep not in ("each", "first"):
             raise ConfigError(f"--sweep = {args.sweep!r} is invalid; expected 'each' or 'first'")
+        if not 1 <= args.sweep_seeds <= len(seeds):
+            raise ConfigError(f"--sweep-seeds = {args.sweep_seeds} is invalid; expected 1 to the {len(seeds)} seeds "
+                              f"of --seeds")
         if args.task == "passkey":
             if args.cells is not None:
                 raise ConfigError("--cells = length:pairs is for mqar; passkey takes --seq-lens only")
@@ -441,6 +533,11 @@ def main(argv=None) -> int:
         else:
             seq_lens, pairs_list = _int_list(args.seq_lens, "--seq-lens"), _int_list(args.pairs, "--pairs")
             groups = [(seq_len, pairs) for pairs in pairs_list for seq_len in seq_lens]
+        params = None
+        if args.params is not None:
+            widths, params = match_params(base, models, args.params, groups[0], overrides_for)
+            for model, override in widths.items():
+                overrides_for[model] = list(overrides_for.get(model, ())) + override
         for seq_len, pairs in groups:  # every run must be able to start before the first one trains
             for model in models:
                 check_run(cell_run(base, model, seq_len, pairs, seeds[0], lrs[0], "unused",
@@ -448,6 +545,10 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as error:
         print(f"recall: error: {error}", file=sys.stderr)
         return 2
+    if params is not None:
+        source = f"{params['reference']}'s" if params["reference"] else "the target"
+        print(f"params: {params['target']:,} ({source}); " + ", ".join(
+            f"{model} {params['counts'][model]:,} (MLP {params['mlp_hidden'][model]})" for model in models))
     fingerprints = None
     code = code_version()  # once: the runs trained here and the table below are judged by the same version
     if args.report:  # what --out holds: only the runs made under this config count
@@ -470,7 +571,7 @@ def main(argv=None) -> int:
         try:
             results = run_cells(base, models, groups, seeds, lrs, args.out, sweep=args.sweep,
                                 overrides_for=overrides_for, tie=args.tie, keep_stale=args.keep_stale,
-                                code=code)
+                                code=code, sweep_seeds=args.sweep_seeds, params=params)
         except RuntimeError as error:  # every rate of a sweep diverged: the runs so far are in args.out
             print(f"recall: error: {error}", file=sys.stderr)
             return 1

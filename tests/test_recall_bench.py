@@ -73,9 +73,13 @@ def test_recall_sweep_writes_json_and_png_and_resumes(tmp_path, capsys, one_thre
 
     assert recall.main(argv + ["--set", "train.weight_decay=0.0", "--models", "linear:grm", "--cells", "24:3",
                                "--seeds", "0", "--lrs", "1e-3"]) == 0  # a changed config trains that run again
-    again = json.loads(out.read_text())["cells"]
+    changed = json.loads(out.read_text())
+    again = changed["cells"]
     assert again["linear:grm/L24/n3/s0/lr0.001"]["fingerprint"] != cells["linear:grm/L24/n3/s0/lr0.001"]["fingerprint"]
     assert again["attention/L40/n4/s0/lr0.03"] == cells["attention/L40/n4/s0/lr0.03"]
+    # the run it replaced is not dropped: it moved to "stale", marked as replaced for its config
+    assert changed["stale"] == [dict(cells["linear:grm/L24/n3/s0/lr0.001"], key="linear:grm/L24/n3/s0/lr0.001",
+                                     replaced="config")]
 
 
 def test_recall_passkey_by_length_swept_in_the_first_cell(tmp_path, one_thread):
@@ -224,6 +228,7 @@ def test_best_rate_is_the_lowest_within_the_tie_and_never_a_diverged_one():
                          (dict(zip(lrs, (0.996, 0.999, None))), 1e-3),
                          (dict(zip(lrs, (0.2, 0.1, 0.0))), 1e-3)):
         assert recall.best_lr(cells(scores.items()), "m", 64, 4, 0, lrs) == best, scores
+        assert recall.best_lr(cells(scores.items()), "m", 64, 4, [0], lrs) == best, scores
     assert recall.best_lr(cells(zip(lrs, (0.5, 0.98, 1.0))), "m", 64, 4, 0, lrs, tie=0.05) == 3e-3
     try:
         recall.best_lr(cells(zip(lrs, (None, None, None))), "m", 64, 4, 0, lrs)
@@ -231,6 +236,13 @@ def test_best_rate_is_the_lowest_within_the_tie_and_never_a_diverged_one():
         assert "diverged at every rate" in str(error)
     else:
         raise AssertionError("every rate diverged, and a rate was chosen")
+    # on two seeds the mean decides: seed 0 alone prefers 1e-2 (by 0.024), the mean 3e-3 (0.96 against 0.73)
+    two = {**cells(zip(lrs, (0.688, 0.969, 0.993))),
+           **{key.replace("/s0/", "/s1/"): value for key, value in cells(zip(lrs, (0.6, 0.952, 0.471))).items()}}
+    assert recall.best_lr(two, "m", 64, 4, 0, lrs) == 1e-2
+    assert recall.best_lr(two, "m", 64, 4, [0, 1], lrs) == 3e-3
+    two["m/L64/n4/s1/lr0.003"] = {"diverged": "nan"}  # a rate that diverged on one of the seeds never wins
+    assert recall.best_lr(two, "m", 64, 4, [0, 1], lrs) == 1e-2
 
 
 def test_code_version_is_of_the_python_sources_only(tmp_path):
@@ -281,3 +293,60 @@ def test_a_run_made_by_other_code_is_trained_again_unless_kept(tmp_path, capsys,
     assert all(run["code"] == recall.code_version() for run in again["cells"].values())
     assert again["cells"]["grm/L24/n3/s1/lr0.001"]["eval_accuracy"] == first["summary"]["grm/L24/n3"]["accuracy"][1]
     assert again["summary"]["grm/L24/n3"]["stale"] == []
+
+
+def test_a_sweep_on_two_seeds_trains_both_at_every_rate(tmp_path, one_thread):
+    recall = _load_recall()
+    out = tmp_path / "two.json"
+    assert recall.main(["--toy", "--models", "grm", "--cells", "24:3,32:3", "--seeds", "0,1,2", "--lrs", "1e-3,3e-2",
+                        "--sweep", "first", "--sweep-seeds", "2", "--out", str(out), "--set", "train.device=cpu"]) == 0
+    results = json.loads(out.read_text())
+    cells, lr = results["cells"], results["best_lr"]["grm/L24/n3"]
+    assert set(cells) == ({f"grm/L24/n3/s{seed}/lr{rate}" for seed in (0, 1) for rate in ("0.001", "0.03")}
+                          | {f"grm/L24/n3/s2/lr{lr:g}"} | {f"grm/L32/n3/s{seed}/lr{lr:g}" for seed in (0, 1, 2)})
+    mean = {rate: (cells[f"grm/L24/n3/s0/lr{rate}"]["eval_accuracy"] + cells[f"grm/L24/n3/s1/lr{rate}"]["eval_accuracy"])
+            / 2 for rate in ("0.001", "0.03")}  # by hand: the lower rate unless the higher wins by more than 0.01
+    assert lr == (0.03 if mean["0.03"] > mean["0.001"] + 0.01 else 0.001)
+    assert results["best_lr"]["grm/L32/n3"] == lr
+
+
+def test_params_give_every_model_the_reference_s_count(tmp_path, capsys, one_thread):
+    recall = _load_recall()
+    config = RunConfig.load(ROOT / "examples" / "main_job.json")
+
+    def params(extra):  # counted here on the CPU, apart from the study's count on the meta device
+        return sum(p.numel() for p in MCLanguageModel(config.with_overrides(recall.TOY + extra).model).parameters())
+
+    grm = params(["model.aggregation=grm"])
+    unit = 3 * 16 * 1  # a SwiGLU unit: 3 · d_model weights in each of the toy's 1 layer
+    base = {name: params(extra) for name, extra in (("attention", ["model.mixer=attention"]),
+                                                    ("none", ["model.aggregation=none"]))}
+    assert all(abs(count - grm) > unit for count in base.values())  # the sizes differ before matching
+    out = tmp_path / "p.json"
+    argv = ["--toy", "--models", "attention,none,grm", "--cells", "24:3", "--seeds", "0", "--lrs", "1e-3",
+            "--out", str(out), "--set", "train.device=cpu"]
+    assert recall.main(argv + ["--params", "grm"]) == 0
+    results = json.loads(out.read_text())
+    counts = {name: results["cells"][f"{name}/L24/n3/s0/lr0.001"]["num_params"] for name in ("attention", "none", "grm")}
+    assert counts["grm"] == grm and results["params"]["target"] == grm and results["params"]["reference"] == "grm"
+    assert all(abs(count - grm) <= unit // 2 for count in counts.values()), counts
+    assert results["params"]["counts"] == counts
+    assert set(results["set_for"]) == {"attention", "none"}  # grm keeps its width
+    assert "params: " in capsys.readouterr().out
+    assert recall.main(argv + ["--params", "grm", "--report"]) == 0  # the report finds the resized runs
+    assert json.loads(out.read_text())["summary"]["attention/L24/n3"]["missing"] == []
+
+    target = grm + 1000  # a count: every model within half a unit of it
+    assert recall.main(argv + ["--params", str(target), "--out", str(tmp_path / "q.json")]) == 0
+    cells = json.loads((tmp_path / "q.json").read_text())["cells"]
+    assert all(abs(cell["num_params"] - target) <= unit // 2 for cell in cells.values()), cells
+    capsys.readouterr()
+    for extra, words in ((["--params", "100"], "at an MLP width of 1, over the target 100"),
+                         (["--params", "ssc"], "--params = 'ssc' is invalid"),
+                         (["--params", "0"], "--params = '0' is invalid"),
+                         (["--params", "grm", "--set-for", "none:model.mlp_ratio=3"], "expected one of them"),
+                         (["--sweep-seeds", "2"], "--sweep-seeds = 2 is invalid")):
+        assert recall.main(argv + ["--out", str(tmp_path / "bad.json")] + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, (extra, err)
+    assert not (tmp_path / "bad.json").exists()

@@ -426,11 +426,22 @@ def _serve(rank: _ReplicaRank, replica: int, take: Callable[[], object], send: C
             send(("done", replica, task["id"], results, time.perf_counter() - start))
 
 
-def _init_group(rank: int, size: int, init_method: Optional[str], backend: str, timeout_s: float) -> None:
+def _init_group(rank: int, size: int, init_method: Optional[str], backend: str, timeout_s: float,
+                store_port: Optional[int] = None) -> None:
+    """A replica's group: through ``init_method`` (Ray: rank 0's address), or by joining the rendezvous store the
+    local driver holds on ``store_port`` (:func:`mcdist.parallel.spawn.rendezvous_store`)."""
     if size > 1:
         from mcdist.parallel.mesh import init_distributed
 
-        init_distributed(backend, timeout_s=timeout_s, rank=rank, world_size=size, init_method=init_method)
+        store = None
+        if store_port is not None:
+            import datetime
+
+            import torch.distributed as dist
+
+            store = dist.TCPStore("127.0.0.1", store_port, size, False, datetime.timedelta(seconds=timeout_s))
+        init_distributed(backend, timeout_s=timeout_s, rank=rank, world_size=size, init_method=init_method,
+                         store=store)
 
 
 def _problem(error: BaseException) -> dict:
@@ -485,14 +496,14 @@ class _InProcess:
         pass
 
 
-def _local_rank_main(replica: int, rank: int, size: int, init_method: Optional[str], model_dir: str,
+def _local_rank_main(replica: int, rank: int, size: int, store_port: Optional[int], model_dir: str,
                      options: InferOptions, tasks, results, parent_pid: int, threads: int, timeout_s: float) -> None:
     from mcdist.parallel.spawn import die_with_parent
 
     die_with_parent(parent_pid)
     torch.set_num_threads(threads)
     try:
-        _init_group(rank, size, init_method, "gloo", timeout_s)
+        _init_group(rank, size, None, "gloo", timeout_s, store_port)
         worker = _ReplicaRank(model_dir, rank, size, "cpu", options)
     except Exception as error:
         results.put(("failed", replica, {**_problem(error), "replica": replica}))
@@ -516,17 +527,18 @@ class _LocalProcesses:
     def __init__(self, model_dir: str, replicas: int, sp: int, options: InferOptions, *, threads: int = 1,
                  timeout_s: float = 600.0):
         import torch.multiprocessing as mp
-        from mcdist.parallel.spawn import free_ports
+        from mcdist.parallel.spawn import rendezvous_store
 
         context = mp.get_context("spawn")
         self.task_queue, self.result_queue = context.Queue(), context.Queue()
         self.processes: Dict[int, list] = {}
-        ports = free_ports(replicas) if sp > 1 else [None] * replicas  # one rendezvous per replica, all distinct
-        for replica, port in enumerate(ports):
-            init_method = f"tcp://127.0.0.1:{port}" if port else None
+        # one rendezvous per replica: a store this driver binds and holds until stop (no port is probed)
+        self.stores = [rendezvous_store(timeout_s) if sp > 1 else None for _ in range(replicas)]
+        for replica, store in enumerate(self.stores):
+            port = None if store is None else store.port
             self.processes[replica] = [
                 context.Process(target=_local_rank_main, daemon=True, name=f"mcdist-infer-{replica}-{rank}",
-                                args=(replica, rank, sp, init_method, model_dir, options, self.task_queue,
+                                args=(replica, rank, sp, port, model_dir, options, self.task_queue,
                                       self.result_queue, os.getpid(), threads, timeout_s))
                 for rank in range(sp)]
             for process in self.processes[replica]:
@@ -571,6 +583,7 @@ class _LocalProcesses:
             for process in self.processes[replica]:
                 process.join(max(0.0, deadline - time.monotonic()))
             self._kill(replica)
+        self.stores = []  # the rendezvous stores close with their last reference
 
 
 class _RankActor:

@@ -1,6 +1,6 @@
 """`mcdist infer` (mcdist.infer_batch): the job's results against each prompt continued alone by
 mcdist.infer.complete (seeded as docs/inference.md says), a job killed mid-way and rerun, a torn last line, bad
-input lines, a foreign --out, two local replicas, and on a local Ray two replicas of sp = 2 and a lost replica."""
+input lines, a foreign --out, two local replicas (of one rank and of sp = 2), and on a local Ray two replicas of sp = 2 and a lost replica."""
 
 import hashlib
 import json
@@ -267,6 +267,19 @@ def test_two_local_replicas_equal_one_process(saved, job, tmp_path):
                             replicas=2, log=None, timeout_s=120)
     assert results(out) == expected
     assert [stats["replica"] for stats in summary["per_replica"]] == [0, 1]
+    assert sum(stats["prompts"] for stats in summary["per_replica"]) == len(lines)
+
+
+def test_two_local_replicas_of_sp2_equal_one_process(saved, job, tmp_path):
+    """Without Ray: each replica's two ranks join a rendezvous store the driver holds (docs/distributed.md §6);
+    long prompts decode over the group."""
+    prompts, lines, expected, _, _ = job
+    out = tmp_path / "local-sp2.jsonl"
+    events = []
+    summary = run_infer_job(saved[0], prompts, str(out), options=InferOptions(max_new_tokens=NEW_TOKENS, batch_size=2),
+                            replicas=2, sp=2, log=None, on_event=events.append, timeout_s=180)
+    assert results(out) == expected
+    assert summary["sp_prompts"] == sum(length >= 2 * 2 * SEGMENT_LEN for length in LENGTHS) == 3
     assert sum(stats["prompts"] for stats in summary["per_replica"]) == len(lines)
 
 

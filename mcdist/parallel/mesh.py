@@ -14,12 +14,13 @@ from mcdist.config import ParallelConfig
 
 
 def init_distributed(backend: str = "auto", *, timeout_s: float = 300.0, rank: Optional[int] = None,
-                     world_size: Optional[int] = None, init_method: Optional[str] = None) -> None:
+                     world_size: Optional[int] = None, init_method: Optional[str] = None, store=None) -> None:
     """Initialise the default process group once (torchrun, Ray Train or spawned processes).
 
     Does nothing when it is already initialised (Ray Train and torchrun may have done it). ``backend`` 'auto'
     picks NCCL when CUDA is available, else gloo. Rank and world size come from the arguments or from the
-    environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
+    environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); ``store``: a rendezvous store to join instead
+    (:func:`mcdist.parallel.spawn.spawn` passes a client of the store its driver holds).
     """
     if dist.is_initialized():
         return
@@ -27,13 +28,13 @@ def init_distributed(backend: str = "auto", *, timeout_s: float = 300.0, rank: O
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
-    if init_method is None and "MASTER_ADDR" not in os.environ:
+    if init_method is None and store is None and "MASTER_ADDR" not in os.environ:
         raise RuntimeError("torch.distributed needs MASTER_ADDR and MASTER_PORT in the environment (or an "
                            "init_method); launch with torchrun, Ray, or mcdist.parallel.spawn")
     if backend == "nccl" and torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
     dist.init_process_group(backend=backend, rank=rank, world_size=world_size, init_method=init_method,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+                            store=store, timeout=datetime.timedelta(seconds=timeout_s))
 
 
 @dataclass

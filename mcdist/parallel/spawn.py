@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import datetime
 import logging
 import os
 import signal
@@ -24,9 +25,10 @@ ORPHAN_EXIT_CODE = 70  # how a rank whose driver died ends (the watchdog's exit)
 
 
 def free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports of 127.0.0.1 that nothing listens on (rendezvous of spawned processes, a Ray
-    head's ports). Every probe socket stays bound until all are: probing one at a time and closing each lets the
-    kernel hand the same port out twice (a CI run got one port for two of a Ray head's components)."""
+    """``count`` distinct TCP ports of 127.0.0.1 that nothing listens on (a Ray head's ports, which ``ray start``
+    takes as numbers; a rendezvous needs none: :func:`rendezvous_store`). Every probe socket stays bound until all
+    are: probing one at a time and closing each lets the kernel hand the same port out twice (a CI run got one port
+    for two of a Ray head's components)."""
     probes = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
     try:
         for probe in probes:
@@ -35,11 +37,6 @@ def free_ports(count: int) -> list[int]:
     finally:
         for probe in probes:
             probe.close()
-
-
-def free_port() -> int:
-    """One port of :func:`free_ports`."""
-    return free_ports(1)[0]
 
 
 def die_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
@@ -69,12 +66,21 @@ def die_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
     threading.Thread(target=watch, name="mcdist-parent-watchdog", daemon=True).start()
 
 
+def rendezvous_store(timeout_s: float):
+    """A TCPStore on 127.0.0.1 that the caller holds (``.port``: the port the kernel gave it, bound and listening
+    from the start): the rendezvous of one :func:`spawn`. A port probed free and then closed can be taken by
+    another process before a rank binds it (two jobs, or two test workers, spawning at once), and a rank that
+    found it taken would join the other job's store; a store bound once, and only joined, cannot be."""
+    return dist.TCPStore("127.0.0.1", 0, None, True, datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+
+
 def _entry(rank, fn, world_size, port, backend, collective_timeout_s, threads, parent_pid, args):
     die_with_parent(parent_pid)
     torch.set_num_threads(threads)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
-    init_distributed(backend, timeout_s=collective_timeout_s)
+    store = dist.TCPStore("127.0.0.1", port, world_size, False, datetime.timedelta(seconds=collective_timeout_s))
+    init_distributed(backend, timeout_s=collective_timeout_s, rank=rank, world_size=world_size, store=store)
     try:
         fn(rank, world_size, *args)
         _leave_together(rank, world_size, collective_timeout_s)
@@ -86,8 +92,9 @@ def _leave_together(rank: int, world_size: int, timeout_s: float) -> None:
     """Wait (through the rendezvous store, not a collective) until every rank's function has returned, before any
     rank tears its transport down: a gloo process that destroys its group while a peer still works on it can
     abort in C++ ("terminate called without an active exception"). A store barrier does not pair up with a
-    collective a failed peer left half-done (``dist.barrier`` would). Rank 0 holds the store, so it leaves
-    last. Best effort: any store error, or ``timeout_s``, just lets the rank go on."""
+    collective a failed peer left half-done (``dist.barrier`` would). The driver holds the store
+    (:func:`rendezvous_store`); rank 0 still leaves last. Best effort: any store error, or ``timeout_s``, just
+    lets the rank go on."""
     try:
         store = dist.distributed_c10d._get_default_store()
 
@@ -132,9 +139,11 @@ def spawn(fn: Callable, world_size: int, *args, timeout_s: float = 300.0, backen
 
     ``fn`` must be importable (a module-level function). Raises the first failure with its rank, or
     TimeoutError (after terminating every process) when the whole run exceeds ``timeout_s``: never hangs.
-    The processes end when this one dies, even by SIGKILL (:func:`die_with_parent`).
+    The processes end when this one dies, even by SIGKILL (:func:`die_with_parent`). Their rendezvous is a store
+    this process holds from before they start to after they end (:func:`rendezvous_store`): no port is probed.
     """
-    context = mp.start_processes(_entry, args=(fn, world_size, free_port(), backend, collective_timeout_s,
+    store = rendezvous_store(collective_timeout_s)  # held (a local) until the processes have ended
+    context = mp.start_processes(_entry, args=(fn, world_size, store.port, backend, collective_timeout_s,
                                                threads_per_rank, os.getpid(), args),
                                  nprocs=world_size, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout_s

@@ -184,3 +184,23 @@ def inference_worker(rank, world, cases, out_path):
     if rank == 0:
         with open(out_path, "w") as handle:
             json.dump(results, handle)
+
+
+def rendezvous_worker(rank, world_size, out_dir):
+    """Whether this rank finds its rendezvous port taken (by the store the driver holds), and a sum over ranks."""
+    import os
+    import socket
+
+    import torch.distributed as dist
+
+    port = int(os.environ["MASTER_PORT"])
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+            held = False
+        except OSError:
+            held = True
+    total = torch.tensor([float(rank + 1)])
+    dist.all_reduce(total)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w", encoding="utf-8") as handle:
+        json.dump({"port": port, "held": held, "sum": total.item(), "parent": os.getppid()}, handle)

@@ -129,6 +129,23 @@ def test_bad_lengths_are_refused_with_the_numbers():
         check_sequence_length(30, 2, 8, "contiguous")
 
 
+def test_spawn_s_rendezvous_is_a_store_its_driver_holds(tmp_path, monkeypatch):
+    """spawn probes no port (a probed port can be taken before a rank binds it): the ranks join a store this
+    process holds, on one port that is taken for the whole run, and their group works."""
+    import os
+
+    import mcdist.parallel.spawn as spawn_module
+
+    def no_probe(count):
+        raise AssertionError("spawn probed a port")
+
+    monkeypatch.setattr(spawn_module, "free_ports", no_probe)
+    spawn(sp_workers.rendezvous_worker, 3, str(tmp_path), timeout_s=120)
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(3)]
+    assert len({rank["port"] for rank in ranks}) == 1 and all(rank["held"] for rank in ranks), ranks
+    assert all(rank["sum"] == 6.0 and rank["parent"] == os.getpid() for rank in ranks), ranks
+
+
 def test_free_ports_are_distinct_and_unbound():
     """Every rendezvous of a job and a Ray head's four ports come from one call: no port twice, all bindable."""
     import socket

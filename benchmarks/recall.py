@@ -7,6 +7,7 @@ writes JSON and a PNG; not a test).
                                 [--task mqar|passkey] [--seq-lens 128,256] [--pairs 6,16] [--cells 64:8,128:16]
                                 [--seeds 0,1,2] [--lrs 1e-3,3e-3,1e-2] [--sweep each|first] [--tie 0.01]
                                 [--sweep-seeds 1] [--params COUNT|MODEL] [--keep-stale] [--report]
+                                [--merge a.json,b.json]
                                 [--out benchmarks/results/recall.json]
                                 [--plot benchmarks/results/recall.png] [--toy]
 
@@ -32,7 +33,8 @@ JSON is rewritten after every run, and a rerun with the same arguments skips the
 model's runs only (e.g. ``titans:grm:model.inner_lr=0.03``; recorded in the JSON as ``set_for``). ``--params grm``
 (or a count) gives every model the MLP width (``model.mlp_ratio``) whose parameter count is nearest grm's (the
 models compared at the same size; recorded in the JSON as ``params`` and in ``set_for``). A stored run replaced
-because its config changed is kept in ``stale`` too. The plot
+because its config changed is kept in ``stale`` too. ``--merge a.json,b.json`` adds other studies' runs (two
+processes' halves of one grid) to ``--out`` and reports it; a run held differently by two files is refused. The plot
 (each model at its rate, the mean over seeds and the lowest and highest seed as a band) has one panel of
 accuracy against length for each pair count held at two or more lengths, and one against the pairs for each
 length held at two or more pair counts: a cross grid such as ``--cells 64:12,128:12,256:12,128:6,128:24`` gives
@@ -351,6 +353,45 @@ def run_cells(base: RunConfig, models, groups, seeds, lrs, out_path: str, log=pr
     return results
 
 
+def merge_studies(out_path: str, paths) -> dict:
+    """``--merge``: the runs, rates, ``set_for``, ``params`` and ``stale`` runs of the study JSONs ``paths`` (e.g.
+    two processes' halves of one grid) added to ``out_path`` (created when missing), which is rewritten once and
+    returned. A run key, a group's rate, a model's ``set_for`` or the ``params`` target held by two files with
+    different contents is a ConfigError (nothing is written): each run must come from one place."""
+    results = {"cells": {}}
+    if os.path.exists(out_path):
+        with open(out_path, encoding="utf-8") as handle:
+            results = json.load(handle)
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                other = json.load(handle)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"--merge reads {path!r}: {error}") from None
+        for section in ("cells", "best_lr", "set_for"):
+            mine = results.setdefault(section, {})
+            for key, value in other.get(section, {}).items():
+                if key in mine and mine[key] != value:
+                    shown = "" if section == "cells" else f" ({value!r} against {mine[key]!r})"
+                    raise ConfigError(f"--merge: {path} and --out or the files before it hold {section} {key!r} "
+                                      f"differently{shown}; expected it in one file only")
+                mine[key] = value
+        if "params" in other:
+            if "params" in results and results["params"]["target"] != other["params"]["target"]:
+                raise ConfigError(f"--merge: {path} matched {other['params']['target']:,} parameters and the files "
+                                  f"before it {results['params']['target']:,}; expected one target")
+            merged = results.setdefault("params", dict(other["params"], counts={}, mlp_hidden={}))
+            for field in ("counts", "mlp_hidden"):
+                merged[field].update(other["params"][field])
+            if merged.get("reference") != other["params"].get("reference"):
+                merged["reference"] = None  # the target is the count itself
+        results.setdefault("stale", []).extend(other.get("stale", []))
+        if not results["stale"]:
+            del results["stale"]
+    write_text_atomic(out_path, json.dumps(results, indent=1, sort_keys=True) + "\n")
+    return results
+
+
 def summary(results: dict, models, groups, seeds, fingerprints=None, code=None, keep_stale=False) -> dict:
     """{group key: {"lr", "seeds" and "accuracy" (per seed, at the model's rate), "mean", "spread" (max − min),
     "diverged" (seeds whose loss diverged at that rate: left out of the mean and spread), "missing" (seeds with no
@@ -505,6 +546,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="benchmarks/results/recall.json")
     parser.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
     parser.add_argument("--toy", action="store_true", help="a tiny model, two steps (seconds)")
+    parser.add_argument("--merge", default=None, metavar="A.json,B.json",
+                        help="train nothing: add these study JSONs' runs to --out, then report as --report does")
     parser.add_argument("--report", action="store_true",
                         help="train nothing: the table, JSON summary and plot of the runs --out holds under this "
                              "config (each model at its rate there; seeds without such a run are listed as missing)")
@@ -551,7 +594,13 @@ def main(argv=None) -> int:
             f"{model} {params['counts'][model]:,} (MLP {params['mlp_hidden'][model]})" for model in models))
     fingerprints = None
     code = code_version()  # once: the runs trained here and the table below are judged by the same version
-    if args.report:  # what --out holds: only the runs made under this config count
+    if args.merge is not None:
+        try:
+            merge_studies(args.out, [path.strip() for path in args.merge.split(",") if path.strip()])
+        except ConfigError as error:
+            print(f"recall: error: {error}", file=sys.stderr)
+            return 2
+    if args.report or args.merge is not None:  # what --out holds: only the runs made under this config count
         try:
             with open(args.out, encoding="utf-8") as handle:
                 results = json.load(handle)
@@ -579,7 +628,7 @@ def main(argv=None) -> int:
     results["summary"] = table
     write_text_atomic(args.out, json.dumps(results, indent=1, sort_keys=True) + "\n")
     plot(table, models, groups, args.plot or os.path.splitext(args.out)[0] + ".png")
-    rates = "its rate in the JSON" if args.report else f"its rate from {lrs}"
+    rates = "its rate in the JSON" if args.report or args.merge is not None else f"its rate from {lrs}"
     print(f"mean accuracy over seeds {seeds} ± half the spread (max − min), each model at {rates}")
     for row in table.values():
         cell = "passkey" if row["num_kv_pairs"] is None else f"{row['num_kv_pairs']} pairs"

@@ -350,3 +350,36 @@ def test_params_give_every_model_the_reference_s_count(tmp_path, capsys, one_thr
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err, (extra, err)
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_merge_joins_two_halves_and_refuses_a_run_held_twice_differently(tmp_path, capsys, one_thread):
+    recall = _load_recall()
+    base = ["--toy", "--cells", "24:3", "--seeds", "0,1", "--lrs", "1e-3", "--set", "train.device=cpu",
+            "--params", "5000"]
+    halves = {}
+    for model in ("attention", "grm"):  # two processes' halves of one study
+        halves[model] = tmp_path / f"{model}.json"
+        assert recall.main(base + ["--models", model, "--out", str(halves[model])]) == 0
+    out = tmp_path / "all.json"
+    merge = base + ["--models", "attention,grm", "--out", str(out), "--merge", f"{halves['attention']},{halves['grm']}"]
+    assert recall.main(merge) == 0
+    merged = json.loads(out.read_text())
+    parts = [json.loads(path.read_text()) for path in halves.values()]
+    assert merged["cells"] == {**parts[0]["cells"], **parts[1]["cells"]} and len(merged["cells"]) == 4
+    assert merged["set_for"] == {**parts[0]["set_for"], **parts[1]["set_for"]}
+    assert merged["params"]["counts"] == {**parts[0]["params"]["counts"], **parts[1]["params"]["counts"]}
+    rows = merged["summary"]
+    assert rows["attention/L24/n3"]["missing"] == [] and rows["grm/L24/n3"]["missing"] == []
+    assert rows["grm/L24/n3"]["accuracy"] == parts[1]["summary"]["grm/L24/n3"]["accuracy"]
+    assert recall.main(merge) == 0  # merging the same runs again changes nothing
+    assert json.loads(out.read_text())["cells"] == merged["cells"]
+
+    changed = json.loads(halves["grm"].read_text())
+    changed["cells"]["grm/L24/n3/s1/lr0.001"]["eval_accuracy"] = 0.5
+    halves["grm"].write_text(json.dumps(changed))
+    before = out.read_text()
+    capsys.readouterr()
+    assert recall.main(merge) == 2
+    err = capsys.readouterr().err
+    assert "hold cells 'grm/L24/n3/s1/lr0.001' differently; expected it in one file only" in err and "Traceback" not in err
+    assert out.read_text() == before  # nothing written

@@ -2,7 +2,10 @@
 
 Every collective has the process group's timeout (ParallelConfig.timeout_s). ``guarded`` wraps a rank's work:
 on an exception it records "rank R: error" in the process group's key-value store before re-raising; a rank
-whose collective then times out (or fails) looks there and raises ``PeerFailure`` naming the failing rank.
+whose collective then times out (or fails) looks there and raises ``PeerFailure`` naming the failing rank. An
+error that only reports another rank's failure (its message begins with :data:`PEER_ERROR_PREFIX`, e.g. the
+trainer's "another rank could not resume") is never recorded: recorded first, it would make the rank with the
+cause raise a PeerFailure naming the echo.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ def guarded(fn):
         except PeerFailure:
             raise
         except Exception as error:
+            if str(error).startswith(PEER_ERROR_PREFIX):  # only an echo of another rank's failure: that rank,
+                raise  # not this one, records the cause (an echo recorded first turned the cause into a PeerFailure)
             rank = dist.get_rank() if dist.is_initialized() else 0
             peer = recorded_failure()
             if peer is not None and not peer.startswith(f"rank {rank}:"):

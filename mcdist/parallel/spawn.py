@@ -124,12 +124,16 @@ def _join(context, deadline: float) -> bool:
     running = [process.sentinel for process in context.processes if process.exitcode is None]
     if running:
         wait_for_exit(running, timeout=0.5)
-    if any(process.exitcode not in (None, 0) for process in context.processes):
-        grace_end = min(deadline, time.monotonic() + FAILURE_GRACE_S)
-        alive = [process for process in context.processes if process.exitcode is None]
-        while alive and time.monotonic() < grace_end:
-            wait_for_exit([process.sentinel for process in alive], timeout=0.1)
-            alive = [process for process in alive if process.exitcode is None]
+    codes = [process.exitcode for process in context.processes]
+    if not any(code not in (None, 0) for code in codes):
+        # nothing failed (yet): ``context.join`` only once all ended, for a failure it saw first (one that happened
+        # after the line above) it would terminate the others at once, with no grace (a rank's report was lost so)
+        return None not in codes and context.join(timeout=0.01)
+    grace_end = min(deadline, time.monotonic() + FAILURE_GRACE_S)
+    alive = [process for process in context.processes if process.exitcode is None]
+    while alive and time.monotonic() < grace_end:
+        wait_for_exit([process.sentinel for process in alive], timeout=0.1)
+        alive = [process for process in alive if process.exitcode is None]
     return context.join(timeout=0.01)
 
 

@@ -204,3 +204,17 @@ def rendezvous_worker(rank, world_size, out_dir):
     dist.all_reduce(total)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w", encoding="utf-8") as handle:
         json.dump({"port": port, "held": held, "sum": total.item(), "parent": os.getppid()}, handle)
+
+
+def echo_then_cause_rank(rank, world_size, device, where):
+    """After a collective, rank 0 raises first an error that only reports a peer's failure (as the trainer's
+    "another rank could not resume" does); rank 1 raises its own cause a moment later."""
+    import time
+
+    from mcdist.parallel.failure import PEER_ERROR_PREFIX
+
+    dist.all_reduce(torch.ones(1))  # both ranks past the group's set-up, as the trainer's agreement is
+    if rank == 0:
+        raise ValueError(f"{PEER_ERROR_PREFIX} failed; this rank only saw it")
+    time.sleep(1.0)
+    raise ValueError("rank 1's own cause")

@@ -112,6 +112,17 @@ def test_failing_rank_is_named_and_nobody_hangs(tmp_path):
         assert seen[name].startswith("PeerFailure") and "rank 1" in seen[name], seen[name]
 
 
+def test_an_echo_raised_first_does_not_hide_the_cause():
+    """A rank whose error only reports a peer's (recorded first, it once made the cause's rank a PeerFailure, and
+    the job raised the echo: seen under load in test_fault_killed_ranks): the job raises the cause. Rank 1 raises
+    a second after rank 0 has ended: it also needs spawn's grace (its report was lost about one run in two when
+    torch's join saw rank 0's exit first and terminated rank 1 at once)."""
+    from mcdist.runners.spawned import run_spawned
+
+    with pytest.raises(ValueError, match="rank 1's own cause"):
+        run_spawned(sp_workers.echo_then_cause_rank, 2, what="the echo test", timeout_s=120)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_shard_and_unshard_are_inverse(world, layout):

@@ -245,11 +245,9 @@ TIE = 0.01  # sweep accuracies within this of the best tie; the lowest tied rate
 
 
 def best_lr(cells: dict, model: str, seq_len: int, pairs, seeds, lrs, tie: float = TIE) -> float:
-    """The sweep's rate: the lowest rate whose accuracy (the mean over ``seeds``, a seed or a list: the sweep's
-    seeds) is within ``tie`` of the sweep's highest (a higher rate that wins by less is not worth its risk:
+    """The sweep's rate: the lowest rate whose accuracy (the mean over ``seeds``, the sweep's seeds) is within ``tie`` of the sweep's highest (a higher rate that wins by less is not worth its risk:
     recurrent models fail on other seeds near their highest stable rate); a rate whose loss diverged on any of
     the seeds never wins. Raises RuntimeError when every rate diverged."""
-    seeds = [seeds] if isinstance(seeds, int) else list(seeds)
     finished = {}
     for lr in lrs:
         runs = [cells[cell_key(model, seq_len, pairs, seed, lr)] for seed in seeds]
@@ -385,8 +383,9 @@ def merge_studies(out_path: str, paths) -> dict:
                 merged[field].update(other["params"][field])
             if merged.get("reference") != other["params"].get("reference"):
                 merged["reference"] = None  # the target is the count itself
-        results.setdefault("stale", []).extend(other.get("stale", []))
-        if not results["stale"]:
+        stale = results.setdefault("stale", [])
+        stale.extend(run for run in other.get("stale", []) if run not in stale)  # merging again adds nothing
+        if not stale:
             del results["stale"]
     write_text_atomic(out_path, json.dumps(results, indent=1, sort_keys=True) + "\n")
     return results

@@ -433,13 +433,9 @@ def _init_group(rank: int, size: int, init_method: Optional[str], backend: str, 
     if size > 1:
         from mcdist.parallel.mesh import init_distributed
 
-        store = None
-        if store_port is not None:
-            import datetime
+        from mcdist.parallel.spawn import join_rendezvous
 
-            import torch.distributed as dist
-
-            store = dist.TCPStore("127.0.0.1", store_port, size, False, datetime.timedelta(seconds=timeout_s))
+        store = None if store_port is None else join_rendezvous(store_port, size, timeout_s)
         init_distributed(backend, timeout_s=timeout_s, rank=rank, world_size=size, init_method=init_method,
                          store=store)
 

@@ -227,11 +227,10 @@ def test_best_rate_is_the_lowest_within_the_tie_and_never_a_diverged_one():
                          (dict(zip(lrs, (0.5, 0.98, 1.0))), 1e-2),   # 1e-2 wins by 0.02
                          (dict(zip(lrs, (0.996, 0.999, None))), 1e-3),
                          (dict(zip(lrs, (0.2, 0.1, 0.0))), 1e-3)):
-        assert recall.best_lr(cells(scores.items()), "m", 64, 4, 0, lrs) == best, scores
         assert recall.best_lr(cells(scores.items()), "m", 64, 4, [0], lrs) == best, scores
-    assert recall.best_lr(cells(zip(lrs, (0.5, 0.98, 1.0))), "m", 64, 4, 0, lrs, tie=0.05) == 3e-3
+    assert recall.best_lr(cells(zip(lrs, (0.5, 0.98, 1.0))), "m", 64, 4, [0], lrs, tie=0.05) == 3e-3
     try:
-        recall.best_lr(cells(zip(lrs, (None, None, None))), "m", 64, 4, 0, lrs)
+        recall.best_lr(cells(zip(lrs, (None, None, None))), "m", 64, 4, [0], lrs)
     except RuntimeError as error:
         assert "diverged at every rate" in str(error)
     else:
@@ -239,7 +238,7 @@ def test_best_rate_is_the_lowest_within_the_tie_and_never_a_diverged_one():
     # on two seeds the mean decides: seed 0 alone prefers 1e-2 (by 0.024), the mean 3e-3 (0.96 against 0.73)
     two = {**cells(zip(lrs, (0.688, 0.969, 0.993))),
            **{key.replace("/s0/", "/s1/"): value for key, value in cells(zip(lrs, (0.6, 0.952, 0.471))).items()}}
-    assert recall.best_lr(two, "m", 64, 4, 0, lrs) == 1e-2
+    assert recall.best_lr(two, "m", 64, 4, [0], lrs) == 1e-2
     assert recall.best_lr(two, "m", 64, 4, [0, 1], lrs) == 3e-3
     two["m/L64/n4/s1/lr0.003"] = {"diverged": "nan"}  # a rate that diverged on one of the seeds never wins
     assert recall.best_lr(two, "m", 64, 4, [0, 1], lrs) == 1e-2
@@ -373,6 +372,12 @@ def test_merge_joins_two_halves_and_refuses_a_run_held_twice_differently(tmp_pat
     assert rows["grm/L24/n3"]["accuracy"] == parts[1]["summary"]["grm/L24/n3"]["accuracy"]
     assert recall.main(merge) == 0  # merging the same runs again changes nothing
     assert json.loads(out.read_text())["cells"] == merged["cells"]
+    half = json.loads(halves["attention"].read_text())  # a stale run is carried over once, however often merged
+    half["stale"] = [dict(half["cells"]["attention/L24/n3/s0/lr0.001"], key="attention/L24/n3/s0/lr0.001",
+                          replaced="config")]
+    halves["attention"].write_text(json.dumps(half))
+    assert recall.main(merge) == 0 and recall.main(merge) == 0
+    assert json.loads(out.read_text())["stale"] == half["stale"]
 
     changed = json.loads(halves["grm"].read_text())
     changed["cells"]["grm/L24/n3/s1/lr0.001"]["eval_accuracy"] = 0.5

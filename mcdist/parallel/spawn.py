@@ -74,40 +74,39 @@ def rendezvous_store(timeout_s: float):
     return dist.TCPStore("127.0.0.1", 0, None, True, datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
 
 
+def join_rendezvous(port: int, world_size: int, timeout_s: float):
+    """One rank's client of the :func:`rendezvous_store` on ``port`` (for ``init_distributed(store=...)``)."""
+    return dist.TCPStore("127.0.0.1", port, world_size, False, datetime.timedelta(seconds=timeout_s))
+
+
 def _entry(rank, fn, world_size, port, backend, collective_timeout_s, threads, parent_pid, args):
     die_with_parent(parent_pid)
     torch.set_num_threads(threads)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
-    store = dist.TCPStore("127.0.0.1", port, world_size, False, datetime.timedelta(seconds=collective_timeout_s))
-    init_distributed(backend, timeout_s=collective_timeout_s, rank=rank, world_size=world_size, store=store)
+    init_distributed(backend, timeout_s=collective_timeout_s, rank=rank, world_size=world_size,
+                     store=join_rendezvous(port, world_size, collective_timeout_s))
     try:
         fn(rank, world_size, *args)
-        _leave_together(rank, world_size, collective_timeout_s)
+        _leave_together(world_size, collective_timeout_s)
     finally:
         dist.destroy_process_group()
 
 
-def _leave_together(rank: int, world_size: int, timeout_s: float) -> None:
+def _leave_together(world_size: int, timeout_s: float) -> None:
     """Wait (through the rendezvous store, not a collective) until every rank's function has returned, before any
     rank tears its transport down: a gloo process that destroys its group while a peer still works on it can
     abort in C++ ("terminate called without an active exception"). A store barrier does not pair up with a
-    collective a failed peer left half-done (``dist.barrier`` would). The driver holds the store
-    (:func:`rendezvous_store`); rank 0 still leaves last. Best effort: any store error, or ``timeout_s``, just
-    lets the rank go on."""
+    collective a failed peer left half-done (``dist.barrier`` would). The store is the driver's
+    (:func:`rendezvous_store`), so no rank has to leave last to keep it up for the others. Best effort: any store
+    error, or ``timeout_s``, just lets the rank go on."""
     try:
         store = dist.distributed_c10d._get_default_store()
 
-        def wait_for(key: str) -> None:
-            deadline = time.monotonic() + timeout_s
-            while store.add(key, 0) < world_size and time.monotonic() < deadline:
-                time.sleep(0.005)
-
         store.add("mcdist/spawn/returned", 1)
-        wait_for("mcdist/spawn/returned")
-        store.add("mcdist/spawn/leaving", 1)
-        if rank == 0:
-            wait_for("mcdist/spawn/leaving")
+        deadline = time.monotonic() + timeout_s
+        while store.add("mcdist/spawn/returned", 0) < world_size and time.monotonic() < deadline:
+            time.sleep(0.005)
     except Exception:  # a private API or a store that went away: leave as before
         return
 
